@@ -1,0 +1,312 @@
+"""Configuration schema, defaults, validation and command-line overrides.
+
+Every config file in `configs/` starts from `base_config()` and changes fields; the schema is
+locked, so a misspelt field is an error (with the closest known names) in a config file and on the
+command line alike. `validate(cfg)` runs before anything is compiled.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the system cannot run with."""
+
+
+POSITIONAL_MODES = ("as_first", "none")
+QK_NORM_MODES = ("none", "memory", "all")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+CROSSBATCH_IMPLEMENTATIONS = ("dense", "blockwise")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (a tiny model). Config files override some of them."""
+    c = ml_collections.ConfigDict()
+    c.name = "fot"
+
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = 64                 # real vocabulary (unpadded)
+    m.vocab_multiple = 128            # embedding rows padded to a multiple of this (sharding)
+    m.hidden_size = 64
+    m.intermediate_size = 172
+    m.num_layers = 2
+    m.num_heads = 4
+    m.num_kv_heads = 4                # < num_heads: grouped-query attention
+    m.head_dim = 0                    # 0: hidden_size // num_heads
+    m.max_position_embeddings = 256   # the local window W
+    m.rope_theta = 10000.0
+    m.rms_norm_eps = 1e-6
+    m.tie_embeddings = False
+    m.init_std = 0.02
+    m.param_dtype = "float32"
+    m.dtype = "float32"               # compute dtype (bfloat16 on TPU)
+    m.mem_layers = [1]                # 0-based indices of memory layers
+    m.mem_positionals = "as_first"    # as_first (LongLLaMA) | none (the paper's small models)
+    m.qk_norm = "none"                # none | memory | all: L2-normalised q, k, learnable per-head temperature
+    m.qk_temperature_init = 8.0
+    m.remat = "none"                  # none | full | dots | dots_no_batch
+    m.last_context_length = 1024      # inference: tokens kept as local cache (LongLLaMA)
+    m.mem_dtype = "bfloat16"          # inference memory store dtype
+    m.bos_token_id = 1
+    m.eos_token_id = 2
+    m.pad_token_id = 0
+
+    x = c.crossbatch = ml_collections.ConfigDict()
+    x.range = 1                       # r: other contexts a memory-layer row sees (paper d = r + 1)
+    x.k_packing = 2                   # consecutive chunks of one stream in consecutive rows
+    x.stepping = True
+    x.doc_mask = False                # mask other documents' tokens inside a chunk (own stream)
+    x.implementation = "dense"        # dense | blockwise (online softmax over contexts)
+    x.sample_range = False            # per step, r ~ Uniform{range_min..range}
+    x.range_min = 0
+    x.switch_range = -1               # >= 0: switch r to this once train accuracy >= switch_accuracy
+    x.switch_accuracy = 0.98
+    x.eval_ranges = [0, 1]            # evaluation is run once per listed r
+
+    d = c.data = ml_collections.ConfigDict()
+    d.task = "dictionary_lookup"
+    d.seq_len = 256                   # T: tokens per row (must be <= model.max_position_embeddings)
+    d.batch_size = 16                 # global rows B per step (= streams * k_packing)
+    d.data_dir = ""                   # tfds data_dir; "" -> $FOT_JAX_DATA_DIR or ~/tensorflow_datasets
+    d.seed = 0
+    d.num_train_docs = 20000
+    d.num_eval_docs = 512
+    d.doc_length = 512                # dictionary lookup: tokens per document incl. bos/eos
+    d.query_length = 256              # dictionary lookup: last tokens of a document are queries
+    d.num_definitions = 0             # 0: as many as fit; >0: fewer records (curriculum)
+    d.curriculum = ""                 # "steps:defs,steps:defs,..." e.g. "300:4,600:12" then full task
+
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 100
+    t.seed = 0
+    t.learning_rate = 1e-3
+    t.schedule = "cosine"             # cosine | inverse_sqrt | constant (after warmup)
+    t.warmup_steps = 10
+    t.end_lr_factor = 0.1
+    t.b1 = 0.9
+    t.b2 = 0.98
+    t.weight_decay = 0.0
+    t.grad_clip = 1.0
+    t.microbatches = 1
+    t.log_every = 10
+    t.eval_every = 0                  # 0: only at the end
+    t.eval_batches = 4
+    t.stop_at_accuracy = 0.0          # > 0: stop once eval accuracy (r = max eval range) reaches it
+    t.checkpoint_every = 0            # seam for the checkpoint issue
+
+    p = c.mesh = ml_collections.ConfigDict()
+    p.data = -1
+    p.fsdp = 1
+    p.tensor = 1
+    return c
+
+
+def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    cfg.lock()
+    return cfg
+
+
+def _known_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, ml_collections.ConfigDict):
+            out.extend(_known_paths(value, path + "."))
+    return out
+
+
+def _unknown_field(cfg, path: str) -> ConfigError:
+    close = difflib.get_close_matches(path, _known_paths(cfg), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config field '{path}'{hint}")
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, str):
+        return text
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got '{text}'")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"cannot parse '{text}' as a {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, (list, tuple)) and isinstance(value, (int, float)):
+        value = [value]
+    if current is not None and not isinstance(value, type(current)) and not (
+        isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
+        raise ConfigError(f"expected a {type(current).__name__}, got '{text}'")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def set_field(cfg: ml_collections.ConfigDict, path: str, text: str) -> None:
+    """Sets `cfg.<path>` from its command-line text, refusing unknown fields."""
+    node = cfg
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise _unknown_field(cfg, path)
+        node = node[part]
+    if parts[-1] not in node or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        raise _unknown_field(cfg, path)
+    try:
+        value = _parse_value(text, node[parts[-1]])
+    except ConfigError as e:
+        raise ConfigError(f"config field '{path}': {e}") from None
+    with node.unlocked():
+        node[parts[-1]] = value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Applies `--config.a.b=value` (or `a.b=value`) strings."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if text.startswith("config."):
+            text = text[len("config."):]
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' must look like --config.field=value")
+        path, value = text.split("=", 1)
+        set_field(cfg, path, value)
+    return cfg
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads a config file (a Python file with `get_config()`), applies overrides, validates."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    spec = importlib.util.spec_from_file_location("_fot_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        cfg = module.get_config()
+    except AttributeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg = ml_collections.ConfigDict(cfg)
+    # Re-check the file's own fields against the schema (a file may have built its dict by hand).
+    schema = base_config()
+    for field in _known_paths(cfg):
+        node = schema
+        for part in field.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise _unknown_field(schema, field)
+            node = node[part]
+    cfg.lock()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def head_dim(m) -> int:
+    return m.head_dim or m.hidden_size // m.num_heads
+
+
+def padded_vocab(m) -> int:
+    return int(math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple)
+
+
+def visible_contexts(row: int, r: int, k: int, stepping: bool) -> int:
+    """How many contexts (itself included) batch row `row` sees (DESIGN "Crossbatch attention")."""
+    if stepping:
+        s = math.ceil((r + 1) / max(k - 1, 1))
+        return min((row % k) * s + 1, r + 1, row + 1)
+    return min(r + 1, row + 1)
+
+
+def max_range(cfg) -> int:
+    x = cfg.crossbatch
+    rs = [x.range] + ([x.switch_range] if x.switch_range >= 0 else []) + list(x.eval_ranges)
+    return max(rs)
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{field}': {message}")
+
+
+def validate(cfg) -> None:
+    """Raises ConfigError naming the field for anything that cannot run."""
+    m, x, d, t, p = cfg.model, cfg.crossbatch, cfg.data, cfg.train, cfg.mesh
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings", "vocab_multiple"):
+        _check(m[name] > 0, f"model.{name}", f"must be positive, got {m[name]}")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"{m.num_kv_heads} does not divide num_heads={m.num_heads}")
+    _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0, "model.head_dim",
+           f"0 needs hidden_size ({m.hidden_size}) divisible by num_heads ({m.num_heads})")
+    _check(head_dim(m) % 2 == 0, "model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim(m)}")
+    for i in m.mem_layers:
+        _check(isinstance(i, int) and 0 <= i < m.num_layers, "model.mem_layers",
+               f"index {i} out of range for num_layers={m.num_layers} (0-based)")
+    _check(len(set(m.mem_layers)) == len(m.mem_layers), "model.mem_layers", "indices repeat")
+    _check(m.mem_positionals in POSITIONAL_MODES, "model.mem_positionals",
+           f"'{m.mem_positionals}' is not one of {POSITIONAL_MODES}")
+    _check(m.qk_norm in QK_NORM_MODES, "model.qk_norm", f"'{m.qk_norm}' is not one of {QK_NORM_MODES}")
+    _check(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
+    for name in ("param_dtype", "dtype", "mem_dtype"):
+        _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")
+    _check(x.range >= 0, "crossbatch.range", "must be >= 0")
+    _check(x.k_packing >= 1, "crossbatch.k_packing", "must be >= 1")
+    _check(x.implementation in CROSSBATCH_IMPLEMENTATIONS, "crossbatch.implementation",
+           f"'{x.implementation}' is not one of {CROSSBATCH_IMPLEMENTATIONS}")
+    _check(0 <= x.range_min <= x.range, "crossbatch.range_min", "must lie in [0, crossbatch.range]")
+    _check(all(r >= 0 for r in x.eval_ranges), "crossbatch.eval_ranges", "ranges must be >= 0")
+    _check(d.seq_len > 0, "data.seq_len", "must be positive")
+    _check(d.seq_len <= m.max_position_embeddings, "data.seq_len",
+           f"{d.seq_len} exceeds the model window max_position_embeddings={m.max_position_embeddings}")
+    _check(d.batch_size > 0 and d.batch_size % x.k_packing == 0, "data.batch_size",
+           f"{d.batch_size} is not a positive multiple of crossbatch.k_packing={x.k_packing}")
+    _check(t.microbatches >= 1 and d.batch_size % t.microbatches == 0, "train.microbatches",
+           f"{t.microbatches} does not divide data.batch_size={d.batch_size}")
+    rows = d.batch_size // t.microbatches
+    _check(rows % x.k_packing == 0, "train.microbatches",
+           f"microbatch of {rows} rows splits a k-packed stream (k_packing={x.k_packing})")
+    _check(max_range(cfg) <= rows - 1, "crossbatch.range",
+           f"r={max_range(cfg)} needs at least {max_range(cfg) + 1} rows per microbatch, "
+           f"a microbatch has {rows} (data.batch_size / train.microbatches)")
+    _check(t.steps >= 0, "train.steps", "must be >= 0")
+    _check(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    _check(t.schedule in SCHEDULES, "train.schedule", f"'{t.schedule}' is not one of {SCHEDULES}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    for name in ("data", "fsdp", "tensor"):
+        _check(p[name] == -1 or p[name] >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {p[name]}")
+    _check([p.data, p.fsdp, p.tensor].count(-1) <= 1, "mesh", "at most one axis size may be -1")
+    if d.task == "dictionary_lookup":
+        from fot_jax.data import dictionary
+        dictionary.validate(cfg)
+    else:
+        raise ConfigError(f"config field 'data.task': unknown task '{d.task}'")
+    if d.curriculum:
+        parse_curriculum(d.curriculum)
+
+
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """'300:4,600:12' -> [(300, 4), (600, 12)]: train 300 steps with 4 definitions, then until
+    step 600 with 12, then with the configured task."""
+    stages = []
+    try:
+        for part in text.split(","):
+            step, defs = part.split(":")
+            stages.append((int(step), int(defs)))
+    except ValueError:
+        raise ConfigError(f"config field 'data.curriculum': cannot parse '{text}' "
+                          "(expected 'steps:definitions,steps:definitions,...')") from None
+    steps = [s for s, _ in stages]
+    if steps != sorted(steps):
+        raise ConfigError("config field 'data.curriculum': stage end steps must increase")
+    return stages

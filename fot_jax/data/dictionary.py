@@ -1,0 +1,161 @@
+"""The dictionary lookup task of the FoT paper (appendix "Dictionary lookup task"), as a
+tensorflow-datasets builder in `array_record` format (no TensorFlow needed).
+
+Vocabulary of 64 tokens: pad 0, bos 1, eos 2, `<k>` 3, `<v>` 4, `<q>` 5 and 58 symbols.
+A document (bos and eos are added by the batching pipeline) is
+    definitions  `<k> k1 k2 k3 k4 <v> v1 v2 v3 v4` ...   (keys unique within the document)
+    queries      `<q> k1 k2 k3 k4 <v> v1 v2 v3 v4` ...   (distinct keys, all defined earlier)
+with the queries in the last `query_length` tokens (eos included) and definitions before them
+(bos included); regions are padded with pad tokens. Loss and accuracy are on the four value
+tokens of each query only (`loss_mask`). Deterministic: document i of a split depends only on
+(seed, split, i).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PAD, BOS, EOS, KEY, VALUE, QUERY = 0, 1, 2, 3, 4, 5
+FIRST_SYMBOL = 6
+VOCAB_SIZE = 64
+NUM_SYMBOLS = VOCAB_SIZE - FIRST_SYMBOL
+RECORD = 10
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def regions(doc_length: int, query_length: int) -> tuple[int, int]:
+    """Content tokens of the definition and query regions (bos and eos excluded)."""
+    return doc_length - query_length - 1, query_length - 1
+
+
+def max_definitions(doc_length: int, query_length: int) -> int:
+    return regions(doc_length, query_length)[0] // RECORD
+
+
+def make_document(seed: int, split: str, index: int, doc_length: int = 512,
+                  query_length: int = 256, num_definitions: int = 0) -> dict[str, np.ndarray]:
+    """Content tokens (length doc_length - 2) and loss mask (1 on queried value tokens)."""
+    def_len, query_len = regions(doc_length, query_length)
+    if def_len < RECORD or query_len < RECORD:
+        raise ValueError(f"doc_length={doc_length}, query_length={query_length} leave no room "
+                         f"for one {RECORD}-token record in each region")
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    n_defs = def_len // RECORD
+    if num_definitions:
+        n_defs = min(n_defs, num_definitions)
+    n_queries = min(query_len // RECORD, n_defs)
+    codes = rng.choice(NUM_SYMBOLS ** 4, size=n_defs, replace=False)
+    keys = np.stack([(codes // NUM_SYMBOLS ** j) % NUM_SYMBOLS for j in range(4)], 1) + FIRST_SYMBOL
+    values = rng.integers(FIRST_SYMBOL, VOCAB_SIZE, size=(n_defs, 4))
+    asked = rng.choice(n_defs, size=n_queries, replace=False)
+
+    def records(marker, idx):
+        rec = np.empty((len(idx), RECORD), np.int32)
+        rec[:, 0] = marker
+        rec[:, 1:5] = keys[idx]
+        rec[:, 5] = VALUE
+        rec[:, 6:10] = values[idx]
+        return rec.reshape(-1)
+
+    tokens = np.full(def_len + query_len, PAD, np.int32)
+    mask = np.zeros(def_len + query_len, np.uint8)
+    defs = records(KEY, np.arange(n_defs))
+    tokens[: defs.size] = defs
+    queries = records(QUERY, asked)
+    tokens[def_len: def_len + queries.size] = queries
+    qmask = np.zeros((n_queries, RECORD), np.uint8)
+    qmask[:, 6:10] = 1
+    mask[def_len: def_len + queries.size] = qmask.reshape(-1)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def validate(cfg) -> None:
+    from fot_jax.config import ConfigError
+    d, m = cfg.data, cfg.model
+    if m.vocab_size < VOCAB_SIZE:
+        raise ConfigError(f"config field 'model.vocab_size': dictionary lookup needs {VOCAB_SIZE} tokens, "
+                          f"got {m.vocab_size}")
+    if d.query_length < RECORD + 1 or d.doc_length - d.query_length < RECORD + 1:
+        raise ConfigError(f"config field 'data.doc_length': {d.doc_length} tokens with query_length="
+                          f"{d.query_length} leave no room for a {RECORD}-token record in each half")
+    k = cfg.crossbatch.k_packing
+    if d.doc_length % (k * d.seq_len):
+        raise ConfigError(
+            f"config field 'data.seq_len': documents of {d.doc_length} tokens do not fill whole steps of "
+            f"k_packing*seq_len = {k}*{d.seq_len} tokens; choose seq_len and k_packing so that "
+            f"k_packing*seq_len divides data.doc_length")
+
+
+# --- tensorflow-datasets builder -------------------------------------------------------------
+
+def _tfds():
+    import tensorflow_datasets as tfds
+    return tfds
+
+
+def builder_class():
+    """Defined lazily: importing tensorflow_datasets costs seconds."""
+    global _BUILDER
+    if _BUILDER is not None:
+        return _BUILDER
+    tfds = _tfds()
+
+    class DictionaryLookupConfig(tfds.core.BuilderConfig):
+        def __init__(self, *, doc_length=512, query_length=256, num_definitions=0,
+                     num_train=20000, num_eval=512, seed=0):
+            name = (f"len{doc_length}_q{query_length}_defs{num_definitions}"
+                    f"_train{num_train}_eval{num_eval}_seed{seed}")
+            super().__init__(name=name, description="dictionary lookup documents")
+            self.doc_length, self.query_length = doc_length, query_length
+            self.num_definitions, self.seed = num_definitions, seed
+            self.num_train, self.num_eval = num_train, num_eval
+
+    class DictionaryLookup(tfds.core.GeneratorBasedBuilder):
+        """Synthetic dictionary lookup documents (FoT appendix)."""
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [DictionaryLookupConfig()]
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({
+                    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                }),
+                supervised_keys=None,
+            )
+
+        def _split_generators(self, dl_manager):
+            c = self.builder_config
+            return {"train": self._generate_examples("train", c.num_train),
+                    "validation": self._generate_examples("validation", c.num_eval)}
+
+        def _generate_examples(self, split, count):
+            c = self.builder_config
+            for i in range(count):
+                yield i, make_document(c.seed, split, i, c.doc_length, c.query_length,
+                                       c.num_definitions)
+
+    DictionaryLookup.__module__ = __name__
+    _BUILDER = (DictionaryLookup, DictionaryLookupConfig)
+    return _BUILDER
+
+
+_BUILDER = None
+
+
+def default_data_dir(data_dir: str = "") -> str:
+    return data_dir or os.environ.get("FOT_JAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def data_source(split: str, *, data_dir: str = "", doc_length=512, query_length=256,
+                num_definitions=0, num_train=20000, num_eval=512, seed=0):
+    """Prepares (once) and opens a split as a random-access source of documents."""
+    builder_cls, config_cls = builder_class()
+    config = config_cls(doc_length=doc_length, query_length=query_length,
+                        num_definitions=num_definitions, num_train=num_train,
+                        num_eval=num_eval, seed=seed)
+    builder = builder_cls(config=config, data_dir=default_data_dir(data_dir),
+                          file_format="array_record")
+    builder.download_and_prepare()
+    return builder.as_data_source(split=split)

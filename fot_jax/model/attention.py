@@ -1,0 +1,147 @@
+"""Attention cores: causal local attention and crossbatch attention (DESIGN "Crossbatch attention").
+
+Pure functions of arrays. Shapes: queries `[B, T, H, D]` (already scaled and rotated as the
+positional mode says), keys/values `[B, T, Hkv, D]`, `H = Hkv * G` (grouped-query attention).
+
+Crossbatch: row `b` attends to its own keys (causal) and to all keys of rows `b-1, ..., b-r`
+(`k_other`, the positional mode already applied) in one softmax over `(r+1)*T` keys. Which of those
+contexts a row sees is `visible_contexts` (k-packing, stepping, never a later row). Rows `b-c` are a
+roll of the batch axis by `c`; under a batch sharded over devices XLA lowers that roll to a
+collective permute between neighbours, never to a gather of the whole batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossbatchSpec:
+    """Static layout of a crossbatch step. `range_max` sizes the computation; the range actually
+    used is a (possibly traced) scalar passed beside it, so sampling r per step never recompiles."""
+    range_max: int
+    k_packing: int = 1
+    stepping: bool = False
+    doc_mask: bool = False
+    implementation: str = "dense"
+
+
+def visible_context_count(batch: int, r, k_packing: int, stepping: bool):
+    """[B] int32: contexts each row sees, itself included (matches config.visible_contexts)."""
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    r = jnp.asarray(r, jnp.int32)
+    if stepping:
+        div = max(k_packing - 1, 1)
+        s = (r + 1 + div - 1) // div
+        n = jnp.minimum((rows % k_packing) * s + 1, r + 1)
+    else:
+        n = jnp.broadcast_to(r + 1, rows.shape)
+    return jnp.minimum(n, rows + 1)
+
+
+def _group(q, num_kv_heads):
+    b, t, h, d = q.shape
+    return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
+
+
+def _context_mask(c, visible, segment_ids, segment_c, k_packing, doc_mask, t):
+    """[B, Tq, Tk] bool: which keys of context c (rows b-c) queries of row b see."""
+    b = visible.shape[0]
+    if c == 0:
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    else:
+        mask = jnp.ones((1, t, t), bool)
+    mask = mask & visible[:, None, None]
+    if doc_mask and segment_ids is not None:
+        rows = jnp.arange(b)
+        same_stream = (rows // k_packing) == ((rows - c) // k_packing)
+        same_doc = segment_ids[:, :, None] == segment_c[:, None, :]
+        mask = mask & (same_doc | ~same_stream[:, None, None])
+    return mask
+
+
+def crossbatch_attention(q, k_own, k_other, v, *, spec: CrossbatchSpec, r=None, segment_ids=None):
+    """q [B,T,H,D], k_own/k_other/v [B,T,Hkv,D], segment_ids [B,T] -> [B,T,H,D] (q.dtype).
+
+    `k_own` are the keys a row uses for itself (rotated at local positions), `k_other` the keys the
+    same tokens show to later rows (the positional mode applied). r = None means spec.range_max.
+    With range_max = 0 this is plain causal attention.
+    """
+    b, t, h, d = q.shape
+    hkv = k_own.shape[2]
+    r = spec.range_max if r is None else r
+    visible = visible_context_count(b, r, spec.k_packing, spec.stepping)  # [B]
+    if spec.implementation == "blockwise" and spec.range_max > 0:
+        return _blockwise(q, k_own, k_other, v, spec, visible, segment_ids)
+    qg = _group(q, hkv)
+    keys = [k_own] + [jnp.roll(k_other, c, axis=0) for c in range(1, spec.range_max + 1)]
+    vals = [v] + [jnp.roll(v, c, axis=0) for c in range(1, spec.range_max + 1)]
+    masks = []
+    for c in range(spec.range_max + 1):
+        seg_c = jnp.roll(segment_ids, c, axis=0) if segment_ids is not None else None
+        masks.append(_context_mask(c, visible > c, segment_ids, seg_c, spec.k_packing,
+                                   spec.doc_mask, t))
+    keys = jnp.stack(keys, axis=1)   # [B, R, T, Hkv, D]
+    vals = jnp.stack(vals, axis=1)
+    mask = jnp.stack(masks, axis=2)  # [B, Tq, R, Tk]
+    scores = jnp.einsum("bqhgd,bckhd->bhgqck", qg, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    shape = scores.shape
+    probs = jax.nn.softmax(scores.reshape(*shape[:4], -1), axis=-1).reshape(shape)
+    out = jnp.einsum("bhgqck,bckhd->bqhgd", probs.astype(vals.dtype), vals,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _blockwise(q, k_own, k_other, v, spec, visible, segment_ids):
+    """Online softmax over contexts: holds one [B, H, T, T] score block at a time, and the backward
+    pass recomputes each block (jax.checkpoint), so memory grows with r only through the rolled
+    keys/values, never through `[B, H, T, r+1, T]` scores."""
+    b, t, h, d = q.shape
+    hkv = k_own.shape[2]
+    qg = _group(q, hkv)
+    seg = segment_ids if segment_ids is not None else jnp.zeros((b, t), jnp.int32)
+
+    def block(carry, keys, vals, mask):
+        m, l, acc = carry
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, keys, preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vals.dtype), vals,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    g = h // hkv
+    init = (jnp.full((b, hkv, g, t), NEG_INF, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    mask0 = _context_mask(0, visible > 0, seg, seg, spec.k_packing, spec.doc_mask, t)
+    carry = jax.checkpoint(block)(init, k_own, v, mask0)
+
+    doc = spec.doc_mask and segment_ids is not None
+
+    @jax.checkpoint
+    def body(state, c):
+        (m, l, acc), kc, vc, sc = state
+        kc = jnp.roll(kc, 1, axis=0)
+        vc = jnp.roll(vc, 1, axis=0)
+        sc = jnp.roll(sc, 1, axis=0)
+        mask = jnp.ones((1, t, t), bool) & (visible > c)[:, None, None]
+        if doc:
+            rows = jnp.arange(b)
+            same_stream = (rows // spec.k_packing) == ((rows - c) // spec.k_packing)
+            same_doc = seg[:, :, None] == sc[:, None, :]
+            mask = mask & (same_doc | ~same_stream[:, None, None])
+        return (block((m, l, acc), kc, vc, mask), kc, vc, sc), None
+
+    (carry, _, _, _), _ = jax.lax.scan(body, (carry, k_other, v, seg),
+                                       jnp.arange(1, spec.range_max + 1))
+    m, l, acc = carry
+    out = acc / l[..., None]                      # [B, Hkv, G, T, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,179 @@
+"""LLaMA decoder with FoT memory layers (Flax NNX).
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`,
+`head_dim`, `norm`); `fot_jax.parallel.mesh` turns those into shardings. Parameter names follow
+the HF LLaMA layout so that conversion is a rename plus reshape.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
+from fot_jax.model.rope import apply_rope, rope_cos_sin
+from fot_jax.parallel.mesh import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs, shape, axes, std, dtype):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, m, rngs):
+        pd = DTYPES[m.param_dtype]
+        self.gate_proj = _param(rngs, (m.hidden_size, m.intermediate_size), ("embed", "mlp"), m.init_std, pd)
+        self.up_proj = _param(rngs, (m.hidden_size, m.intermediate_size), ("embed", "mlp"), m.init_std, pd)
+        self.down_proj = _param(rngs, (m.intermediate_size, m.hidden_size), ("mlp", "embed"), m.init_std, pd)
+        self.dtype = DTYPES[m.dtype]
+
+    def __call__(self, x):
+        dt = self.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        up = x @ self.up_proj[...].astype(dt)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return h @ self.down_proj[...].astype(dt)
+
+
+def _l2_normalize(x, eps=1e-6):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Self-attention; in a memory layer also crossbatch attention (training)."""
+
+    def __init__(self, m, layer_index: int, rngs):
+        pd = DTYPES[m.param_dtype]
+        d = config_lib.head_dim(m)
+        e, h, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
+        self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), m.init_std, pd)
+        self.k_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), m.init_std, pd)
+        self.v_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), m.init_std, pd)
+        self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), m.init_std, pd)
+        self.is_memory = layer_index in list(m.mem_layers)
+        self.qk_norm = m.qk_norm == "all" or (m.qk_norm == "memory" and self.is_memory)
+        if self.qk_norm:
+            self.qk_temperature = nnx.Param(jnp.full((h,), m.qk_temperature_init, pd),
+                                            logical_axes=("heads",))
+        self.use_rope = not (self.is_memory and m.mem_positionals == "none")
+        self.head_dim = d
+        self.dtype = DTYPES[m.dtype]
+
+    def project(self, x, cos, sin):
+        """x [B,T,E] -> q [B,T,H,D] (scaled, rotated), k_own, k_other, v [B,T,Hkv,D]."""
+        dt = self.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        if self.qk_norm:
+            q = _l2_normalize(q) * self.qk_temperature[...].astype(dt)[:, None]
+            k = _l2_normalize(k)
+        else:
+            q = q * jnp.asarray(self.head_dim ** -0.5, dt)
+        if self.use_rope:
+            q = apply_rope(q, cos, sin)
+            k_own = apply_rope(k, cos, sin)
+        else:
+            k_own = k
+        # as_first: other contexts see keys rotated at position 0 (the identity); none: no rotation.
+        k_other = k
+        return q, k_own, k_other, v
+
+    def __call__(self, x, cos, sin, segment_ids, crossbatch: CrossbatchSpec | None, r):
+        q, k_own, k_other, v = self.project(x, cos, sin)
+        if crossbatch is not None and self.is_memory:
+            spec = crossbatch
+        else:
+            doc = crossbatch.doc_mask if crossbatch is not None else False
+            spec = CrossbatchSpec(range_max=0, doc_mask=doc)
+        out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, m, layer_index: int, rngs):
+        pd = DTYPES[m.param_dtype]
+        self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
+        self.self_attn = Attention(m, layer_index, rngs)
+        self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
+        self.mlp = MLP(m, rngs)
+
+    def __call__(self, x, cos, sin, segment_ids, crossbatch, r):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, crossbatch, r)
+        h = constrain(h, ("batch", "length", "embed"))
+        out = h + self.mlp(self.post_attention_layernorm(h))
+        return constrain(out, ("batch", "length", "embed"))
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM. `__call__(tokens [B,T]) -> logits [B,T,V_padded]` (float32); logits of the
+    padding rows of the vocabulary are -1e9 so that they take no probability."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        pd = DTYPES[m.param_dtype]
+        self.config = m
+        vp = config_lib.padded_vocab(m)
+        self.embed_tokens = _param(rngs, (vp, m.hidden_size), ("vocab", "embed"), m.init_std, pd)
+        self.layers = nnx.List([DecoderLayer(m, i, rngs) for i in range(m.num_layers)])
+        self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
+        if not m.tie_embeddings:
+            self.lm_head = _param(rngs, (m.hidden_size, vp), ("embed", "vocab"), m.init_std, pd)
+        self.vocab_size = m.vocab_size
+        self.dtype = DTYPES[m.dtype]
+        self.remat = m.remat
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None,
+                 crossbatch: CrossbatchSpec | None = None, crossbatch_range=None):
+        m = self.config
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, config_lib.head_dim(m), m.rope_theta)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        def run_layer(layer, x, cos, sin, segment_ids, r):
+            return layer(x, cos, sin, segment_ids, crossbatch, r)
+
+        if self.remat != "none":
+            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
+        for layer in self.layers:
+            x = run_layer(layer, x, cos, sin, segment_ids, crossbatch_range)
+        x = self.norm(x)
+        if m.tie_embeddings:
+            head = self.embed_tokens[...].astype(self.dtype).T
+        else:
+            head = self.lm_head[...].astype(self.dtype)
+        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        vocab_ids = jnp.arange(logits.shape[-1])
+        return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
+
+
+def create(m, seed: int = 0) -> Llama:
+    return Llama(m, nnx.Rngs(params=seed))

@@ -1,0 +1,281 @@
+"""The training loop: mesh, sharded state, jitted steps, curriculum and range schedule, periodic
+evaluation (at several crossbatch ranges), metrics and the end-of-run report."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fot_jax import config as config_lib
+from fot_jax.data.sources import make_batcher
+from fot_jax.model.attention import CrossbatchSpec
+from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.train import metrics as metrics_lib
+from fot_jax.train.optim import make_schedule
+from fot_jax.train.state import count_params, create_train_state
+from fot_jax.train.step import eval_step, train_step
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class NoCheckpoints:
+    """The seam where the checkpoint manager plugs in: restore() -> (state, data_state) or None."""
+
+    def restore(self, abstract_state, shardings):
+        return None
+
+    def save(self, step, state, data_state, force=False):
+        pass
+
+    def close(self):
+        pass
+
+
+def crossbatch_spec(cfg, range_max: int) -> CrossbatchSpec:
+    x = cfg.crossbatch
+    return CrossbatchSpec(range_max=int(range_max), k_packing=x.k_packing, stepping=x.stepping,
+                          doc_mask=x.doc_mask, implementation=x.implementation)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Host-local numpy rows -> global arrays sharded over the batch axes."""
+    out = {}
+    for name, value in batch.items():
+        sharding = mesh_lib.batch_sharding(mesh, value.ndim)
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg, workdir: str, checkpoints=None, devices=None, quiet: bool = False):
+        config_lib.validate(cfg)
+        self.cfg, self.workdir = cfg, workdir
+        self.quiet = quiet
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+        dp = mesh_lib.data_parallel_size(self.mesh)
+        if cfg.data.batch_size % dp:
+            raise config_lib.ConfigError(
+                f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
+                f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+        self.checkpoints = checkpoints or NoCheckpoints()
+        self.schedule = make_schedule(cfg.train)
+        with mesh_lib.use_mesh(self.mesh):
+            self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)
+        self.num_params = count_params(self.state["params"])
+        self._train_steps = {}
+        self._eval_steps = {}
+        self.stages = config_lib.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else []
+        self.writer = None
+
+    # -- compiled steps ------------------------------------------------------------------------
+    def _batch_shardings(self):
+        s = mesh_lib.batch_sharding(self.mesh, 2)
+        return {"inputs": s, "targets": s, "loss_mask": s, "segment_ids": s}
+
+    def train_step_fn(self, range_max: int):
+        if range_max not in self._train_steps:
+            rep = mesh_lib.replicated(self.mesh)
+            fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
+                                   spec=crossbatch_spec(self.cfg, range_max),
+                                   microbatches=self.cfg.train.microbatches, schedule=self.schedule)
+            self._train_steps[range_max] = jax.jit(
+                fn, in_shardings=(self.state_shardings, self._batch_shardings(), rep),
+                out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        return self._train_steps[range_max]
+
+    def eval_step_fn(self, r: int):
+        if r not in self._eval_steps:
+            rep = mesh_lib.replicated(self.mesh)
+            fn = functools.partial(eval_step, graphdef=self.graphdef, spec=crossbatch_spec(self.cfg, r))
+            self._eval_steps[r] = jax.jit(
+                fn, in_shardings=(self.state_shardings["params"], self._batch_shardings(), rep),
+                out_shardings=rep)
+        return self._eval_steps[r]
+
+    # -- data ----------------------------------------------------------------------------------
+    def stage_definitions(self, step: int) -> int:
+        for end, defs in self.stages:
+            if step < end:
+                return defs
+        return self.cfg.data.num_definitions
+
+    def _host_batcher(self, split, num_definitions=None):
+        return make_batcher(self.cfg, split, num_definitions=num_definitions,
+                            host_index=jax.process_index(), host_count=jax.process_count())
+
+    def eval_batches(self):
+        if not hasattr(self, "_eval_batches"):
+            batcher = self._host_batcher("validation")
+            self._eval_batches = [next(batcher).as_dict() for _ in range(self.cfg.train.eval_batches)]
+        return self._eval_batches
+
+    def evaluate(self, ranges=None) -> dict:
+        """{r: {"loss", "accuracy"}} over the fixed held-out batches."""
+        ranges = list(self.cfg.crossbatch.eval_ranges if ranges is None else ranges)
+        out = {}
+        with mesh_lib.use_mesh(self.mesh):
+            for r in ranges:
+                fn = self.eval_step_fn(r)
+                tot = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+                for batch in self.eval_batches():
+                    res = jax.device_get(fn(self.state["params"], to_global(batch, self.mesh),
+                                            jnp.int32(r)))
+                    for k in tot:
+                        tot[k] += float(res[k])
+                n = max(tot["count"], 1.0)
+                out[r] = {"loss": tot["loss_sum"] / n, "accuracy": tot["correct"] / n}
+        return out
+
+    # -- loop ----------------------------------------------------------------------------------
+    def log(self, msg):
+        if not self.quiet:
+            metrics_lib.log(msg)
+
+    def run(self) -> dict:
+        cfg, t, x = self.cfg, self.cfg.train, self.cfg.crossbatch
+        self.writer = metrics_lib.MetricWriter(self.workdir)
+        peak = metrics_lib.measure_matmul_flops()
+        start_step = int(jax.device_get(self.state["step"]))
+        restored = self.checkpoints.restore(self.state, self.state_shardings)
+        data_state = None
+        if restored is not None:
+            self.state, data_state = restored
+            start_step = int(jax.device_get(self.state["step"]))
+        self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
+                 f"{jax.device_count()} devices, matmul peak {peak / 1e9:.1f} GFLOP/s, "
+                 f"steps {start_step}->{t.steps}")
+        rng = np.random.default_rng([t.seed, 7])
+        current_range = x.range
+        switched = False
+        stage_defs = None
+        batcher = None
+        history = []
+        last_time, last_step, run_start = time.perf_counter(), start_step, time.perf_counter()
+        pending = None
+        acc_window = []
+        final_eval = None
+        with mesh_lib.use_mesh(self.mesh):
+            for step in range(start_step, t.steps):
+                defs = self.stage_definitions(step)
+                if batcher is None or defs != stage_defs:
+                    if batcher is not None:
+                        self.log(f"curriculum: step {step}, {defs or 'all'} definitions per document")
+                    batcher, stage_defs = self._host_batcher("train", defs), defs
+                    if data_state is not None and data_state.get("definitions") == defs:
+                        batcher.restore(data_state["batcher"])
+                if x.sample_range:
+                    range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
+                else:
+                    range_max = r = current_range
+                batch = to_global(next(batcher).as_dict(), self.mesh)
+                self.state, step_metrics = self.train_step_fn(range_max)(self.state, batch, jnp.int32(r))
+                step_metrics = dict(step_metrics, range=r)
+                if pending is not None:
+                    self._check(pending)
+                pending = step_metrics
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    m = {k: float(v) for k, v in jax.device_get(pending).items()}
+                    self._check(m)
+                    now = time.perf_counter()
+                    tokens = (done - last_step) * cfg.data.batch_size * cfg.data.seq_len
+                    tps = tokens / max(now - last_time, 1e-9)
+                    mfu = tps * metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, range_max) / peak
+                    m.update(tokens_per_s=tps, mfu=mfu, definitions=defs)
+                    self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start))
+                    self.writer.write(done, m)
+                    history.append({"step": done, **m})
+                    last_time, last_step = now, done
+                    acc_window.append(m["accuracy"])
+                    if (x.switch_range >= 0 and not switched and stage_defs == cfg.data.num_definitions
+                            and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
+                        current_range, switched = x.switch_range, True
+                        self.log(f"crossbatch range switched to r={current_range} at step {done} "
+                                 f"(train accuracy {np.mean(acc_window[-3:]):.3f})")
+                is_eval = t.eval_every and done % t.eval_every == 0
+                if is_eval or done == t.steps:
+                    final_eval = self._eval_and_log(done)
+                    history.append({"step": done, "eval": {str(k): v for k, v in final_eval.items()}})
+                    if t.stop_at_accuracy > 0:
+                        best_r = max(final_eval)
+                        if final_eval[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
+                            self.log(f"eval accuracy {final_eval[best_r]['accuracy']:.3f} at r={best_r} "
+                                     f">= {t.stop_at_accuracy}: stopping at step {done}")
+                            self.checkpoints.save(done, self.state, self._data_state(batcher, stage_defs),
+                                                  force=True)
+                            break
+                if t.checkpoint_every and done % t.checkpoint_every == 0:
+                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_defs))
+            if pending is not None:
+                self._check({k: float(v) for k, v in jax.device_get(pending).items()})
+        if final_eval is None:
+            final_eval = self._eval_and_log(int(jax.device_get(self.state["step"])))
+        self.checkpoints.save(int(jax.device_get(self.state["step"])), self.state,
+                              self._data_state(batcher, stage_defs), force=True)
+        self.checkpoints.close()
+        self.writer.close()
+        summary = {"steps": int(jax.device_get(self.state["step"])),
+                   "seconds": time.perf_counter() - run_start,
+                   "eval": {str(k): v for k, v in final_eval.items()}}
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            plot_history(history, os.path.join(self.workdir, "curve.png"))
+        return summary
+
+    def _data_state(self, batcher, defs):
+        return None if batcher is None else {"definitions": defs, "batcher": batcher.state()}
+
+    def _check(self, m):
+        loss = float(jax.device_get(m["loss"]))
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {int(jax.device_get(m['step'])) + 1}; "
+                                "stopping (lower train.learning_rate or check the data)")
+
+    def _eval_and_log(self, step):
+        res = self.evaluate()
+        for r, v in res.items():
+            self.writer.write(step, v, prefix=f"eval_r{r}")
+        self.log("eval step {}: ".format(step) + "  ".join(
+            f"r={r}: loss {v['loss']:.4f} acc {v['accuracy']:.3f}" for r, v in res.items()))
+        return res
+
+
+def plot_history(history, path):
+    """Training accuracy and held-out accuracy per crossbatch range against steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    train = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h]
+    evals = {}
+    for h in history:
+        for r, v in h.get("eval", {}).items():
+            evals.setdefault(r, []).append((h["step"], v["accuracy"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (loss tokens)", alpha=0.6)
+    for r, pts in sorted(evals.items()):
+        ax.plot(*zip(*pts), marker="o", label=f"held-out, crossbatch r={r}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg, workdir: str, **kwargs) -> dict:
+    return Trainer(cfg, workdir, **kwargs).run()

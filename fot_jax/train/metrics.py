@@ -1,0 +1,93 @@
+"""Metrics: model FLOPs, a matmul roofline measured in-process (for MFU), progress lines and
+writers (JSONL + TensorBoard event files)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fot_jax import config as config_lib
+
+
+def model_flops_per_token(m, seq_len: int, r: int = 0, training: bool = True) -> float:
+    """Matmul FLOPs per token (PaLM convention: 2 per multiply-add, attention over the full
+    context, backward = 2x forward). Memory layers attend to (r + 1) * T keys."""
+    d = config_lib.head_dim(m)
+    e, h, hkv, i = m.hidden_size, m.num_heads, m.num_kv_heads, m.intermediate_size
+    dense = e * d * (2 * h + 2 * hkv) + 3 * e * i            # q, o, k, v, gate/up/down
+    fwd = 2 * (m.num_layers * dense + e * config_lib.padded_vocab(m))
+    for layer in range(m.num_layers):
+        ctx = seq_len * ((r + 1) if layer in list(m.mem_layers) else 1)
+        fwd += 2 * 2 * h * d * ctx                            # q.k and p.v
+    return float(fwd * (3 if training else 1))
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 20, dtype=jnp.float32) -> float:
+    """Achieved FLOP/s of a square matmul on the default device (the MFU denominator)."""
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda x: (x @ x) * (1.0 / size))
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        x = a
+        for _ in range(repeats):
+            x = f(x)
+        x.block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 * repeats / best
+
+
+class MetricWriter:
+    """JSONL (`metrics.jsonl`) and TensorBoard (`tb/`) in the workdir; process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
+            self.tb = None
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": prefix, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, mfu: float,
+                  elapsed: float) -> str:
+    eta = (total - step) * elapsed / max(step, 1)
+    return (f"step {step:>6}/{total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
+            f"lr {metrics['learning_rate']:.2e}  gnorm {metrics['grad_norm']:.3f}  r {metrics.get('range', 0):.0f}  "
+            f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {_fmt(eta)}")
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fot_jax",
+    version="0.1.0",
+    description="Focused Transformer (FoT, LongLLaMA) in JAX/Flax: memory attention, crossbatch training",
+    packages=find_packages(include=["fot_jax", "fot_jax.*"]),
+    package_data={"fot_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.7",
+        "importlib_resources",
+        "grain>=0.2.10",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]"],
+        "torch": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45",
+                 "safetensors>=0.4", "faiss-cpu>=1.8"],
+    },
+    entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main"]},
+)
