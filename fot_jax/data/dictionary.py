@@ -90,7 +90,10 @@ def validate(cfg) -> None:
 # --- tensorflow-datasets builder -------------------------------------------------------------
 
 def _tfds():
+    import logging
     import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.ERROR)
     return tfds
 
 

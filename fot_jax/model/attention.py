@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+Q_BLOCK = 64  # query tile of the dense path (causal part scores only the visible key prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +78,59 @@ def crossbatch_attention(q, k_own, k_other, v, *, spec: CrossbatchSpec, r=None, 
     visible = visible_context_count(b, r, spec.k_packing, spec.stepping)  # [B]
     if spec.implementation == "blockwise" and spec.range_max > 0:
         return _blockwise(q, k_own, k_other, v, spec, visible, segment_ids)
+    return _dense(q, k_own, k_other, v, spec, visible, segment_ids)
+
+
+def _dense(q, k_own, k_other, v, spec, visible, segment_ids):
+    """One softmax over [causal own keys; all keys of the visible earlier rows], tiled over
+    query blocks so that the causal part only scores the key prefix each block can see."""
+    b, t, h, d = q.shape
+    hkv = k_own.shape[2]
     qg = _group(q, hkv)
-    keys = [k_own] + [jnp.roll(k_other, c, axis=0) for c in range(1, spec.range_max + 1)]
-    vals = [v] + [jnp.roll(v, c, axis=0) for c in range(1, spec.range_max + 1)]
-    masks = []
-    for c in range(spec.range_max + 1):
-        seg_c = jnp.roll(segment_ids, c, axis=0) if segment_ids is not None else None
-        masks.append(_context_mask(c, visible > c, segment_ids, seg_c, spec.k_packing,
-                                   spec.doc_mask, t))
-    keys = jnp.stack(keys, axis=1)   # [B, R, T, Hkv, D]
-    vals = jnp.stack(vals, axis=1)
-    mask = jnp.stack(masks, axis=2)  # [B, Tq, R, Tk]
-    scores = jnp.einsum("bqhgd,bckhd->bhgqck", qg, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    shape = scores.shape
-    probs = jax.nn.softmax(scores.reshape(*shape[:4], -1), axis=-1).reshape(shape)
-    out = jnp.einsum("bhgqck,bckhd->bqhgd", probs.astype(vals.dtype), vals,
-                     preferred_element_type=jnp.float32)
+    rmax = spec.range_max
+    doc = spec.doc_mask and segment_ids is not None
+    if rmax:
+        k_ctx = jnp.stack([jnp.roll(k_other, c, axis=0) for c in range(1, rmax + 1)], axis=1)
+        v_ctx = jnp.stack([jnp.roll(v, c, axis=0) for c in range(1, rmax + 1)], axis=1)
+        ctx_mask = jnp.stack([jnp.broadcast_to((visible > c)[:, None, None], (b, 1, t))
+                              for c in range(1, rmax + 1)], axis=2)          # [B, 1, R-1, T]
+        if doc:
+            rows = jnp.arange(b)
+            seg_ctx = jnp.stack([jnp.roll(segment_ids, c, axis=0) for c in range(1, rmax + 1)], 1)
+            same_stream = jnp.stack([(rows // spec.k_packing) == ((rows - c) // spec.k_packing)
+                                     for c in range(1, rmax + 1)], 1)        # [B, R-1]
+    outs = []
+    for start in range(0, t, Q_BLOCK):
+        end = min(start + Q_BLOCK, t)
+        qi = qg[:, start:end]
+        s_own = jnp.einsum("bqhgd,bkhd->bhgqk", qi, k_own[:, :end], preferred_element_type=jnp.float32)
+        own_mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]  # [1, nq, end]
+        if doc:
+            own_mask = own_mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
+        s_own = jnp.where(own_mask[:, None, None], s_own, NEG_INF)
+        m = s_own.max(-1)
+        if rmax:
+            s_ctx = jnp.einsum("bqhgd,bckhd->bhgqck", qi, k_ctx, preferred_element_type=jnp.float32)
+            mask = ctx_mask
+            if doc:
+                same_doc = segment_ids[:, start:end, None, None] == seg_ctx[:, None]  # [B, nq, R-1, T]
+                mask = mask & (same_doc | ~same_stream[:, None, :, None])
+            s_ctx = jnp.where(mask[:, None, None], s_ctx, NEG_INF)
+            m = jnp.maximum(m, s_ctx.max((-2, -1)))
+        # One softmax over both parts: shared max, shared normaliser (no concatenation).
+        m = jax.lax.stop_gradient(m)
+        p_own = jnp.exp(s_own - m[..., None])
+        denom = p_own.sum(-1)
+        out = jnp.einsum("bhgqk,bkhd->bhgqd", p_own.astype(v.dtype), v[:, :end],
+                         preferred_element_type=jnp.float32)
+        if rmax:
+            p_ctx = jnp.exp(s_ctx - m[..., None, None])
+            denom = denom + p_ctx.sum((-2, -1))
+            out = out + jnp.einsum("bhgqck,bckhd->bhgqd", p_ctx.astype(v.dtype), v_ctx,
+                                   preferred_element_type=jnp.float32)
+        out = jnp.transpose(out / denom[..., None], (0, 3, 1, 2, 4))
+        outs.append(out)
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

@@ -49,10 +49,22 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
+        gate = _dense(x, self.gate_proj[...].astype(dt))
+        up = _dense(x, self.up_proj[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return h @ self.down_proj[...].astype(dt)
+        return _dense(h, self.down_proj[...].astype(dt))
+
+
+def _dense(x, w, out_dtype=None):
+    """x [B, T, *in] . w [*in, *out] -> [B, T, *out] as one 2-D matmul over B*T rows (XLA:CPU lays
+    out 2-D gradient matmuls far better than batched 3-D ones: 2x faster backward)."""
+    b, t = x.shape[:2]
+    in_size = 1
+    for s in x.shape[2:]:
+        in_size *= s
+    out_shape = w.shape[x.ndim - 2:]
+    y = jnp.matmul(x.reshape(b * t, in_size), w.reshape(in_size, -1), preferred_element_type=out_dtype)
+    return y.reshape(b, t, *out_shape)
 
 
 def _l2_normalize(x, eps=1e-6):
@@ -83,9 +95,9 @@ class Attention(nnx.Module):
     def project(self, x, cos, sin):
         """x [B,T,E] -> q [B,T,H,D] (scaled, rotated), k_own, k_other, v [B,T,Hkv,D]."""
         dt = self.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        q = _dense(x, self.q_proj[...].astype(dt))
+        k = _dense(x, self.k_proj[...].astype(dt))
+        v = _dense(x, self.v_proj[...].astype(dt))
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -112,7 +124,7 @@ class Attention(nnx.Module):
             spec = CrossbatchSpec(range_max=0, doc_mask=doc)
         out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(self.dtype))
+        return _dense(out, self.o_proj[...].astype(self.dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -169,7 +181,7 @@ class Llama(nnx.Module):
             head = self.embed_tokens[...].astype(self.dtype).T
         else:
             head = self.lm_head[...].astype(self.dtype)
-        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+        logits = _dense(x, head, jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)

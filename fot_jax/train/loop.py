@@ -101,14 +101,18 @@ class Trainer:
         return self._eval_steps[r]
 
     # -- data ----------------------------------------------------------------------------------
-    def stage_definitions(self, step: int) -> int:
+    def stage(self, step: int) -> tuple[int, int | None]:
+        """(definitions per document, documents the stage consumes or None for the full set)."""
+        begin = 0
+        streams = self.cfg.data.batch_size // self.cfg.crossbatch.k_packing
         for end, defs in self.stages:
             if step < end:
-                return defs
-        return self.cfg.data.num_definitions
+                return defs, min((end - begin) * streams, self.cfg.data.num_train_docs)
+            begin = end
+        return self.cfg.data.num_definitions, None
 
-    def _host_batcher(self, split, num_definitions=None):
-        return make_batcher(self.cfg, split, num_definitions=num_definitions,
+    def _host_batcher(self, split, num_definitions=None, num_docs=None):
+        return make_batcher(self.cfg, split, num_definitions=num_definitions, num_docs=num_docs,
                             host_index=jax.process_index(), host_count=jax.process_count())
 
     def eval_batches(self):
@@ -164,11 +168,10 @@ class Trainer:
         final_eval = None
         with mesh_lib.use_mesh(self.mesh):
             for step in range(start_step, t.steps):
-                defs = self.stage_definitions(step)
+                defs, stage_docs = self.stage(step)
                 if batcher is None or defs != stage_defs:
-                    if batcher is not None:
-                        self.log(f"curriculum: step {step}, {defs or 'all'} definitions per document")
-                    batcher, stage_defs = self._host_batcher("train", defs), defs
+                    self.log(f"data: from step {step}, {defs or 'all'} definitions per document")
+                    batcher, stage_defs = self._host_batcher("train", defs, stage_docs), defs
                     if data_state is not None and data_state.get("definitions") == defs:
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
