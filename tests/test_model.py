@@ -1,0 +1,135 @@
+"""The LLaMA decoder against stock transformers.LlamaForCausalLM holding the same weights."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.convert import hf
+from fot_jax.model import llama
+from fot_jax.model.rope import apply_rope, rope_cos_sin
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _model_config(num_heads, num_kv_heads, tie, vocab=200, rope_theta=10000.0):
+    m = config_lib.base_config().model
+    m.vocab_size = vocab
+    m.hidden_size = 64
+    m.intermediate_size = 96
+    m.num_layers = 3
+    m.num_heads = num_heads
+    m.num_kv_heads = num_kv_heads
+    m.tie_embeddings = tie
+    m.mem_layers = []
+    m.rope_theta = rope_theta
+    m.max_position_embeddings = 64
+    return m
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,tie,theta", [
+    (4, 4, False, 10000.0),   # MHA, untied
+    (4, 2, False, 500000.0),  # GQA (LLaMA 3 style theta)
+    (8, 2, True, 10000.0),    # GQA, tied embeddings (SmolLM style)
+    (4, 4, True, 1e6),        # MHA tied, Code Llama theta
+])
+def test_logits_match_transformers(num_heads, num_kv_heads, tie, theta):
+    m = _model_config(num_heads, num_kv_heads, tie, rope_theta=theta)
+    model = llama.create(m, seed=3)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sd = hf.to_hf_state_dict(params, m)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf.hf_llama_config(m))).eval()
+    missing, unexpected = ref.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing) == tie or not missing
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 64))
+    with torch.no_grad():
+        expected = ref(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(tokens)))
+    assert got.shape[-1] == config_lib.padded_vocab(m) == 256
+    np.testing.assert_allclose(got[..., : m.vocab_size], expected, atol=1e-4, rtol=0)
+    assert np.all(got[..., m.vocab_size:] <= -1e8)  # padded vocabulary rows take no probability
+
+
+def test_rope_is_hf_rotate_half():
+    """Against the closed form: pair (i, i + D/2) rotated by angle pos * theta^(-2i/D)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 5, 2, 8)).astype(np.float32)
+    pos = np.arange(5)
+    cos, sin = rope_cos_sin(jnp.asarray(pos), 8, 100.0)
+    got = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    half = 4
+    for t in range(5):
+        for i in range(half):
+            ang = pos[t] * 100.0 ** (-2 * i / 8)
+            a, b = x[0, t, :, i], x[0, t, :, i + half]
+            np.testing.assert_allclose(got[0, t, :, i], a * np.cos(ang) - b * np.sin(ang), atol=1e-5)
+            np.testing.assert_allclose(got[0, t, :, i + half], b * np.cos(ang) + a * np.sin(ang), atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes():
+    m = _model_config(4, 2, False)
+    m.mem_layers = [1]
+    m.qk_norm = "memory"
+    state = nnx.state(nnx.eval_shape(lambda: llama.create(m)), nnx.Param)
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert leaves
+    for v in leaves:
+        axes = v.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == len(v.shape), v
+
+
+def _np_rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("mode", ["as_first", "none"])
+def test_memory_layer_positional_modes_and_qk_norm(mode):
+    """A memory layer's crossbatch attention from the layer's own weights, in NumPy: q/k/v
+    projections, query/key L2 normalisation with the per-head temperature, RoPE on the own
+    context only (as_first) or nowhere (none), one softmax over own (causal) + previous row."""
+    m = _model_config(4, 2, False)
+    m.num_layers = 1
+    m.mem_layers = [0]
+    m.mem_positionals = mode
+    m.qk_norm = "memory"
+    model = llama.create(m, seed=1)
+    attn = model.layers[0].self_attn
+    B, T, E = 4, 6, m.hidden_size
+    x = np.random.default_rng(2).normal(size=(B, T, E)).astype(np.float32)
+    from fot_jax.model.attention import CrossbatchSpec
+    spec = CrossbatchSpec(range_max=1, k_packing=2, stepping=True)
+    cos, sin = rope_cos_sin(jnp.arange(T), 16, m.rope_theta)
+    got = np.asarray(attn(jnp.asarray(x), cos, sin, None, spec, None))
+
+    wq, wk, wv, wo = (np.asarray(getattr(attn, n)[...]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    temp = np.asarray(attn.qk_temperature[...])
+    q = np.einsum("bte,ehd->bthd", x, wq)
+    k = np.einsum("bte,ehd->bthd", x, wk)
+    v = np.einsum("bte,ehd->bthd", x, wv)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True) * temp[:, None]
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+
+    def rot(a):
+        c, s = np.asarray(cos)[None, :, None], np.asarray(sin)[None, :, None]
+        return a * c + np.concatenate([-a[..., 8:], a[..., :8]], -1) * s
+
+    q_loc, k_loc = (rot(q), rot(k)) if mode == "as_first" else (q, k)
+    out = np.zeros((B, T, 4, 16))
+    for b in range(B):
+        for h in range(4):
+            hk = h // 2
+            for t in range(T):
+                keys = [k_loc[b, t2, hk] for t2 in range(t + 1)]
+                vals = [v[b, t2, hk] for t2 in range(t + 1)]
+                if b % 2 == 1:  # the stream's second chunk sees the first (stepping, k=2, r=1)
+                    keys += [k[b - 1, t2, hk] for t2 in range(T)]  # unrotated: position 0
+                    vals += [v[b - 1, t2, hk] for t2 in range(T)]
+                s = np.array([q_loc[b, t, h] @ kk for kk in keys])
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[b, t, h] = (p[:, None] * np.array(vals)).sum(0)
+    expected = np.einsum("bthd,hde->bte", out, wo)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
