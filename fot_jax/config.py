@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.doc_length = 512                # dictionary lookup: tokens per document incl. bos/eos
     d.query_length = 256              # dictionary lookup: last tokens of a document are queries
     d.num_definitions = 0             # 0: as many as fit; >0: fewer records (curriculum)
-    d.curriculum = ""                 # "steps:defs,steps:defs,..." e.g. "300:4,600:12" then full task
+    d.curriculum = ""                 # "end:defs[:key_len:value_len],..." e.g. "300:8:1:1,900:0:2:2" then the task
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 100
@@ -295,18 +295,23 @@ def validate(cfg) -> None:
         parse_curriculum(d.curriculum)
 
 
-def parse_curriculum(text: str) -> list[tuple[int, int]]:
-    """'300:4,600:12' -> [(300, 4), (600, 12)]: train 300 steps with 4 definitions, then until
-    step 600 with 12, then with the configured task."""
+def parse_curriculum(text: str) -> list[tuple[int, int, int, int]]:
+    """'300:4,600:12:2:2' -> [(300, 4, 4, 4), (600, 12, 2, 2)]: until step 300 documents with 4
+    definitions, until step 600 with 12 definitions of 2-token keys and values, then the task.
+    A definitions count of 0 means as many as fit."""
     stages = []
     try:
         for part in text.split(","):
-            step, defs = part.split(":")
-            stages.append((int(step), int(defs)))
+            fields = [int(f) for f in part.split(":")]
+            if len(fields) == 2:
+                fields += [4, 4]
+            if len(fields) != 4 or min(fields[2:]) < 1 or fields[1] < 0:
+                raise ValueError
+            stages.append(tuple(fields))
     except ValueError:
         raise ConfigError(f"config field 'data.curriculum': cannot parse '{text}' "
-                          "(expected 'steps:definitions,steps:definitions,...')") from None
-    steps = [s for s, _ in stages]
+                          "(expected 'end_step:definitions[:key_length:value_length],...')") from None
+    steps = [s[0] for s in stages]
     if steps != sorted(steps):
         raise ConfigError("config field 'data.curriculum': stage end steps must increase")
     return stages

@@ -29,33 +29,38 @@ def regions(doc_length: int, query_length: int) -> tuple[int, int]:
     return doc_length - query_length - 1, query_length - 1
 
 
-def max_definitions(doc_length: int, query_length: int) -> int:
-    return regions(doc_length, query_length)[0] // RECORD
+def max_definitions(doc_length: int, query_length: int, key_length: int = 4, value_length: int = 4) -> int:
+    return regions(doc_length, query_length)[0] // (key_length + value_length + 2)
 
 
 def make_document(seed: int, split: str, index: int, doc_length: int = 512,
-                  query_length: int = 256, num_definitions: int = 0) -> dict[str, np.ndarray]:
-    """Content tokens (length doc_length - 2) and loss mask (1 on queried value tokens)."""
+                  query_length: int = 256, num_definitions: int = 0, key_length: int = 4,
+                  value_length: int = 4) -> dict[str, np.ndarray]:
+    """Content tokens (length doc_length - 2) and loss mask (1 on queried value tokens).
+    key_length / value_length other than 4 give the shorter records of a curriculum."""
+    record = key_length + value_length + 2
     def_len, query_len = regions(doc_length, query_length)
-    if def_len < RECORD or query_len < RECORD:
+    if def_len < record or query_len < record:
         raise ValueError(f"doc_length={doc_length}, query_length={query_length} leave no room "
-                         f"for one {RECORD}-token record in each region")
+                         f"for one {record}-token record in each region")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    n_defs = def_len // RECORD
+    n_defs = def_len // record
     if num_definitions:
         n_defs = min(n_defs, num_definitions)
-    n_queries = min(query_len // RECORD, n_defs)
-    codes = rng.choice(NUM_SYMBOLS ** 4, size=n_defs, replace=False)
-    keys = np.stack([(codes // NUM_SYMBOLS ** j) % NUM_SYMBOLS for j in range(4)], 1) + FIRST_SYMBOL
-    values = rng.integers(FIRST_SYMBOL, VOCAB_SIZE, size=(n_defs, 4))
+    if n_defs > NUM_SYMBOLS ** key_length:
+        raise ValueError(f"{n_defs} unique keys of {key_length} tokens do not exist")
+    n_queries = min(query_len // record, n_defs)
+    codes = rng.choice(NUM_SYMBOLS ** key_length, size=n_defs, replace=False)
+    keys = np.stack([(codes // NUM_SYMBOLS ** j) % NUM_SYMBOLS for j in range(key_length)], 1) + FIRST_SYMBOL
+    values = rng.integers(FIRST_SYMBOL, VOCAB_SIZE, size=(n_defs, value_length))
     asked = rng.choice(n_defs, size=n_queries, replace=False)
 
     def records(marker, idx):
-        rec = np.empty((len(idx), RECORD), np.int32)
+        rec = np.empty((len(idx), record), np.int32)
         rec[:, 0] = marker
-        rec[:, 1:5] = keys[idx]
-        rec[:, 5] = VALUE
-        rec[:, 6:10] = values[idx]
+        rec[:, 1:1 + key_length] = keys[idx]
+        rec[:, 1 + key_length] = VALUE
+        rec[:, 2 + key_length:] = values[idx]
         return rec.reshape(-1)
 
     tokens = np.full(def_len + query_len, PAD, np.int32)
@@ -64,8 +69,8 @@ def make_document(seed: int, split: str, index: int, doc_length: int = 512,
     tokens[: defs.size] = defs
     queries = records(QUERY, asked)
     tokens[def_len: def_len + queries.size] = queries
-    qmask = np.zeros((n_queries, RECORD), np.uint8)
-    qmask[:, 6:10] = 1
+    qmask = np.zeros((n_queries, record), np.uint8)
+    qmask[:, 2 + key_length:] = 1
     mask[def_len: def_len + queries.size] = qmask.reshape(-1)
     return {"tokens": tokens, "loss_mask": mask}
 
@@ -106,9 +111,12 @@ def builder_class():
 
     class DictionaryLookupConfig(tfds.core.BuilderConfig):
         def __init__(self, *, doc_length=512, query_length=256, num_definitions=0,
-                     num_train=20000, num_eval=512, seed=0):
+                     num_train=20000, num_eval=512, seed=0, key_length=4, value_length=4):
             name = (f"len{doc_length}_q{query_length}_defs{num_definitions}"
                     f"_train{num_train}_eval{num_eval}_seed{seed}")
+            if (key_length, value_length) != (4, 4):
+                name += f"_k{key_length}v{value_length}"
+            self.key_length, self.value_length = key_length, value_length
             super().__init__(name=name, description="dictionary lookup documents")
             self.doc_length, self.query_length = doc_length, query_length
             self.num_definitions, self.seed = num_definitions, seed
@@ -137,7 +145,7 @@ def builder_class():
             c = self.builder_config
             for i in range(count):
                 yield i, make_document(c.seed, split, i, c.doc_length, c.query_length,
-                                       c.num_definitions)
+                                       c.num_definitions, c.key_length, c.value_length)
 
     DictionaryLookup.__module__ = __name__
     _BUILDER = (DictionaryLookup, DictionaryLookupConfig)
@@ -152,12 +160,14 @@ def default_data_dir(data_dir: str = "") -> str:
 
 
 def data_source(split: str, *, data_dir: str = "", doc_length=512, query_length=256,
-                num_definitions=0, num_train=20000, num_eval=512, seed=0):
+                num_definitions=0, num_train=20000, num_eval=512, seed=0, key_length=4,
+                value_length=4):
     """Prepares (once) and opens a split as a random-access source of documents."""
     builder_cls, config_cls = builder_class()
     config = config_cls(doc_length=doc_length, query_length=query_length,
                         num_definitions=num_definitions, num_train=num_train,
-                        num_eval=num_eval, seed=seed)
+                        num_eval=num_eval, seed=seed, key_length=key_length,
+                        value_length=value_length)
     builder = builder_cls(config=config, data_dir=default_data_dir(data_dir),
                           file_format="array_record")
     builder.download_and_prepare()

@@ -101,19 +101,21 @@ class Trainer:
         return self._eval_steps[r]
 
     # -- data ----------------------------------------------------------------------------------
-    def stage(self, step: int) -> tuple[int, int | None]:
-        """(definitions per document, documents the stage consumes or None for the full set)."""
+    def stage(self, step: int):
+        """(definitions per document, (key_length, value_length), documents the stage consumes
+        or None for the full set)."""
         begin = 0
         streams = self.cfg.data.batch_size // self.cfg.crossbatch.k_packing
-        for end, defs in self.stages:
+        for end, defs, key_len, value_len in self.stages:
             if step < end:
-                return defs, min((end - begin) * streams, self.cfg.data.num_train_docs)
+                return defs, (key_len, value_len), min((end - begin) * streams, self.cfg.data.num_train_docs)
             begin = end
-        return self.cfg.data.num_definitions, None
+        return self.cfg.data.num_definitions, (4, 4), None
 
-    def _host_batcher(self, split, num_definitions=None, num_docs=None):
+    def _host_batcher(self, split, num_definitions=None, num_docs=None, record=(4, 4)):
         return make_batcher(self.cfg, split, num_definitions=num_definitions, num_docs=num_docs,
-                            host_index=jax.process_index(), host_count=jax.process_count())
+                            record=record, host_index=jax.process_index(),
+                            host_count=jax.process_count())
 
     def eval_batches(self):
         if not hasattr(self, "_eval_batches"):
@@ -168,11 +170,13 @@ class Trainer:
         final_eval = None
         with mesh_lib.use_mesh(self.mesh):
             for step in range(start_step, t.steps):
-                defs, stage_docs = self.stage(step)
-                if batcher is None or defs != stage_defs:
-                    self.log(f"data: from step {step}, {defs or 'all'} definitions per document")
-                    batcher, stage_defs = self._host_batcher("train", defs, stage_docs), defs
-                    if data_state is not None and data_state.get("definitions") == defs:
+                defs, record, stage_docs = self.stage(step)
+                if batcher is None or (defs, record) != stage_defs:
+                    self.log(f"data: from step {step}, {defs or 'all'} definitions per document, "
+                             f"records of {record[0]}-token keys and {record[1]}-token values")
+                    batcher = self._host_batcher("train", defs, stage_docs, record)
+                    stage_defs = (defs, record)
+                    if data_state is not None and data_state.get("stage") == list(stage_defs):
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
                     range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
@@ -198,7 +202,7 @@ class Trainer:
                     history.append({"step": done, **m})
                     last_time, last_step = now, done
                     acc_window.append(m["accuracy"])
-                    if (x.switch_range >= 0 and not switched and stage_defs == cfg.data.num_definitions
+                    if (x.switch_range >= 0 and not switched and stage_defs == (cfg.data.num_definitions, (4, 4))
                             and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
                         current_range, switched = x.switch_range, True
                         self.log(f"crossbatch range switched to r={current_range} at step {done} "
@@ -235,7 +239,7 @@ class Trainer:
         return summary
 
     def _data_state(self, batcher, defs):
-        return None if batcher is None else {"definitions": defs, "batcher": batcher.state()}
+        return None if batcher is None else {"stage": list(defs), "batcher": batcher.state()}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))

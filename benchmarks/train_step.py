@@ -1,0 +1,121 @@
+"""Train-step speed (tokens/s, MFU against a float32 matmul measured in the same run) and the
+peak memory of crossbatch attention as r grows (compiled memory analysis).
+
+    python benchmarks/train_step.py            # full run (a few minutes on 2 cores)
+    python benchmarks/train_step.py --quick    # smaller, for a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fot_jax import config as config_lib
+from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
+from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.train import metrics as metrics_lib
+from fot_jax.train.loop import Trainer, to_global
+
+
+def bench_config(args):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size = 32000
+    m.hidden_size = args.width
+    m.intermediate_size = 4 * args.width
+    m.num_layers = args.layers
+    m.num_heads = args.width // 64
+    m.num_kv_heads = args.width // 64
+    m.max_position_embeddings = args.seq_len
+    m.mem_layers = [args.layers // 2]
+    m.remat = args.remat
+    c.crossbatch.range = args.range
+    c.crossbatch.k_packing = args.range + 1
+    c.crossbatch.stepping = False
+    c.crossbatch.eval_ranges = [0]
+    c.crossbatch.implementation = args.implementation
+    c.data.seq_len = args.seq_len
+    c.data.doc_length = 2 * args.seq_len * (args.range + 1)
+    c.data.query_length = args.seq_len
+    c.data.batch_size = args.batch
+    c.train.steps = 10
+    c.mesh.data = 1
+    return c
+
+
+def step_speed(args):
+    cfg = bench_config(args)
+    trainer = Trainer(cfg, "/tmp/fot_bench", devices=jax.devices()[:1], quiet=True)
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 32000, (B, T)).astype(np.int32),
+             "targets": rng.integers(0, 32000, (B, T)).astype(np.int32),
+             "loss_mask": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32)}
+    with mesh_lib.use_mesh(trainer.mesh):
+        fn = trainer.train_step_fn(args.range)
+        gb = to_global(batch, trainer.mesh)
+        r = jnp.int32(args.range)
+        state, m = fn(trainer.state, gb, r)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = fn(state, gb, r)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    tokens = B * T
+    flops = metrics_lib.model_flops_per_token(cfg.model, T, args.range) * tokens
+    return trainer.num_params, step, tokens / step, flops / step
+
+
+def attention_memory(t, r, implementation, heads=8, head_dim=64):
+    """Bytes XLA allocates (temporaries + outputs) for forward+backward of crossbatch attention
+    with B = r + 1 rows of T tokens, per row of the batch."""
+    b = r + 1
+    spec = CrossbatchSpec(range_max=r, k_packing=b, stepping=False, implementation=implementation)
+    shape = jax.ShapeDtypeStruct((b, t, heads, head_dim), jnp.float32)
+
+    def loss(q, k, v):
+        return crossbatch_attention(q, k, k, v, spec=spec).sum()
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+    mem = compiled.memory_analysis()
+    return (mem.temp_size_in_bytes + mem.output_size_in_bytes) / b
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--range", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--implementation", default="dense")
+    p.add_argument("--memory_seq_len", type=int, default=2048)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.width, args.seq_len, args.batch, args.steps = 2, 128, 128, 4, 2
+        args.memory_seq_len = 256
+    peak = metrics_lib.measure_matmul_flops()
+    print(f"device: {jax.devices()[0].device_kind}, float32 matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
+    n, step, tps, fps = step_speed(args)
+    print(f"train step: {args.layers} layers x {args.width} wide ({n / 1e6:.1f}M params), T={args.seq_len}, "
+          f"r={args.range}, batch {args.batch}: {step * 1e3:.0f} ms/step, {tps:,.0f} tokens/s, "
+          f"{fps / 1e9:.1f} GFLOP/s, MFU {100 * fps / peak:.1f}% of the measured matmul")
+    print(f"crossbatch attention memory, T={args.memory_seq_len}, 8 heads x 64, fwd+bwd, bytes per batch row:")
+    print(f"{'r':>4} {'dense MiB':>10} {'blockwise MiB':>14} {'dense/(r+1)':>12} {'blockwise/(r+1)':>16}")
+    for r in ([1, 7, 31] if not args.quick else [1, 3]):
+        d = attention_memory(args.memory_seq_len, r, "dense") / 2 ** 20
+        bw = attention_memory(args.memory_seq_len, r, "blockwise") / 2 ** 20
+        print(f"{r:>4} {d:>10.1f} {bw:>14.1f} {d / (r + 1):>12.2f} {bw / (r + 1):>16.2f}")
+
+
+if __name__ == "__main__":
+    main()
