@@ -43,7 +43,6 @@ class _Stream:
         self._mask = np.zeros(0, np.float32)
         self._segs = np.zeros(0, np.int32)
         self._loaded = doc_ordinal          # ordinal of the next document to append to the buffer
-        self._buffer_start = (doc_ordinal, 0)
 
     def _append(self):
         tokens, mask = self.b.document(self.stream, self._loaded)

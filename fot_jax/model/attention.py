@@ -49,17 +49,13 @@ def _group(q, num_kv_heads):
     return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
 
-def _context_mask(c, visible, segment_ids, segment_c, k_packing, doc_mask, t):
-    """[B, Tq, Tk] bool: which keys of context c (rows b-c) queries of row b see."""
-    b = visible.shape[0]
-    if c == 0:
-        mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    else:
-        mask = jnp.ones((1, t, t), bool)
-    mask = mask & visible[:, None, None]
-    if doc_mask and segment_ids is not None:
-        rows = jnp.arange(b)
-        same_stream = (rows // k_packing) == ((rows - c) // k_packing)
+def _other_mask(visible_c, segment_ids, segment_c, same_stream, doc):
+    """[B, Tq, Tk] bool for an earlier row: all its keys if the row is visible; with the doc mask,
+    only same-document keys when that row belongs to the same stream (other streams are the
+    negatives and stay visible)."""
+    t = segment_ids.shape[1]
+    mask = jnp.broadcast_to(visible_c[:, None, None], (visible_c.shape[0], t, t))
+    if doc:
         same_doc = segment_ids[:, :, None] == segment_c[:, None, :]
         mask = mask & (same_doc | ~same_stream[:, None, None])
     return mask
@@ -158,10 +154,11 @@ def _blockwise(q, k_own, k_other, v, spec, visible, segment_ids):
     g = h // hkv
     init = (jnp.full((b, hkv, g, t), NEG_INF, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
             jnp.zeros((b, hkv, g, t, d), jnp.float32))
-    mask0 = _context_mask(0, visible > 0, seg, seg, spec.k_packing, spec.doc_mask, t)
-    carry = jax.checkpoint(block)(init, k_own, v, mask0)
-
     doc = spec.doc_mask and segment_ids is not None
+    mask0 = jnp.tril(jnp.ones((t, t), bool))[None]
+    if doc:
+        mask0 = mask0 & (seg[:, :, None] == seg[:, None, :])
+    carry = jax.checkpoint(block)(init, k_own, v, mask0)
 
     @jax.checkpoint
     def body(state, c):
@@ -169,12 +166,9 @@ def _blockwise(q, k_own, k_other, v, spec, visible, segment_ids):
         kc = jnp.roll(kc, 1, axis=0)
         vc = jnp.roll(vc, 1, axis=0)
         sc = jnp.roll(sc, 1, axis=0)
-        mask = jnp.ones((1, t, t), bool) & (visible > c)[:, None, None]
-        if doc:
-            rows = jnp.arange(b)
-            same_stream = (rows // spec.k_packing) == ((rows - c) // spec.k_packing)
-            same_doc = seg[:, :, None] == sc[:, None, :]
-            mask = mask & (same_doc | ~same_stream[:, None, None])
+        rows = jnp.arange(b)
+        same_stream = (rows // spec.k_packing) == ((rows - c) // spec.k_packing)
+        mask = _other_mask(visible > c, seg, sc, same_stream, doc)
         return (block((m, l, acc), kc, vc, mask), kc, vc, sc), None
 
     (carry, _, _, _), _ = jax.lax.scan(body, (carry, k_other, v, seg),

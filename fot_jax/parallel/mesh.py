@@ -69,11 +69,8 @@ def logical_to_spec(names: Sequence[str | None], mesh: jax.sharding.Mesh,
             if axis in used or mesh.shape.get(axis, 1) == 1:
                 continue
             axes.append(axis)
-        if shape is not None and axes:
-            size = math.prod(mesh.shape[a] for a in axes)
-            while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
-                axes.pop()
-            del size
+        while shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
