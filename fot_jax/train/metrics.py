@@ -61,7 +61,8 @@ class MetricWriter:
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), "split": prefix, **{k: float(v) for k, v in metrics.items()}}
+        metrics = {k: float(v) for k, v in metrics.items() if k != "step"}
+        row = {"step": int(step), "split": prefix, **metrics}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.tb is not None:

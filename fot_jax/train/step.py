@@ -62,7 +62,7 @@ def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatc
         "loss": loss_sum / denom,
         "accuracy": correct / denom,
         "tokens": count,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state["step"]),
         "step": state["step"],
     }
