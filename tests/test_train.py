@@ -128,3 +128,24 @@ def test_mesh_must_fit_devices(tmp_path):
     cfg = tiny("--config.mesh.data=3")
     with pytest.raises(config_lib.ConfigError, match="mesh"):
         Trainer(cfg, str(tmp_path), quiet=True)
+
+
+def test_remat_policies_do_not_change_the_step(tmp_path):
+    batches = [_batch(tiny(), 0)]
+    base_loss, base_params = _run_steps(Trainer(tiny(), str(tmp_path / "a"), quiet=True), batches, 1)
+    for policy in ("full", "dots"):
+        loss, params = _run_steps(Trainer(tiny(f"--config.model.remat={policy}"), str(tmp_path / policy),
+                                          quiet=True), batches, 1)
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+        _assert_trees_close(params, base_params, atol=1e-6)
+
+
+def test_sampled_range_compiles_once(tmp_path, data_dir):
+    cfg = tiny("--config.train.steps=12", "--config.train.log_every=1", "--config.crossbatch.range=3",
+               "--config.crossbatch.sample_range=true", "--config.crossbatch.range_min=0")
+    trainer = Trainer(cfg, str(tmp_path), quiet=True)
+    trainer.run()
+    ranges = [json.loads(line)["range"] for line in open(tmp_path / "metrics.jsonl")
+              if json.loads(line)["split"] == "train"]
+    assert len(ranges) == 12 and len(set(ranges)) > 1 and set(ranges) <= {0, 1, 2, 3}
+    assert list(trainer._train_steps) == [3]  # one program, r passed as a traced scalar
