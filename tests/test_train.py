@@ -58,6 +58,7 @@ def test_state_is_sharded_by_logical_axes(tmp_path):
     assert mu.addressable_shards[0].data.shape == (cfg.model.hidden_size // 2, cfg.model.intermediate_size // 2)
 
 
+@pytest.mark.slow
 def test_sharded_training_equals_single_device(tmp_path):
     batches = [_batch(tiny(), s) for s in range(3)]
     one = Trainer(tiny("--config.mesh.data=1"), str(tmp_path / "a"), devices=jax.devices()[:1], quiet=True)
@@ -69,6 +70,7 @@ def test_sharded_training_equals_single_device(tmp_path):
     _assert_trees_close(p1, p8, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["dense", "blockwise"])
 def test_gradient_accumulation_equals_whole_batch(tmp_path, implementation):
     """4 microbatches of 2 streams (k=2) each == one step on all 8 rows (crossbatch within
@@ -83,6 +85,7 @@ def test_gradient_accumulation_equals_whole_batch(tmp_path, implementation):
     _assert_trees_close(pw, pm, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_blockwise_training_equals_dense(tmp_path):
     batches = [_batch(tiny("--config.data.batch_size=8"), s) for s in range(2)]
     a = Trainer(tiny("--config.crossbatch.range=3", "--config.crossbatch.stepping=false"), str(tmp_path / "a"), quiet=True)
@@ -94,6 +97,7 @@ def test_blockwise_training_equals_dense(tmp_path):
     _assert_trees_close(pa, pb, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_train_end_to_end_writes_metrics_and_plot(tmp_path, data_dir):
     cfg = tiny("--config.train.steps=30", "--config.train.eval_every=15", "--config.train.learning_rate=0.01")
     summary = loop.train(cfg, str(tmp_path), quiet=True)
@@ -130,6 +134,7 @@ def test_mesh_must_fit_devices(tmp_path):
         Trainer(cfg, str(tmp_path), quiet=True)
 
 
+@pytest.mark.slow
 def test_remat_policies_do_not_change_the_step(tmp_path):
     batches = [_batch(tiny(), 0)]
     base_loss, base_params = _run_steps(Trainer(tiny(), str(tmp_path / "a"), quiet=True), batches, 1)
@@ -140,6 +145,7 @@ def test_remat_policies_do_not_change_the_step(tmp_path):
         _assert_trees_close(params, base_params, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sampled_range_compiles_once(tmp_path, data_dir):
     cfg = tiny("--config.train.steps=12", "--config.train.log_every=1", "--config.crossbatch.range=3",
                "--config.crossbatch.sample_range=true", "--config.crossbatch.range_min=0")
