@@ -28,13 +28,13 @@ def get_config():
     c.data.batch_size = 32            # 16 documents per step
     c.data.num_train_docs = 40000
     c.data.num_eval_docs = 512
-    c.data.curriculum = "250:2:1:1,500:4:1:1,750:8:1:1,1000:0:1:1,1300:0:2:2"
+    c.data.curriculum = "250:2:1:1,500:4:1:1,750:8:1:1,1000:0:2:2"
     c.crossbatch.range = 1
     c.crossbatch.k_packing = 2
     c.crossbatch.stepping = True
     c.crossbatch.eval_ranges = [0, 1]
     t = c.train
-    t.steps = 1800
+    t.steps = 1500
     t.learning_rate = 3e-3
     t.warmup_steps = 100
     t.schedule = "cosine"

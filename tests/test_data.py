@@ -150,3 +150,13 @@ def test_hosts_split_the_rows():
         whole = next(one)
         parts = [next(h) for h in hosts]
         assert np.array_equal(np.concatenate([p.inputs for p in parts]), whole.inputs)
+
+
+def test_short_records_curriculum():
+    """1-token keys: at most 58 unique keys exist; a long region holds that many, then padding."""
+    doc = D.make_document(0, "train", 1, doc_length=512, query_length=256, key_length=1, value_length=1)
+    def_len, _ = D.regions(512, 256)
+    rec = doc["tokens"][:def_len][: def_len // 4 * 4].reshape(-1, 4)
+    rec = rec[rec[:, 0] != D.PAD]
+    assert len(rec) == D.NUM_SYMBOLS and len({r[1] for r in rec}) == D.NUM_SYMBOLS
+    assert doc["loss_mask"].sum() == min(255 // 4, D.NUM_SYMBOLS)

@@ -47,8 +47,7 @@ def make_document(seed: int, split: str, index: int, doc_length: int = 512,
     n_defs = def_len // record
     if num_definitions:
         n_defs = min(n_defs, num_definitions)
-    if n_defs > NUM_SYMBOLS ** key_length:
-        raise ValueError(f"{n_defs} unique keys of {key_length} tokens do not exist")
+    n_defs = min(n_defs, NUM_SYMBOLS ** key_length)  # short keys: only so many are unique
     n_queries = min(query_len // record, n_defs)
     codes = rng.choice(NUM_SYMBOLS ** key_length, size=n_defs, replace=False)
     keys = np.stack([(codes // NUM_SYMBOLS ** j) % NUM_SYMBOLS for j in range(key_length)], 1) + FIRST_SYMBOL
