@@ -176,6 +176,7 @@ class Trainer:
                              f"records of {record[0]}-token keys and {record[1]}-token values")
                     batcher = self._host_batcher("train", defs, stage_docs, record)
                     stage_defs = (defs, record)
+                    history.append({"step": step, "stage": f"{defs or 'all'} defs, {record[0]}:{record[1]}"})
                     if data_state is not None and data_state.get("stage") == list(stage_defs):
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
@@ -269,7 +270,11 @@ def plot_history(history, path):
     for h in history:
         for r, v in h.get("eval", {}).items():
             evals.setdefault(r, []).append((h["step"], v["accuracy"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for h in history:
+        if "stage" in h and h["step"] > 0:
+            ax.axvline(h["step"], color="grey", ls=":", lw=1)
+            ax.text(h["step"], 0.98, " " + h["stage"], rotation=90, va="top", fontsize=7, color="grey")
     if train:
         ax.plot(*zip(*train), label="train (loss tokens)", alpha=0.6)
     for r, pts in sorted(evals.items()):
