@@ -200,7 +200,7 @@ class Trainer:
                     m.update(tokens_per_s=tps, mfu=mfu, definitions=defs)
                     self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start))
                     self.writer.write(done, m)
-                    history.append({"step": done, **m})
+                    history.append({**m, "step": done})
                     last_time, last_step = now, done
                     acc_window.append(m["accuracy"])
                     if (x.switch_range >= 0 and not switched and stage_defs == (cfg.data.num_definitions, (4, 4))
