@@ -28,19 +28,21 @@ def get_config():
     c.data.batch_size = 32            # 16 documents per step
     c.data.num_train_docs = 40000
     c.data.num_eval_docs = 512
-    c.data.curriculum = "250:2:1:1,500:4:1:1,750:8:1:1,1000:0:2:2"
+    # Document-length curriculum: the lookup circuit forms fast on short dense documents with many
+    # loss tokens a step (64 docs of 64 tokens), then carries over to longer ones.
+    c.data.curriculum = "600:0:4:4:64:128,800:0:4:4:128:64,1000:0:4:4:256:32"
     c.crossbatch.range = 1
     c.crossbatch.k_packing = 2
     c.crossbatch.stepping = True
     c.crossbatch.eval_ranges = [0, 1]
     t = c.train
-    t.steps = 1500
+    t.steps = 1400
     t.learning_rate = 3e-3
     t.warmup_steps = 100
     t.schedule = "cosine"
     t.b2 = 0.98
     t.log_every = 50
-    t.eval_every = 200
+    t.eval_every = 100
     t.eval_batches = 4
     t.stop_at_accuracy = 0.97
     return c

@@ -83,7 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.doc_length = 512                # dictionary lookup: tokens per document incl. bos/eos
     d.query_length = 256              # dictionary lookup: last tokens of a document are queries
     d.num_definitions = 0             # 0: as many as fit; >0: fewer records (curriculum)
-    d.curriculum = ""                 # "end:defs[:key_len:value_len],..." e.g. "300:8:1:1,900:0:2:2" then the task
+    d.key_length = 4                  # dictionary lookup: tokens per key
+    d.value_length = 4                # dictionary lookup: tokens per value
+    # Stages before the configured task: "end:defs[:key_len:value_len[:doc_length:batch_size]],...".
+    # e.g. "500:0:4:4:64:128" trains until step 500 on 64-token documents, 128 rows a step.
+    d.curriculum = ""
 
     t = c.train = ml_collections.ConfigDict()
     t.steps = 100
@@ -292,26 +296,48 @@ def validate(cfg) -> None:
     else:
         raise ConfigError(f"config field 'data.task': unknown task '{d.task}'")
     if d.curriculum:
-        parse_curriculum(d.curriculum)
+        for stage in parse_curriculum(d.curriculum):
+            stage_config(cfg, stage)
 
 
-def parse_curriculum(text: str) -> list[tuple[int, int, int, int]]:
-    """'300:4,600:12:2:2' -> [(300, 4, 4, 4), (600, 12, 2, 2)]: until step 300 documents with 4
-    definitions, until step 600 with 12 definitions of 2-token keys and values, then the task.
-    A definitions count of 0 means as many as fit."""
+def parse_curriculum(text: str) -> list[tuple[int, int, int, int, int, int]]:
+    """'300:4,600:12:2:2,900:0:4:4:64:128' -> (end_step, definitions, key_length, value_length,
+    doc_length, batch_size) per stage; definitions 0 = as many as fit, doc_length / batch_size 0 =
+    as configured. After the last stage the configured task runs."""
     stages = []
     try:
         for part in text.split(","):
             fields = [int(f) for f in part.split(":")]
-            if len(fields) == 2:
-                fields += [4, 4]
-            if len(fields) != 4 or min(fields[2:]) < 1 or fields[1] < 0:
+            if len(fields) not in (2, 4, 6):
+                raise ValueError
+            fields += [4, 4, 0, 0][len(fields) - 2:]
+            if min(fields[2:4]) < 1 or min(fields[1], fields[4], fields[5]) < 0:
                 raise ValueError
             stages.append(tuple(fields))
     except ValueError:
-        raise ConfigError(f"config field 'data.curriculum': cannot parse '{text}' "
-                          "(expected 'end_step:definitions[:key_length:value_length],...')") from None
+        raise ConfigError(f"config field 'data.curriculum': cannot parse '{text}' (expected "
+                          "'end_step:definitions[:key_length:value_length[:doc_length:batch_size]],...')") from None
     steps = [s[0] for s in stages]
     if steps != sorted(steps):
         raise ConfigError("config field 'data.curriculum': stage end steps must increase")
     return stages
+
+
+def stage_config(cfg, stage) -> ml_collections.ConfigDict:
+    """The config a curriculum stage trains with: the task's, with the stage's data fields."""
+    _, defs, key_len, value_len, doc_len, rows = stage
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    d = out.data
+    d.num_definitions, d.key_length, d.value_length = defs, key_len, value_len
+    if doc_len:
+        d.query_length = doc_len * cfg.data.query_length // cfg.data.doc_length
+        d.doc_length = doc_len
+        d.seq_len = doc_len // (cfg.data.doc_length // cfg.data.seq_len)
+    if rows:
+        d.batch_size = rows
+    d.curriculum = ""
+    try:
+        validate(out)
+    except ConfigError as e:
+        raise ConfigError(f"config field 'data.curriculum': stage {stage} gives an invalid config: {e}") from None
+    return out

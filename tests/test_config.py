@@ -66,6 +66,18 @@ def test_other_bad_fields():
         load("--config.data.batch_size=7")
     with pytest.raises(config_lib.ConfigError, match="curriculum"):
         load("--config.data.curriculum=abc")
+    with pytest.raises(config_lib.ConfigError, match=r"data.curriculum.*stage .*data.batch_size"):
+        load("--config.data.curriculum=10:0:4:4:64:7")  # 7 rows do not hold k=2 chunks
+
+
+def test_curriculum_stage_configs():
+    cfg = load("--config.data.curriculum=10:2:1:1,20:0:4:4:32:16")
+    stages = config_lib.parse_curriculum(cfg.data.curriculum)
+    assert stages == [(10, 2, 1, 1, 0, 0), (20, 0, 4, 4, 32, 16)]
+    a, b = (config_lib.stage_config(cfg, s) for s in stages)
+    assert (a.data.num_definitions, a.data.key_length, a.data.doc_length) == (2, 1, 128)
+    assert (b.data.doc_length, b.data.query_length, b.data.seq_len, b.data.batch_size) == (32, 16, 16, 16)
+    assert cfg.data.doc_length == 128 and cfg.data.seq_len == 64  # the task itself is unchanged
 
 
 def test_cli_reports_config_errors(tmp_path):

@@ -5,23 +5,22 @@ from fot_jax.data import dictionary
 from fot_jax.data.pipeline import DocBatcher
 
 
-def document_source(cfg, split: str, num_definitions: int | None = None, num_docs: int | None = None,
-                    record: tuple[int, int] = (4, 4)):
+def document_source(cfg, split: str, num_docs: int | None = None):
     d = cfg.data
     if d.task == "dictionary_lookup":
         return dictionary.data_source(
             split, data_dir=d.data_dir, doc_length=d.doc_length, query_length=d.query_length,
-            num_definitions=d.num_definitions if num_definitions is None else num_definitions,
+            num_definitions=d.num_definitions,
             num_train=num_docs or d.num_train_docs, num_eval=d.num_eval_docs, seed=d.seed,
-            key_length=record[0], value_length=record[1])
+            key_length=d.key_length, value_length=d.value_length)
     raise ValueError(f"unknown data.task '{d.task}'")
 
 
-def make_batcher(cfg, split: str, *, num_definitions: int | None = None, num_docs: int | None = None,
-                 record: tuple[int, int] = (4, 4), host_index: int = 0, host_count: int = 1) -> DocBatcher:
+def make_batcher(cfg, split: str, *, num_docs: int | None = None, host_index: int = 0,
+                 host_count: int = 1) -> DocBatcher:
     """num_docs: a smaller train set (curriculum stages only need what they consume)."""
     m = cfg.model
-    return DocBatcher(document_source(cfg, split, num_definitions, num_docs, record),
+    return DocBatcher(document_source(cfg, split, num_docs),
                       batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                       k_packing=cfg.crossbatch.k_packing, bos=m.bos_token_id, eos=m.eos_token_id,
                       seed=cfg.data.seed, shuffle=(split == "train"),

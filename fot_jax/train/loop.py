@@ -73,6 +73,7 @@ class Trainer:
         self._train_steps = {}
         self._eval_steps = {}
         self.stages = config_lib.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else []
+        self._stage_cfgs = [config_lib.stage_config(cfg, s) for s in self.stages]
         self.writer = None
 
     # -- compiled steps ------------------------------------------------------------------------
@@ -102,24 +103,29 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
     def stage(self, step: int):
-        """(definitions per document, (key_length, value_length), documents the stage consumes
-        or None for the full set)."""
+        """(index, config, documents the stage consumes or None for the full set) at `step`;
+        index len(stages) is the configured task."""
         begin = 0
-        streams = self.cfg.data.batch_size // self.cfg.crossbatch.k_packing
-        for end, defs, key_len, value_len in self.stages:
-            if step < end:
-                return defs, (key_len, value_len), min((end - begin) * streams, self.cfg.data.num_train_docs)
-            begin = end
-        return self.cfg.data.num_definitions, (4, 4), None
+        for i, stage in enumerate(self.stages):
+            if step < stage[0]:
+                cfg = self._stage_cfgs[i]
+                streams = cfg.data.batch_size // cfg.crossbatch.k_packing
+                return i, cfg, min((stage[0] - begin) * streams, cfg.data.num_train_docs)
+            begin = stage[0]
+        return len(self.stages), self.cfg, None
 
-    def _host_batcher(self, split, num_definitions=None, num_docs=None, record=(4, 4)):
-        return make_batcher(self.cfg, split, num_definitions=num_definitions, num_docs=num_docs,
-                            record=record, host_index=jax.process_index(),
+    def _host_batcher(self, cfg, split, num_docs=None):
+        dp = mesh_lib.data_parallel_size(self.mesh)
+        if cfg.data.batch_size % dp:
+            raise config_lib.ConfigError(
+                f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
+                f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+        return make_batcher(cfg, split, num_docs=num_docs, host_index=jax.process_index(),
                             host_count=jax.process_count())
 
     def eval_batches(self):
         if not hasattr(self, "_eval_batches"):
-            batcher = self._host_batcher("validation")
+            batcher = self._host_batcher(self.cfg, "validation")
             self._eval_batches = [next(batcher).as_dict() for _ in range(self.cfg.train.eval_batches)]
         return self._eval_batches
 
@@ -170,14 +176,16 @@ class Trainer:
         final_eval = None
         with mesh_lib.use_mesh(self.mesh):
             for step in range(start_step, t.steps):
-                defs, record, stage_docs = self.stage(step)
-                if batcher is None or (defs, record) != stage_defs:
-                    self.log(f"data: from step {step}, {defs or 'all'} definitions per document, "
-                             f"records of {record[0]}-token keys and {record[1]}-token values")
-                    batcher = self._host_batcher("train", defs, stage_docs, record)
-                    stage_defs = (defs, record)
-                    history.append({"step": step, "stage": f"{defs or 'all'} defs, {record[0]}:{record[1]}"})
-                    if data_state is not None and data_state.get("stage") == list(stage_defs):
+                index, stage_cfg, stage_docs = self.stage(step)
+                if batcher is None or index != stage_defs:
+                    d = stage_cfg.data
+                    name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
+                            f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
+                    self.log(f"data: from step {step}: {name}")
+                    batcher = self._host_batcher(stage_cfg, "train", stage_docs)
+                    stage_defs = index
+                    history.append({"step": step, "stage": name})
+                    if data_state is not None and data_state.get("stage") == stage_defs:
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
                     range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
@@ -194,16 +202,17 @@ class Trainer:
                     m = {k: float(v) for k, v in jax.device_get(pending).items()}
                     self._check(m)
                     now = time.perf_counter()
-                    tokens = (done - last_step) * cfg.data.batch_size * cfg.data.seq_len
+                    sd = stage_cfg.data
+                    tokens = (done - last_step) * sd.batch_size * sd.seq_len
                     tps = tokens / max(now - last_time, 1e-9)
-                    mfu = tps * metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, range_max) / peak
-                    m.update(tokens_per_s=tps, mfu=mfu, definitions=defs)
+                    mfu = tps * metrics_lib.model_flops_per_token(cfg.model, sd.seq_len, range_max) / peak
+                    m.update(tokens_per_s=tps, mfu=mfu, stage=index)
                     self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start))
                     self.writer.write(done, m)
                     history.append({**m, "step": done})
                     last_time, last_step = now, done
                     acc_window.append(m["accuracy"])
-                    if (x.switch_range >= 0 and not switched and stage_defs == (cfg.data.num_definitions, (4, 4))
+                    if (x.switch_range >= 0 and not switched and stage_defs == len(self.stages)
                             and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
                         current_range, switched = x.switch_range, True
                         self.log(f"crossbatch range switched to r={current_range} at step {done} "
@@ -240,7 +249,7 @@ class Trainer:
         return summary
 
     def _data_state(self, batcher, defs):
-        return None if batcher is None else {"stage": list(defs), "batcher": batcher.state()}
+        return None if batcher is None else {"stage": defs, "batcher": batcher.state()}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))
