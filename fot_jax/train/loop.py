@@ -206,7 +206,7 @@ class Trainer:
                     tokens = (done - last_step) * sd.batch_size * sd.seq_len
                     tps = tokens / max(now - last_time, 1e-9)
                     mfu = tps * metrics_lib.model_flops_per_token(cfg.model, sd.seq_len, range_max) / peak
-                    m.update(tokens_per_s=tps, mfu=mfu, stage=index)
+                    m.update(tokens_per_s=tps, mfu=mfu, curriculum_stage=index)
                     self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start))
                     self.writer.write(done, m)
                     history.append({**m, "step": done})
