@@ -167,7 +167,7 @@ class Trainer:
         rng = np.random.default_rng([t.seed, 7])
         current_range = x.range
         switched = False
-        stage_defs = None
+        stage_index = None
         batcher = None
         history = []
         last_time, last_step, run_start = time.perf_counter(), start_step, time.perf_counter()
@@ -177,15 +177,15 @@ class Trainer:
         with mesh_lib.use_mesh(self.mesh):
             for step in range(start_step, t.steps):
                 index, stage_cfg, stage_docs = self.stage(step)
-                if batcher is None or index != stage_defs:
+                if batcher is None or index != stage_index:
                     d = stage_cfg.data
                     name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
                             f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
                     self.log(f"data: from step {step}: {name}")
                     batcher = self._host_batcher(stage_cfg, "train", stage_docs)
-                    stage_defs = index
+                    stage_index = index
                     history.append({"step": step, "stage": name})
-                    if data_state is not None and data_state.get("stage") == stage_defs:
+                    if data_state is not None and data_state.get("stage") == stage_index:
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
                     range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
@@ -212,7 +212,7 @@ class Trainer:
                     history.append({**m, "step": done})
                     last_time, last_step = now, done
                     acc_window.append(m["accuracy"])
-                    if (x.switch_range >= 0 and not switched and stage_defs == len(self.stages)
+                    if (x.switch_range >= 0 and not switched and stage_index == len(self.stages)
                             and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
                         current_range, switched = x.switch_range, True
                         self.log(f"crossbatch range switched to r={current_range} at step {done} "
@@ -226,17 +226,17 @@ class Trainer:
                         if final_eval[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
                             self.log(f"eval accuracy {final_eval[best_r]['accuracy']:.3f} at r={best_r} "
                                      f">= {t.stop_at_accuracy}: stopping at step {done}")
-                            self.checkpoints.save(done, self.state, self._data_state(batcher, stage_defs),
+                            self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index),
                                                   force=True)
                             break
                 if t.checkpoint_every and done % t.checkpoint_every == 0:
-                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_defs))
+                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index))
             if pending is not None:
                 self._check({k: float(v) for k, v in jax.device_get(pending).items()})
         if final_eval is None:
             final_eval = self._eval_and_log(int(jax.device_get(self.state["step"])))
         self.checkpoints.save(int(jax.device_get(self.state["step"])), self.state,
-                              self._data_state(batcher, stage_defs), force=True)
+                              self._data_state(batcher, stage_index), force=True)
         self.checkpoints.close()
         self.writer.close()
         summary = {"steps": int(jax.device_get(self.state["step"])),
@@ -248,8 +248,8 @@ class Trainer:
             plot_history(history, os.path.join(self.workdir, "curve.png"))
         return summary
 
-    def _data_state(self, batcher, defs):
-        return None if batcher is None else {"stage": defs, "batcher": batcher.state()}
+    def _data_state(self, batcher, stage_index):
+        return None if batcher is None else {"stage": stage_index, "batcher": batcher.state()}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))
