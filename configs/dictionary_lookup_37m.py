@@ -16,6 +16,7 @@ def get_config():
     m.num_heads = 8
     m.num_kv_heads = 8
     m.max_position_embeddings = 256
+    m.last_context_length = 256       # inference: the query window stays local
     m.mem_layers = [5]
     m.mem_positionals = "none"
     m.qk_norm = "all"

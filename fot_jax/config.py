@@ -22,6 +22,10 @@ class ConfigError(ValueError):
 
 POSITIONAL_MODES = ("as_first", "none")
 QK_NORM_MODES = ("none", "memory", "all")
+MEM_ATTENTION = ("joint", "gated")
+MEMORY_MODES = ("single_doc", "multi_doc")
+OVERFLOW_POLICIES = ("fifo", "strict")
+SEARCH_MODES = ("exact", "approx")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 CROSSBATCH_IMPLEMENTATIONS = ("dense", "blockwise")
@@ -56,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"                  # none | full | dots | dots_no_batch
     m.last_context_length = 1024      # inference: tokens kept as local cache (LongLLaMA)
     m.mem_dtype = "bfloat16"          # inference memory store dtype
+    m.mem_attention = "joint"         # joint (FoT: memory top-k in the local softmax) | gated (Memorizing Transformer)
     m.bos_token_id = 1
     m.eos_token_id = 2
     m.pad_token_id = 0
@@ -105,7 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 0                  # 0: only at the end
     t.eval_batches = 4
     t.stop_at_accuracy = 0.0          # > 0: stop once eval accuracy (r = max eval range) reaches it
-    t.checkpoint_every = 0            # seam for the checkpoint issue
+    t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
+    t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
+
+    mem = c.memory = ml_collections.ConfigDict()
+    mem.top_k = 32                    # memory entries each query retrieves
+    mem.capacity = 65536              # N: tokens a store holds per row (FIFO ring buffer)
+    mem.mode = "single_doc"           # single_doc (reset per document) | multi_doc (never reset)
+    mem.overflow = "fifo"             # fifo (drop the oldest) | strict (a document longer than N is an error)
+    mem.search = "exact"              # exact | approx (jax.lax.approx_max_k, fast on TPU)
+    mem.recall_target = 0.95          # approx search only
+    mem.chunk = 8192                  # keys scored at once (no [queries, N] score matrix)
 
     p = c.mesh = ml_collections.ConfigDict()
     p.data = -1
@@ -216,6 +231,28 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     return cfg
 
 
+def from_dict(stored: dict, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """A config stored as a dict (a checkpoint's `config` item) on top of today's schema: fields the
+    schema has gained since keep their defaults; a field it does not know is an error."""
+    cfg = base_config()
+
+    def fill(node, values, prefix):
+        for key, value in values.items():
+            field = f"{prefix}{key}"
+            if key not in node:
+                raise _unknown_field(base_config(), field)
+            if isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], value, field + ".")
+            else:
+                node[key] = type(node[key])(value) if isinstance(node[key], (tuple, list)) else value
+    cfg.unlock()
+    fill(cfg, stored, "")
+    cfg.lock()
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
 def head_dim(m) -> int:
     return m.head_dim or m.hidden_size // m.num_heads
 
@@ -264,6 +301,20 @@ def validate(cfg) -> None:
     _check(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
     for name in ("param_dtype", "dtype", "mem_dtype"):
         _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")
+    _check(m.mem_attention in MEM_ATTENTION, "model.mem_attention",
+           f"'{m.mem_attention}' is not one of {MEM_ATTENTION}")
+    mem = cfg.memory
+    _check(mem.top_k > 0, "memory.top_k", f"must be positive, got {mem.top_k}")
+    _check(mem.capacity >= m.max_position_embeddings, "memory.capacity",
+           f"{mem.capacity} is smaller than one window (model.max_position_embeddings="
+           f"{m.max_position_embeddings}); a window's keys must fit the store")
+    _check(mem.mode in MEMORY_MODES, "memory.mode", f"'{mem.mode}' is not one of {MEMORY_MODES}")
+    _check(mem.overflow in OVERFLOW_POLICIES, "memory.overflow",
+           f"'{mem.overflow}' is not one of {OVERFLOW_POLICIES}")
+    _check(mem.search in SEARCH_MODES, "memory.search", f"'{mem.search}' is not one of {SEARCH_MODES}")
+    _check(0 < mem.recall_target <= 1, "memory.recall_target", "must lie in (0, 1]")
+    _check(mem.chunk > 0, "memory.chunk", "must be positive")
+    _check(0 < m.last_context_length, "model.last_context_length", "must be positive")
     _check(x.range >= 0, "crossbatch.range", "must be >= 0")
     _check(x.k_packing >= 1, "crossbatch.k_packing", "must be >= 1")
     _check(x.implementation in CROSSBATCH_IMPLEMENTATIONS, "crossbatch.implementation",

@@ -56,6 +56,8 @@ def to_global(batch: dict, mesh) -> dict:
 
 class Trainer:
     def __init__(self, cfg, workdir: str, checkpoints=None, devices=None, quiet: bool = False):
+        """checkpoints: None -> `fot_jax.checkpoint.Checkpoints` in workdir; False -> none; or any
+        object with restore/save/close."""
         config_lib.validate(cfg)
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
@@ -65,7 +67,11 @@ class Trainer:
             raise config_lib.ConfigError(
                 f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
                 f"mesh's data-parallel size {dp} (mesh data x fsdp)")
-        self.checkpoints = checkpoints or NoCheckpoints()
+        if checkpoints is None:  # default: Orbax checkpoints in the workdir (resumes from there)
+            from fot_jax.checkpoint import Checkpoints
+            checkpoints = Checkpoints(workdir, cfg, every=cfg.train.checkpoint_every,
+                                      keep=cfg.train.checkpoint_keep)
+        self.checkpoints = checkpoints or NoCheckpoints()  # False: no checkpoints
         self.schedule = make_schedule(cfg.train)
         with mesh_lib.use_mesh(self.mesh):
             self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)

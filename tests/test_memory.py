@@ -1,0 +1,195 @@
+"""Memory store and kNN lookup against independent references: NumPy dense softmax, faiss."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+
+from fot_jax.memory import knn, store as store_lib
+
+
+def _mesh(n=8):
+    return jax.make_mesh((n,), ("memory",), axis_types=(AxisType.Auto,))
+
+
+def _np_partials(q, keys, values, valid, top_k):
+    """Dense NumPy reference: per query, the top_k valid keys by score -> (m, l, acc)."""
+    b, h, nq, d = q.shape
+    m = np.full((b, h, nq), -np.inf)
+    l = np.zeros((b, h, nq))
+    acc = np.zeros((b, h, nq, d))
+    for bi in range(b):
+        idx = np.flatnonzero(valid[bi])
+        for hi in range(h):
+            s = q[bi, hi].astype(np.float64) @ keys[bi, hi, idx].astype(np.float64).T  # [Q, n_valid]
+            if idx.size == 0:
+                continue
+            k = min(top_k, idx.size)
+            top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            st = np.take_along_axis(s, top, 1)
+            m[bi, hi] = st.max(1)
+            p = np.exp(st - m[bi, hi][:, None])
+            l[bi, hi] = p.sum(1)
+            acc[bi, hi] = np.einsum("qk,qkd->qd", p, values[bi, hi, idx][top])
+    return m, l, acc
+
+
+def _random(seed, b=2, h=2, nq=12, n=256, d=16, valid_frac=0.7):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, h, nq, d)).astype(np.float32)
+    keys = rng.standard_normal((b, h, n, d)).astype(np.float32)
+    values = rng.standard_normal((b, h, n, d)).astype(np.float32)
+    valid = rng.random((b, n)) < valid_frac
+    return q, keys, values, valid
+
+
+@pytest.mark.parametrize("top_k,chunk", [(8, 64), (8, 256), (5, 48), (300, 64), (4, 1024)])
+def test_lookup_equals_numpy_topk_softmax(top_k, chunk):
+    """Chunked (with an overlapping last chunk when chunk does not divide N) and grouped top-k."""
+    q, keys, values, valid = _random(0)
+    m, l, acc = knn.lookup(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(valid),
+                           top_k, chunk=chunk)
+    rm, rl, racc = _np_partials(q, keys, values, valid, top_k)
+    np.testing.assert_allclose(np.asarray(m), rm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_topk_indices_equal_faiss():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    n, d, nq, k = 4096, 32, 64, 32
+    keys = rng.standard_normal((n, d)).astype(np.float32)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    index = faiss.IndexFlatIP(d)
+    index.add(keys)
+    ref_scores, ref_idx = index.search(q, k)
+    for search_chunk in (512, 1000, 4096):
+        s, i = knn.topk(jnp.asarray(q)[None, None], jnp.asarray(keys)[None, None],
+                        jnp.ones((1, n), bool), k, chunk=search_chunk)
+        np.testing.assert_allclose(np.asarray(s)[0, 0], ref_scores, rtol=1e-4, atol=1e-4)
+        # equal index sets up to ties (none expected with random floats)
+        assert (np.sort(np.asarray(i)[0, 0], 1) == np.sort(ref_idx, 1)).mean() == 1.0
+
+
+def test_sharded_lookup_equals_unsharded_and_faiss():
+    faiss = pytest.importorskip("faiss")
+    q, keys, values, valid = _random(2, b=2, h=2, nq=16, n=1024, d=16, valid_frac=0.8)
+    mesh = _mesh(8)
+    args = [jnp.asarray(x) for x in (q, keys, values, valid)]
+    m0, l0, a0, i0 = knn.lookup(*args, 16, chunk=64, return_indices=True)
+    m1, l1, a1, i1 = jax.jit(lambda *a: knn.lookup(*a, 16, chunk=64, mesh=mesh, return_indices=True))(*args)
+    np.testing.assert_allclose(np.asarray(m1), np.asarray(m0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a1) / np.asarray(l1)[..., None],
+                               np.asarray(a0) / np.asarray(l0)[..., None], rtol=1e-5, atol=1e-5)
+    i1 = np.asarray(i1)
+    assert ((i1 >= 0).sum(-1) == 16).all()  # exactly k kept across the shards
+    for b in range(2):
+        ids = np.flatnonzero(valid[b])
+        for h in range(2):
+            index = faiss.IndexFlatIP(16)
+            index.add(keys[b, h, ids])
+            _, ref = index.search(q[b, h], 16)
+            got = np.sort(i1[b, h], 1)[:, -16:]
+            np.testing.assert_array_equal(got, np.sort(ids[ref], 1))
+            np.testing.assert_array_equal(np.sort(np.asarray(i0)[b, h], 1), np.sort(ids[ref], 1))
+
+
+def test_sharded_lookup_breaks_ties_like_unsharded():
+    """Many equal scores straddling shard boundaries: the shards keep exactly k, lowest index first."""
+    b, h, nq, n, d, k = 1, 1, 3, 64, 4, 10
+    keys = np.zeros((b, h, n, d), np.float32)
+    keys[..., 0] = 1.0
+    keys[0, 0, 5, 0] = 2.0            # one clear winner; the other 63 tie
+    values = np.random.default_rng(0).standard_normal((b, h, n, d)).astype(np.float32)
+    q = np.ones((b, h, nq, d), np.float32)
+    valid = np.ones((b, n), bool)
+    args = [jnp.asarray(x) for x in (q, keys, values, valid)]
+    m0, l0, a0, i0 = knn.lookup(*args, k, chunk=16, return_indices=True)
+    m1, l1, a1, i1 = knn.lookup(*args, k, chunk=16, mesh=_mesh(8), return_indices=True)
+    expect = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(np.sort(np.asarray(i0)[0, 0], 1), np.broadcast_to(expect, (nq, k)))
+    kept = np.sort(np.asarray(i1)[0, 0], 1)[:, -k:]
+    np.testing.assert_array_equal(kept, np.broadcast_to(expect, (nq, k)))
+    np.testing.assert_allclose(np.asarray(a1) / np.asarray(l1)[..., None],
+                               np.asarray(a0) / np.asarray(l0)[..., None], rtol=1e-6)
+
+
+def test_approx_search_recall():
+    q, keys, values, valid = _random(3, b=1, h=1, nq=32, n=2048, d=16, valid_frac=1.0)
+    _, exact = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), 16, chunk=512)
+    _, approx = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), 16, chunk=512,
+                         search="approx", recall_target=0.95)
+    recall = np.mean([len(set(a) & set(e)) / 16 for a, e in zip(np.asarray(approx)[0, 0], np.asarray(exact)[0, 0])])
+    assert recall >= 0.9
+
+
+def test_empty_memory_gives_no_entries():
+    q, keys, values, _ = _random(4, n=64)
+    m, l, acc = knn.lookup(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.zeros((2, 64), bool), 8)
+    assert np.isneginf(np.asarray(m)).all() and (np.asarray(l) == 0).all() and (np.asarray(acc) == 0).all()
+
+
+def test_bad_lookup_arguments():
+    q, keys, values, valid = (jnp.asarray(x) for x in _random(5, n=64))
+    with pytest.raises(ValueError, match="top_k must be positive"):
+        knn.lookup(q, keys, values, valid, 0)
+    with pytest.raises(ValueError, match="search 'fuzzy'"):
+        knn.lookup(q, keys, values, valid, 4, search="fuzzy")
+
+
+# --- the store -------------------------------------------------------------------------------
+
+def _write(store, rng, t, mask=None, start=0, mesh=None):
+    b, h, _, d = store.keys.shape
+    k = rng.standard_normal((b, h, t, d)).astype(np.float32)
+    v = rng.standard_normal((b, h, t, d)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(start, start + t), (b, t))
+    mask = np.ones((b, t), bool) if mask is None else mask
+    store_lib.check_write(store, k, v, pos, np.zeros((b, t)), mask)
+    new = jax.jit(lambda s, *a: store_lib.write(s, *a, mesh=mesh), donate_argnums=0)(
+        store, k, v, pos, np.zeros((b, t), np.int32), mask)
+    return new, k, v, pos, mask
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_store_fifo_keeps_exactly_the_last_n_tokens(sharded):
+    mesh = _mesh(8) if sharded else None
+    rng = np.random.default_rng(0)
+    n = 64
+    store = store_lib.create(2, 2, n, 8, "float32", mesh=mesh)
+    history_k, history_pos = [[], []], [[], []]
+    start = 0
+    for t in (24, 24, 24, 24, 24):  # 120 writes > N, wrapping twice, with masked-out tokens
+        mask = rng.random((2, t)) < 0.8
+        store, k, v, pos, mask = _write(store, rng, t, mask, start, mesh)
+        for b in range(2):
+            history_k[b].extend(k[b, :, mask[b]].reshape(-1, 2, 8))
+            history_pos[b].extend(pos[b, mask[b]])
+        start += t
+    for b in range(2):
+        got_pos = np.asarray(store.positions[b])
+        assert np.asarray(store.written[b]) == len(history_pos[b])
+        expect = history_pos[b][-n:]
+        assert sorted(got_pos.tolist()) == sorted(expect)     # exactly the last N tokens
+        for slot, p in enumerate(got_pos):
+            j = len(history_pos[b]) - 1 - history_pos[b][::-1].index(p)
+            np.testing.assert_array_equal(np.asarray(store.keys[b, :, slot]), history_k[b][j])
+    if sharded:
+        assert store.keys.sharding.spec[2] == "memory"
+
+
+def test_store_reset_and_bad_input():
+    rng = np.random.default_rng(1)
+    store = store_lib.create(2, 1, 32, 4, "float32")
+    store, *_ = _write(store, rng, 10)
+    store = store_lib.reset(store, np.array([True, False]))
+    assert not np.asarray(store.valid[0]).any() and np.asarray(store.valid[1]).sum() == 10
+    with pytest.raises(store_lib.MemoryStoreError, match="dtype 'int8'"):
+        store_lib.create(1, 1, 8, 4, "int8")
+    with pytest.raises(store_lib.MemoryStoreError, match="exceeds the capacity"):
+        store_lib.check_write(store, *(np.zeros((2, 1, 40, 4)),) * 2, *(np.zeros((2, 40)),) * 3)
+    with pytest.raises(store_lib.MemoryStoreError, match="do not fit"):
+        store_lib.check_write(store, *(np.zeros((3, 1, 8, 4)),) * 2, *(np.zeros((3, 8)),) * 3)
+    with pytest.raises(store_lib.MemoryStoreError, match="does not divide"):
+        store_lib.create(1, 1, 12, 4, "float32", mesh=_mesh(8))
