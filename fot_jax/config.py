@@ -25,7 +25,7 @@ QK_NORM_MODES = ("none", "memory", "all")
 MEM_ATTENTION = ("joint", "gated")
 MEMORY_MODES = ("single_doc", "multi_doc")
 OVERFLOW_POLICIES = ("fifo", "strict")
-SEARCH_MODES = ("exact", "approx")
+SEARCH_MODES = ("exact", "approx", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 CROSSBATCH_IMPLEMENTATIONS = ("dense", "blockwise")
@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
     mem.capacity = 65536              # N: tokens a store holds per row (FIFO ring buffer)
     mem.mode = "single_doc"           # single_doc (reset per document) | multi_doc (never reset)
     mem.overflow = "fifo"             # fifo (drop the oldest) | strict (a document longer than N is an error)
-    mem.search = "exact"              # exact | approx (jax.lax.approx_max_k, fast on TPU)
+    mem.search = "exact"              # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
     mem.recall_target = 0.95          # approx search only
     mem.chunk = 8192                  # keys scored at once (no [queries, N] score matrix)
 

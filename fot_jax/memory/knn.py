@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-SEARCH_MODES = ("exact", "approx")
+SEARCH_MODES = ("exact", "approx", "dense")
 GROUP = 16
 
 
@@ -100,12 +100,63 @@ def partial_sums(scores, indices, values, keep=None):
     return m, jnp.sum(p, axis=-1), jnp.einsum("bhqk,bhqkd->bhqd", p, gathered)
 
 
+def _combine(m, l, acc, axis):
+    """Exact combination of per-shard partial sums: a pmax and two psums of [Q]-sized arrays."""
+    m_all = jax.lax.pmax(m, axis)
+    m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+    scale = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+    return m_all, jax.lax.psum(l * scale, axis), jax.lax.psum(acc * scale[..., None], axis)
+
+
+def dense_sums(q, keys, values, valid, *, chunk: int = 8192):
+    """Partial sums over every valid entry (no top-k): an online softmax over chunks of N."""
+    b, hkv, nq, d = q.shape
+    n = keys.shape[2]
+    chunk = min(chunk, n)
+    ct = jnp.promote_types(q.dtype, keys.dtype)
+
+    def body(carry, i):
+        m, l, acc = carry
+        start = jnp.minimum(i * chunk, n - chunk)
+        kc = jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2).astype(ct)
+        vc = jax.lax.dynamic_slice_in_dim(values, start, chunk, axis=2).astype(jnp.float32)
+        ok = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)[:, None, None, :]
+        ok = ok & (start + jnp.arange(chunk) >= i * chunk)
+        s = jnp.einsum("bhqd,bhcd->bhqc", q.astype(ct), kc, preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, -jnp.inf), axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(ok, jnp.exp(s - m_safe[..., None]), 0.0)
+        corr = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhqc,bhcd->bhqd", p, vc)
+        return (m_new, l, acc), None
+
+    init = (jnp.full((b, hkv, nq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, nq), jnp.float32),
+            jnp.zeros((b, hkv, nq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(-(-n // chunk)))
+    return m, l, acc
+
+
 def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
            recall_target: float = 0.95, mesh=None, memory_axis: str = "memory",
            return_indices: bool = False):
     """Partial sums (m, l, acc) of the top-k memory entries of each query; with a mesh whose
     `memory_axis` shards N, a sharded lookup that equals the unsharded one. With
     return_indices, also the retrieved indices [B,Hkv,Q,k] (sharded: [B,Hkv,Q,S*k], -1 = not kept)."""
+    if search == "dense":
+        if return_indices:
+            raise ValueError("search='dense' retrieves every valid entry; it has no indices to return")
+        if mesh is None or memory_axis not in mesh.shape or mesh.shape[memory_axis] == 1:
+            return dense_sums(q, keys, values, valid, chunk=chunk)
+
+        def dense_shard(q, keys, values, valid):
+            m, l, acc = dense_sums(q, keys, values, valid, chunk=chunk)
+            return _combine(m, l, acc, memory_axis)
+        kv_spec = P(None, None, memory_axis, None)
+        return jax.shard_map(dense_shard, mesh=mesh, in_specs=(P(), kv_spec, kv_spec, P(None, memory_axis)),
+                             out_specs=(P(),) * 3, check_vma=False)(q, keys, values, valid)
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
     opts = dict(chunk=chunk, search=search, recall_target=recall_target)
     if mesh is None or memory_axis not in mesh.shape or mesh.shape[memory_axis] == 1:
         s, i = topk(q, keys, valid, top_k, **opts)
@@ -130,12 +181,7 @@ def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str
         is_tie = s == kth[..., None]
         tie_rank = jnp.cumsum(is_tie, axis=-1) - 1
         keep = ((s > kth[..., None]) | (is_tie & (tie_rank < quota[..., None]))) & (s > -jnp.inf)
-        m, l, acc = partial_sums(s, i, values, keep)
-        m_all = jax.lax.pmax(m, memory_axis)
-        m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-        scale = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        l = jax.lax.psum(l * scale, memory_axis)
-        acc = jax.lax.psum(acc * scale[..., None], memory_axis)
+        m_all, l, acc = _combine(*partial_sums(s, i, values, keep), memory_axis)
         if not return_indices:
             return m_all, l, acc
         idx = jnp.where(keep, i + me * local_n, -1)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot_jax import config as config_lib
-from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
+from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention, memory_attention
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 from fot_jax.parallel.mesh import constrain
 
@@ -88,6 +88,9 @@ class Attention(nnx.Module):
         if self.qk_norm:
             self.qk_temperature = nnx.Param(jnp.full((h,), m.qk_temperature_init, pd),
                                             logical_axes=("heads",))
+        if self.is_memory and m.mem_attention == "gated":
+            # Memorizing-Transformer gate logits, one per head (inference; sigmoid(0) = an even mix).
+            self.mem_gate = nnx.Param(jnp.zeros((h,), pd), logical_axes=("heads",))
         self.use_rope = not (self.is_memory and m.mem_positionals == "none")
         self.head_dim = d
         self.dtype = DTYPES[m.dtype]
@@ -125,6 +128,31 @@ class Attention(nnx.Module):
         out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return _dense(out, self.o_proj[...].astype(self.dtype))
+
+
+    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn):
+        """Inference: x [B,T,E] new tokens; cache (k_raw, v) [B,S,Hkv,D] or None (slot j at position j,
+        rotated here with cache_cos/sin); mask [B,T,S+T]; memory_fn(q [B,Hkv,G*T,D]) -> partial sums
+        or None. Returns (out [B,T,E], k_raw, v) with k_raw the new keys before rotation (what memory
+        and the cache store)."""
+        q, k_own, k_raw, v = self.project(x, cos, sin)
+        if cache is not None:
+            ck, cv = cache
+            ck_own = apply_rope(ck, cache_cos, cache_sin) if self.use_rope else ck
+            keys = jnp.concatenate([ck_own.astype(k_own.dtype), k_own], axis=1)
+            vals = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
+        else:
+            keys, vals = k_own, v
+        memory = gate = None
+        if self.is_memory and memory_fn is not None:
+            b, t, h, d = q.shape
+            hkv = k_raw.shape[2]
+            qm = jnp.transpose(q.reshape(b, t, hkv, h // hkv, d), (0, 2, 3, 1, 4)).reshape(b, hkv, -1, d)
+            memory = memory_fn(qm)
+            if hasattr(self, "mem_gate"):
+                gate = self.mem_gate[...]
+        out = memory_attention(q, keys, vals, mask, memory, gate)
+        return _dense(out, self.o_proj[...].astype(self.dtype)), k_raw, v
 
 
 class DecoderLayer(nnx.Module):
@@ -185,6 +213,43 @@ class Llama(nnx.Module):
         logits = constrain(logits, ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
+
+    def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None):
+        """Inference forward of new tokens with a local cache and memory (DESIGN "Memory attention").
+
+        tokens, positions [B,T] (RoPE positions of the new tokens); cache: per layer (k_raw, v)
+        [B,S,Hkv,D] or None, cache slot j holding position j, cache_valid [B,S]; memory_fns: per layer a
+        function q [B,Hkv,G*T,D] -> memory partial sums (memory layers only) or None.
+        A new token sees the valid cache slots and the new tokens up to itself.
+        Returns logits [B,T,V_padded] (float32) and per layer (k_raw, v) [B,T,Hkv,D] of the new tokens.
+        """
+        m = self.config
+        b, t = tokens.shape
+        hd = config_lib.head_dim(m)
+        cos, sin = rope_cos_sin(positions, hd, m.rope_theta)
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        if cache is not None and cache[0] is not None:
+            s = cache[0][0].shape[1]
+            cache_cos, cache_sin = rope_cos_sin(jnp.arange(s), hd, m.rope_theta)
+            mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal], axis=2)
+        else:
+            cache_cos = cache_sin = None
+            mask = causal
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            h_in = layer.input_layernorm(x)
+            layer_cache = None if cache is None else cache[i]
+            fn = None if memory_fns is None else memory_fns[i]
+            attn, k_raw, v = layer.self_attn.infer(h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn)
+            h = x + attn
+            x = h + layer.mlp(layer.post_attention_layernorm(h))
+            new_kv.append((k_raw, v))
+        x = self.norm(x)
+        head = self.embed_tokens[...].astype(self.dtype).T if m.tie_embeddings else self.lm_head[...].astype(self.dtype)
+        logits = _dense(x, head, jnp.float32)
+        vocab_ids = jnp.arange(logits.shape[-1])
+        return jnp.where(vocab_ids < self.vocab_size, logits, -1e9), new_kv
 
 
 def create(m, seed: int = 0) -> Llama:

@@ -1,0 +1,336 @@
+"""Long input with memory, and generation (DESIGN "Memory attention", LongLLaMA windowing).
+
+A `MemoryRuntime` holds, for a batch of B rows, one `MemoryStore` per memory layer, a local cache
+per layer (`[B, W, Hkv, D]`, slot j at position j) and per-row counters. Given row b's `L` tokens,
+window `W` and `last_context_length` `C`:
+  - the first `P = max(L - C, 0)` tokens go through windows `[0, W), [W, 2W), ...` up to `P`; each
+    window attends causally to itself only (positions restart at 0), memory layers also read memory,
+    and then the window's memory-layer keys/values are written to memory;
+  - the last `L - P` tokens extend the local cache (positions continue in it). Before an extension
+    that would take the cache beyond `W`, the whole cache moves to memory and the cache restarts
+    at position 0. Generation extends the cache one token at a time by the same rule.
+Rows advance together; shorter rows are padded, and padding is never written anywhere.
+
+Every step is one jitted program per input shape (`[B, W]` windows, `[B, Tc]` tail pieces,
+`[B, 1]` generation), reused as memory fills; the runtime state is donated into each call.
+In `single_doc` mode memory and cache are cleared for each new document; in `multi_doc` mode the
+previous document's cache moves to memory and memory is kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.memory import knn, store as store_lib
+
+
+class MemoryRuntimeError(ValueError):
+    pass
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RuntimeState:
+    stores: tuple          # one MemoryStore per memory layer
+    cache_k: tuple         # per layer [B, W, Hkv, D]: un-rotated keys of the local cache
+    cache_v: tuple
+    cache_len: jax.Array   # [B] int32
+    doc_pos: jax.Array     # [B] int32 tokens of the current document seen so far
+    doc_id: jax.Array      # [B] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+    top_k: int = 32
+    capacity: int = 65536
+    mode: str = "single_doc"
+    overflow: str = "fifo"
+    search: str = "exact"
+    recall_target: float = 0.95
+    chunk: int = 8192
+    dtype: str = "bfloat16"
+    last_context_length: int = 1024
+
+    @classmethod
+    def from_config(cls, cfg):
+        mem = cfg.memory
+        return cls(top_k=mem.top_k, capacity=mem.capacity, mode=mem.mode, overflow=mem.overflow,
+                   search=mem.search, recall_target=mem.recall_target, chunk=mem.chunk,
+                   dtype=cfg.model.mem_dtype, last_context_length=cfg.model.last_context_length)
+
+    def check(self, window: int):
+        if self.search != "dense" and self.top_k <= 0:
+            raise MemoryRuntimeError(f"memory.top_k must be positive, got {self.top_k}")
+        if self.capacity < window:
+            raise MemoryRuntimeError(f"memory.capacity {self.capacity} is smaller than one window ({window} "
+                                     "tokens, model.max_position_embeddings)")
+        if self.dtype not in store_lib.STORE_DTYPES:
+            raise MemoryRuntimeError(f"memory dtype '{self.dtype}' is not supported; use one of "
+                                     f"{sorted(store_lib.STORE_DTYPES)}")
+        for field, value, allowed in (("mode", self.mode, config_lib.MEMORY_MODES),
+                                      ("overflow", self.overflow, config_lib.OVERFLOW_POLICIES),
+                                      ("search", self.search, config_lib.SEARCH_MODES)):
+            if value not in allowed:
+                raise MemoryRuntimeError(f"memory.{field} '{value}' is not one of {allowed}")
+        if self.last_context_length <= 0:
+            raise MemoryRuntimeError("last_context_length must be positive")
+
+
+class MemoryRuntime:
+    """Ingest, extend and generate for a batch of `batch` rows with a model's memory layers."""
+
+    def __init__(self, model, batch: int, settings: MemorySettings, mesh=None, memory_axis: str = "memory"):
+        m = model.config
+        self.window = m.max_position_embeddings
+        settings.check(self.window)
+        if not list(m.mem_layers):
+            raise MemoryRuntimeError("the model has no memory layers (model.mem_layers is empty); it cannot "
+                                     "use memory. Give it mem_layers, or run it without a MemoryRuntime")
+        if batch <= 0:
+            raise MemoryRuntimeError(f"batch must be positive, got {batch}")
+        self.model_config, self.settings, self.batch = m, settings, batch
+        self.mesh, self.memory_axis = mesh, memory_axis
+        self.mem_layers = list(m.mem_layers)
+        self.graphdef, self.params = nnx.split(model, nnx.Param)
+        self.kv_heads, self.head_dim = m.num_kv_heads, config_lib.head_dim(m)
+        self.tail = min(settings.last_context_length, self.window)
+        self.state = self._empty_state()
+        self.cache_len = np.zeros(batch, np.int64)    # host mirror (no device sync to plan steps)
+        self.doc_pos = np.zeros(batch, np.int64)
+        self._window_fn = jax.jit(self._window_step, donate_argnums=1, static_argnums=4)
+        self._extend_fn = jax.jit(self._extend_step, donate_argnums=1)
+        self._flush_fn = jax.jit(self._flush_step, donate_argnums=0)
+        self._reset_fn = jax.jit(self._reset_step, donate_argnums=0)
+
+    # -- state --------------------------------------------------------------------------------
+    def _empty_state(self) -> RuntimeState:
+        s, b = self.settings, self.batch
+        stores = tuple(store_lib.create(b, self.kv_heads, s.capacity, self.head_dim, s.dtype, mesh=self.mesh,
+                                        memory_axis=self.memory_axis) for _ in self.mem_layers)
+        dt = jnp.dtype(self.model_config.dtype)
+        shape = (b, self.window, self.kv_heads, self.head_dim)
+        n = self.model_config.num_layers
+        fresh = jax.jit(lambda: jnp.zeros(shape, dt))  # distinct buffers: the state is donated
+        return RuntimeState(stores=stores, cache_k=tuple(fresh() for _ in range(n)),
+                            cache_v=tuple(fresh() for _ in range(n)),
+                            cache_len=jnp.zeros(b, jnp.int32), doc_pos=jnp.zeros(b, jnp.int32),
+                            doc_id=jnp.zeros(b, jnp.int32))
+
+    def memory_contents(self, layer: int = 0):
+        """The store of the `layer`-th memory layer (for inspection)."""
+        return self.state.stores[layer]
+
+    # -- jitted steps -------------------------------------------------------------------------
+    def _memory_fns(self, stores):
+        s = self.settings
+        fns = [None] * self.model_config.num_layers
+        for j, layer in enumerate(self.mem_layers):
+            st = stores[j]
+            fns[layer] = functools.partial(
+                knn.lookup, keys=st.keys, values=st.values, valid=st.valid, top_k=s.top_k, chunk=s.chunk,
+                search=s.search, recall_target=s.recall_target, mesh=self.mesh, memory_axis=self.memory_axis)
+        return [None if f is None else (lambda q, f=f: f(q)) for f in fns]
+
+    def _write_memory(self, stores, new_kv, positions, doc_ids, mask):
+        out = []
+        for j, (k, v) in enumerate(new_kv):  # aligned with self.mem_layers
+            out.append(store_lib.write(stores[j], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), positions,
+                                       doc_ids, mask, mesh=self.mesh, memory_axis=self.memory_axis))
+        return tuple(out)
+
+    def _window_step(self, params, state: RuntimeState, tokens, n_valid, return_logits: bool):
+        model = nnx.merge(self.graphdef, params)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        logits, new_kv = model.infer(tokens, positions, memory_fns=self._memory_fns(state.stores))
+        mask = positions < n_valid[:, None]
+        doc_positions = state.doc_pos[:, None] + positions
+        doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))
+        stores = self._write_memory(state.stores, [new_kv[l] for l in self.mem_layers], doc_positions, doc_ids, mask)
+        state = dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
+        return state, (logits if return_logits else None)
+
+    def _extend_step(self, params, state: RuntimeState, tokens, n_valid):
+        model = nnx.merge(self.graphdef, params)
+        b, t = tokens.shape
+        offsets = jnp.arange(t, dtype=jnp.int32)
+        positions = state.cache_len[:, None] + offsets
+        cache = list(zip(state.cache_k, state.cache_v))
+        cache_valid = jnp.arange(self.window)[None, :] < state.cache_len[:, None]
+        logits, new_kv = model.infer(tokens, positions, cache=cache, cache_valid=cache_valid,
+                                     memory_fns=self._memory_fns(state.stores))
+        slots = jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window)  # window: dropped
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        cache_k = tuple(ck.at[rows, slots].set(k.astype(ck.dtype), mode="drop")
+                        for ck, (k, _) in zip(state.cache_k, new_kv))
+        cache_v = tuple(cv.at[rows, slots].set(v.astype(cv.dtype), mode="drop")
+                        for cv, (_, v) in zip(state.cache_v, new_kv))
+        state = dataclasses.replace(state, cache_k=cache_k, cache_v=cache_v, cache_len=state.cache_len + n_valid,
+                                    doc_pos=state.doc_pos + n_valid)
+        return state, logits
+
+    def _flush_step(self, state: RuntimeState, rows):
+        """Moves the cache of the chosen rows [B] to memory and empties it."""
+        w = self.window
+        slots = jnp.arange(w, dtype=jnp.int32)[None, :]
+        mask = rows[:, None] & (slots < state.cache_len[:, None])
+        positions = state.doc_pos[:, None] - state.cache_len[:, None] + slots
+        doc_ids = jnp.broadcast_to(state.doc_id[:, None], mask.shape)
+        kv = [(state.cache_k[l], state.cache_v[l]) for l in self.mem_layers]
+        stores = self._write_memory(state.stores, kv, positions, doc_ids, mask)
+        return dataclasses.replace(state, stores=stores, cache_len=jnp.where(rows, 0, state.cache_len))
+
+    def _reset_step(self, state: RuntimeState, rows, new_doc):
+        stores = tuple(store_lib.reset(s, rows) for s in state.stores)
+        return dataclasses.replace(
+            state, stores=stores, cache_len=jnp.where(new_doc, 0, state.cache_len),
+            doc_pos=jnp.where(new_doc, 0, state.doc_pos), doc_id=state.doc_id + new_doc.astype(jnp.int32))
+
+    # -- host API -----------------------------------------------------------------------------
+    def reset(self, rows=None):
+        """Clears memory and cache of the chosen rows (all by default)."""
+        rows = np.ones(self.batch, bool) if rows is None else np.asarray(rows, bool)
+        self.state = self._reset_fn(self.state, jnp.asarray(rows), jnp.asarray(rows))
+        self.cache_len[rows] = 0
+        self.doc_pos[rows] = 0
+
+    def _flush(self, rows):
+        rows = np.asarray(rows, bool)
+        if rows.any():
+            self.state = self._flush_fn(self.state, jnp.asarray(rows))
+            self.cache_len[rows] = 0
+
+    def _check_tokens(self, docs):
+        if len(docs) != self.batch:
+            raise MemoryRuntimeError(f"got {len(docs)} documents for a runtime of batch {self.batch} "
+                                     "(one document per row)")
+        out = []
+        vocab = self.model_config.vocab_size
+        for i, d in enumerate(docs):
+            d = np.asarray(d, np.int32).reshape(-1)
+            if d.size and (d.min() < 0 or d.max() >= vocab):
+                raise MemoryRuntimeError(f"document {i} has token ids outside [0, {vocab})")
+            out.append(d)
+        return out
+
+    def ingest(self, docs, return_logits: bool = False):
+        """Reads one document per row (a new document: single_doc clears memory first). Returns the
+        last token's logits per row [B, V] and, with return_logits, each row's logits [L_b, V]."""
+        docs = self._check_tokens(docs)
+        s, w, c = self.settings, self.window, self.settings.last_context_length
+        lengths = np.array([d.size for d in docs])
+        if s.mode == "single_doc" and s.overflow == "strict" and (lengths > s.capacity).any():
+            i = int(np.argmax(lengths > s.capacity))
+            raise MemoryRuntimeError(f"document {i} has {lengths[i]} tokens, more than the memory capacity "
+                                     f"{s.capacity} (memory.overflow='strict'; use 'fifo' to drop the oldest)")
+        if (lengths == 0).any():
+            raise MemoryRuntimeError(f"document {int(np.argmax(lengths == 0))} is empty")
+        if s.mode == "single_doc":
+            self.reset()
+        else:  # multi_doc: the previous document's cache joins memory; positions restart
+            self._flush(self.cache_len > 0)
+            rows = jnp.ones(self.batch, bool)
+            self.state = self._reset_fn(self.state, jnp.zeros(self.batch, bool), rows)
+            self.doc_pos[:] = 0
+        prefix = np.maximum(lengths - c, 0)
+        vocab_logits = [] if return_logits else None
+        n_windows = int(math.ceil(prefix.max() / w)) if prefix.max() > 0 else 0
+        for j in range(n_windows):
+            tokens = np.zeros((self.batch, w), np.int32)
+            n_valid = np.clip(prefix - j * w, 0, w)
+            for b, d in enumerate(docs):
+                tokens[b, :n_valid[b]] = d[j * w: j * w + n_valid[b]]
+            self.state, logits = self._window_fn(self.params, self.state, jnp.asarray(tokens),
+                                                 jnp.asarray(n_valid, jnp.int32), return_logits)
+            self.doc_pos += n_valid
+            if return_logits:
+                vocab_logits.append((np.asarray(logits)[:, :, :self.model_config.vocab_size], n_valid))
+        tails = [d[p:] for d, p in zip(docs, prefix)]
+        last, tail_logits = self._extend_all(tails, return_logits)
+        if not return_logits:
+            return last
+        rows = []
+        for b in range(self.batch):
+            parts = [lg[b, :n[b]] for lg, n in vocab_logits] + [tail_logits[b]]
+            rows.append(np.concatenate(parts, axis=0))
+        return last, rows
+
+    def _extend_all(self, pieces, keep_logits):
+        """Extends each row's cache with its tokens, in pieces of at most `tail` tokens, moving a
+        row's cache to memory before a piece that would overflow it. Returns the last logits [B, V]."""
+        pieces = [np.asarray(p, np.int32) for p in pieces]
+        done = np.zeros(self.batch, np.int64)
+        lengths = np.array([p.size for p in pieces])
+        last = np.zeros((self.batch, self.model_config.vocab_size), np.float32)
+        collected = [[] for _ in range(self.batch)]
+        t = self.tail if lengths.max() > 1 else 1
+        while (done < lengths).any():
+            n_valid = np.minimum(lengths - done, t)
+            self._flush((n_valid > 0) & (self.cache_len + n_valid > self.window))
+            tokens = np.zeros((self.batch, t), np.int32)
+            for b, p in enumerate(pieces):
+                tokens[b, :n_valid[b]] = p[done[b]: done[b] + n_valid[b]]
+            self.state, logits = self._extend_fn(self.params, self.state, jnp.asarray(tokens),
+                                                 jnp.asarray(n_valid, jnp.int32))
+            logits = np.asarray(logits)[:, :, :self.model_config.vocab_size]
+            for b in range(self.batch):
+                if n_valid[b]:
+                    last[b] = logits[b, n_valid[b] - 1]
+                    if keep_logits:
+                        collected[b].append(logits[b, :n_valid[b]])
+            self.cache_len += n_valid
+            self.doc_pos += n_valid
+            done += n_valid
+        return last, [np.concatenate(c, 0) if c else np.zeros((0, last.shape[1]), np.float32) for c in collected]
+
+    def extend(self, tokens):
+        """Appends tokens (one list per row) to the current documents; returns the last logits [B, V]."""
+        return self._extend_all(self._check_tokens(tokens), False)[0]
+
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop_token: int | None = None):
+        """Ingests the prompts, then samples (greedy at temperature 0) up to max_new_tokens per row;
+        a row stops after `stop_token` (default: the model's eos). Returns a list of token arrays."""
+        if max_new_tokens < 0:
+            raise MemoryRuntimeError("max_new_tokens must be >= 0")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise MemoryRuntimeError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        stop = self.model_config.eos_token_id if stop_token is None else stop_token
+        logits = self.ingest(prompts)
+        key = jax.random.key(seed)
+        out = [[] for _ in range(self.batch)]
+        finished = np.zeros(self.batch, bool)
+        for _ in range(max_new_tokens):
+            key, sub = jax.random.split(key)
+            nxt = np.asarray(sample(jnp.asarray(logits), sub, temperature, top_p))
+            for b in range(self.batch):
+                if not finished[b]:
+                    out[b].append(int(nxt[b]))
+                    finished[b] = nxt[b] == stop
+            if finished.all():
+                break
+            logits = self.extend([[int(t)] for t in nxt])
+        return [np.array(o, np.int32) for o in out]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def sample(logits, key, temperature: float, top_p: float):
+    """logits [B, V] -> tokens [B]: greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs          # mass of the tokens ranked above
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)   # the best one always stays
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

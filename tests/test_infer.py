@@ -1,0 +1,268 @@
+"""Long-input ingest and generation with memory against a direct NumPy implementation of the
+DESIGN windowing rules (float64), on tiny random models."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AxisType
+
+from fot_jax import config as config_lib
+from fot_jax.infer.runtime import MemoryRuntime, MemoryRuntimeError, MemorySettings
+from fot_jax.model import llama
+
+
+def _cfg(**model):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size = 50, 32, 48
+    m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
+    m.max_position_embeddings = 16
+    m.mem_layers = [1]
+    m.init_std = 0.2
+    for k, v in model.items():
+        m[k] = v
+    return c
+
+
+# --- NumPy reference ----------------------------------------------------------------------------
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _rope(x, pos, theta):
+    """x [T, H, D] at positions pos [T] (HF rotate_half layout)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+class Reference:
+    """One document, processed exactly as DESIGN "Memory attention" states."""
+
+    def __init__(self, model, m, top_k, capacity, last_context):
+        self.p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        self.m, self.top_k, self.capacity, self.c = m, top_k, capacity, last_context
+        self.w = m.max_position_embeddings
+        self.memory = {l: [] for l in m.mem_layers}       # list of (k [Hkv, D], v) oldest first
+        self.cache = [[] for _ in range(m.num_layers)]    # list of (k_raw, v)
+
+    def forward(self, tokens, cache):
+        """tokens [T] at positions len(cache[0]) + arange(T); attends to cache + itself causally."""
+        m, p = self.m, self.p
+        h, hkv = m.num_heads, m.num_kv_heads
+        d = m.hidden_size // h
+        g = h // hkv
+        s0 = len(cache[0]) if cache is not None else 0
+        pos = s0 + np.arange(len(tokens))
+        x = p["embed_tokens"][tokens]
+        new_kv = []
+        for i in range(m.num_layers):
+            lp = p["layers"][i]
+            a = lp["self_attn"]
+            hx = _rms(x, lp["input_layernorm"]["weight"], m.rms_norm_eps)
+            q = np.einsum("te,ehd->thd", hx, a["q_proj"])
+            k = np.einsum("te,ehd->thd", hx, a["k_proj"])
+            v = np.einsum("te,ehd->thd", hx, a["v_proj"])
+            is_mem = i in m.mem_layers
+            if m.qk_norm == "all" or (m.qk_norm == "memory" and is_mem):
+                q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * a["qk_temperature"][:, None]
+                k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+            else:
+                q = q * d ** -0.5
+            new_kv.append((k, v))
+            rope = not (is_mem and m.mem_positionals == "none")
+            ck = np.array([c[0] for c in cache[i]]).reshape(-1, hkv, d) if cache is not None else np.zeros((0, hkv, d))
+            cv = np.array([c[1] for c in cache[i]]).reshape(-1, hkv, d) if cache is not None else np.zeros((0, hkv, d))
+            keys = np.concatenate([ck, k]) if cache is not None else k
+            vals = np.concatenate([cv, v]) if cache is not None else v
+            key_pos = np.arange(len(keys))
+            if rope:
+                q = _rope(q, pos, m.rope_theta)
+                keys = _rope(keys, key_pos, m.rope_theta)
+            out = np.zeros((len(tokens), h, d))
+            for head in range(h):
+                kvh = head // g
+                for t in range(len(tokens)):
+                    n_local = s0 + t + 1
+                    s_loc = keys[:n_local, kvh] @ q[t, head]
+                    v_loc = vals[:n_local, kvh]
+                    if is_mem and self.memory[i]:
+                        mk = np.array([e[0][kvh] for e in self.memory[i]])
+                        mv = np.array([e[1][kvh] for e in self.memory[i]])
+                        sm = mk @ q[t, head]
+                        top = np.argsort(-sm, kind="stable")[: self.top_k]
+                        s_loc = np.concatenate([sm[top], s_loc])
+                        v_loc = np.concatenate([mv[top], v_loc])
+                    w = np.exp(s_loc - s_loc.max())
+                    out[t, head] = (w / w.sum()) @ v_loc
+            x = x + np.einsum("thd,hde->te", out, a["o_proj"])
+            hm = _rms(x, lp["post_attention_layernorm"]["weight"], m.rms_norm_eps)
+            mp = lp["mlp"]
+            gate = hm @ mp["gate_proj"]
+            x = x + ((gate / (1 + np.exp(-gate))) * (hm @ mp["up_proj"])) @ mp["down_proj"]
+        x = _rms(x, p["norm"]["weight"], m.rms_norm_eps)
+        head = p["embed_tokens"].T if m.tie_embeddings else p["lm_head"]
+        return (x @ head)[:, : m.vocab_size], new_kv
+
+    def _to_memory(self, layer, kv_list):
+        self.memory[layer].extend(kv_list)
+        del self.memory[layer][: max(len(self.memory[layer]) - self.capacity, 0)]
+
+    def ingest(self, tokens):
+        tokens = np.asarray(tokens)
+        n_prefix = max(len(tokens) - self.c, 0)
+        logits = []
+        for s in range(0, n_prefix, self.w):
+            seg = tokens[s: min(s + self.w, n_prefix)]
+            lg, kv = self.forward(seg, None)
+            logits.append(lg)
+            for l in self.m.mem_layers:
+                self._to_memory(l, list(zip(kv[l][0], kv[l][1])))
+        for tok in tokens[n_prefix:]:
+            logits.append(self.step(tok))
+        return np.concatenate(logits)
+
+    def step(self, tok):
+        if len(self.cache[0]) + 1 > self.w:   # the whole cache moves to memory
+            for l in self.m.mem_layers:
+                self._to_memory(l, self.cache[l])
+            self.cache = [[] for _ in range(self.m.num_layers)]
+        lg, kv = self.forward(np.array([tok]), self.cache)
+        for i in range(self.m.num_layers):
+            self.cache[i].append((kv[i][0][0], kv[i][1][0]))
+        return lg
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+CASES = {
+    "as_first_dense_gqa": dict(model={}, top_k=1000, capacity=48),
+    "as_first_topk": dict(model={}, top_k=5, capacity=48),
+    "none_qknorm_topk_tied": dict(model=dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True,
+                                             num_kv_heads=4), top_k=7, capacity=32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ingest_matches_numpy_windowing(case):
+    spec = CASES[case]
+    c = _cfg(**spec["model"])
+    model = llama.create(c.model, seed=3)
+    settings = MemorySettings(top_k=spec["top_k"], capacity=spec["capacity"], dtype="float32",
+                              last_context_length=6, chunk=16)
+    rt = MemoryRuntime(model, batch=2, settings=settings)
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 50, 75), rng.integers(3, 50, 53)]    # 4+ windows of 16, tails of 6
+    last, logits = rt.ingest(docs, return_logits=True)
+    for b, doc in enumerate(docs):
+        ref = Reference(model, c.model, spec["top_k"], spec["capacity"], 6).ingest(doc)
+        assert logits[b].shape == ref.shape
+        np.testing.assert_allclose(logits[b], ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(last[b], ref[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_generation_moves_cache_to_memory_and_matches_reference():
+    """Greedy generation past the window: the cache moves to memory when it would exceed W."""
+    c = _cfg()
+    model = llama.create(c.model, seed=4)
+    settings = MemorySettings(top_k=6, capacity=64, dtype="float32", last_context_length=10, chunk=32)
+    rt = MemoryRuntime(model, batch=1, settings=settings)
+    doc = np.random.default_rng(1).integers(3, 50, 40)
+    out = rt.generate([doc], max_new_tokens=20, stop_token=-1)[0]
+    ref = Reference(model, c.model, 6, 64, 10)
+    lg = ref.ingest(doc)[-1]
+    expect = []
+    for _ in range(20):
+        tok = int(np.argmax(lg))
+        expect.append(tok)
+        lg = ref.step(tok)[-1]
+    np.testing.assert_array_equal(out, expect)
+    assert int(rt.cache_len[0]) == (10 + 19) % 16 or int(rt.cache_len[0]) <= 16
+
+
+def test_sharded_runtime_equals_unsharded():
+    c = _cfg()
+    model = llama.create(c.model, seed=5)
+    mesh = jax.make_mesh((8,), ("memory",), axis_types=(AxisType.Auto,))
+    docs = [np.random.default_rng(2).integers(3, 50, 90), np.random.default_rng(3).integers(3, 50, 70)]
+    outs = []
+    for mesh_ in (None, mesh):
+        rt = MemoryRuntime(model, 2, MemorySettings(top_k=9, capacity=64, dtype="float32",
+                                                    last_context_length=8, chunk=8), mesh=mesh_)
+        outs.append(rt.ingest(docs, return_logits=True)[1])
+        if mesh_ is not None:
+            assert rt.state.stores[0].keys.sharding.spec[2] == "memory"
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_recompilation_as_memory_fills():
+    c = _cfg()
+    model = llama.create(c.model, seed=6)
+    rt = MemoryRuntime(model, 1, MemorySettings(top_k=4, capacity=128, dtype="float32", last_context_length=8))
+    rt.ingest([np.arange(3, 3 + 100) % 50])
+    sizes = (rt._window_fn._cache_size(), rt._extend_fn._cache_size())
+    rt.ingest([np.arange(5, 5 + 180) % 50])        # more windows, fuller memory, same shapes
+    assert (rt._window_fn._cache_size(), rt._extend_fn._cache_size()) == sizes == (1, 1)
+
+
+def test_reset_of_one_row_and_empty_memory():
+    """A reset row behaves as a fresh one; the other row is unchanged. Empty memory: pure local attention."""
+    c = _cfg()
+    model = llama.create(c.model, seed=7)
+    settings = MemorySettings(top_k=4, capacity=64, dtype="float32", last_context_length=8, mode="multi_doc")
+    rng = np.random.default_rng(4)
+    first = [rng.integers(3, 50, 60), rng.integers(3, 50, 60)]
+    second = [rng.integers(3, 50, 30), rng.integers(3, 50, 30)]
+    rt = MemoryRuntime(model, 2, settings)
+    rt.ingest(first)
+    rt.reset(np.array([True, False]))
+    _, got = rt.ingest(second, return_logits=True)
+    fresh = MemoryRuntime(model, 2, settings)
+    _, want0 = fresh.ingest(second, return_logits=True)
+    np.testing.assert_allclose(got[0], want0[0], atol=1e-5)          # row 0: as if new
+    keep = MemoryRuntime(model, 2, settings)
+    keep.ingest(first)
+    _, want1 = keep.ingest(second, return_logits=True)
+    np.testing.assert_allclose(got[1], want1[1], atol=1e-5)          # row 1: untouched by the reset
+    assert not np.allclose(got[1], want0[1], atol=1e-3)               # (and memory did matter)
+    # empty memory = the plain model on a short document (one window, no memory): same logits, no NaN
+    short = [rng.integers(3, 50, 8), rng.integers(3, 50, 8)]
+    _, logits = fresh.ingest(short, return_logits=True) if settings.mode == "single_doc" else \
+        MemoryRuntime(model, 2, MemorySettings(top_k=4, capacity=64, dtype="float32",
+                                               last_context_length=8)).ingest(short, return_logits=True)
+    plain = np.asarray(model(jnp.asarray(np.stack(short))))[:, :, :50]
+    assert np.isfinite(np.stack(logits)).all()
+    np.testing.assert_allclose(np.stack(logits), plain, atol=1e-4)
+
+
+def test_bad_input_is_a_clear_error_and_leaves_state():
+    c = _cfg()
+    model = llama.create(c.model, seed=8)
+    with pytest.raises(MemoryRuntimeError, match="top_k must be positive"):
+        MemoryRuntime(model, 1, MemorySettings(top_k=0))
+    with pytest.raises(MemoryRuntimeError, match="smaller than one window"):
+        MemoryRuntime(model, 1, MemorySettings(capacity=8))
+    with pytest.raises(MemoryRuntimeError, match="dtype 'int4'"):
+        MemoryRuntime(model, 1, MemorySettings(dtype="int4"))
+    no_mem = llama.create(_cfg(mem_layers=[]).model)
+    with pytest.raises(MemoryRuntimeError, match="no memory layers"):
+        MemoryRuntime(no_mem, 1, MemorySettings())
+    rt = MemoryRuntime(model, 2, MemorySettings(top_k=4, capacity=32, dtype="float32", overflow="strict",
+                                                last_context_length=8))
+    rt.ingest([np.arange(3, 30), np.arange(3, 20)])
+    before = jax.tree.map(np.asarray, rt.state)
+    with pytest.raises(MemoryRuntimeError, match="got 3 documents for a runtime of batch 2"):
+        rt.ingest([np.arange(3, 10)] * 3)
+    with pytest.raises(MemoryRuntimeError, match="more than the memory capacity 32"):
+        rt.ingest([np.arange(40) % 50 + 3, np.arange(3, 10)])
+    with pytest.raises(MemoryRuntimeError, match="outside"):
+        rt.ingest([np.array([3, 99]), np.arange(3, 10)])
+    after = jax.tree.map(np.asarray, rt.state)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
