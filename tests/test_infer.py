@@ -160,6 +160,8 @@ def test_ingest_matches_numpy_windowing(case):
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 50, 75), rng.integers(3, 50, 53)]    # 4+ windows of 16, tails of 6
     last, logits = rt.ingest(docs, return_logits=True)
+    # without logits the windows stop at the last memory layer (exact): same final logits
+    np.testing.assert_allclose(MemoryRuntime(model, batch=2, settings=settings).ingest(docs), last, atol=1e-5)
     for b, doc in enumerate(docs):
         ref = Reference(model, c.model, spec["top_k"], spec["capacity"], 6).ingest(doc)
         assert logits[b].shape == ref.shape

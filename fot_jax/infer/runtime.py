@@ -149,7 +149,10 @@ class MemoryRuntime:
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, new_kv = model.infer(tokens, positions, memory_fns=self._memory_fns(state.stores))
+        # Without logits, only the layers up to the last memory layer matter (what is written to
+        # memory does not depend on anything above it): an exact shortcut for long ingests.
+        last = None if return_logits else max(self.mem_layers)
+        logits, new_kv = model.infer(tokens, positions, memory_fns=self._memory_fns(state.stores), last_layer=last)
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
         doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))

@@ -214,7 +214,7 @@ class Llama(nnx.Module):
         vocab_ids = jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
 
-    def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None):
+    def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None, last_layer=None):
         """Inference forward of new tokens with a local cache and memory (DESIGN "Memory attention").
 
         tokens, positions [B,T] (RoPE positions of the new tokens); cache: per layer (k_raw, v)
@@ -239,6 +239,10 @@ class Llama(nnx.Module):
         new_kv = []
         for i, layer in enumerate(self.layers):
             h_in = layer.input_layernorm(x)
+            if last_layer is not None and i == last_layer:
+                _, _, k_raw, v = layer.self_attn.project(h_in, cos, sin)
+                new_kv.append((k_raw, v))
+                return None, new_kv
             layer_cache = None if cache is None else cache[i]
             fn = None if memory_fns is None else memory_fns[i]
             attn, k_raw, v = layer.self_attn.infer(h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn)
