@@ -22,6 +22,65 @@ def cmd_train(args, overrides):
     return 0
 
 
+def _parse_tokens(text: str):
+    import numpy as np
+    try:
+        return np.array([int(t) for t in text.replace(",", " ").split()], np.int32)
+    except ValueError:
+        raise SystemExit(f"fot-jax: --tokens wants integer token ids separated by spaces or commas, got {text[:40]!r}")
+
+
+def cmd_generate(args, overrides):
+    import numpy as np
+    from fot_jax.checkpoint import load_model
+    from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+    cfg, model = load_model(args.workdir, overrides=overrides)
+    prompts = []
+    for item in args.tokens or []:
+        prompts.append(_parse_tokens(item))
+    for path in args.tokens_file or []:
+        prompts.append(np.load(path).astype(np.int32).reshape(-1) if path.endswith(".npy")
+                       else _parse_tokens(open(path).read()))
+    if not prompts:
+        raise SystemExit("fot-jax generate: give a prompt with --tokens '1 3 7 ...' or --tokens-file")
+    rt = MemoryRuntime(model, len(prompts), MemorySettings.from_config(cfg))
+    outs = rt.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed)
+    for prompt, out in zip(prompts, outs):
+        print(json.dumps({"prompt_tokens": int(prompt.size), "generated": out.tolist()}))
+    return 0
+
+
+def cmd_eval(args, overrides):
+    import os
+    from fot_jax.checkpoint import load_model
+    from fot_jax.data import dictionary
+    from fot_jax.evals import memory
+    cfg, model = load_model(args.workdir, overrides=overrides)
+    out_dir = args.out or os.path.join(args.workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    if args.task == "memory_scaling":
+        baseline = load_model(args.baseline) if args.baseline else None
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else memory.DEFAULT_SIZES
+        rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
+                                     baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype)
+        print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"),
+                                 f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
+        memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
+    else:
+        results = {}
+        for label, workdir in [("this model", args.workdir)] + [(w, w) for w in args.compare or []]:
+            c, mdl = (cfg, model) if workdir == args.workdir else load_model(workdir)
+            label = f"trained r={c.crossbatch.range}" + ("" if workdir == args.workdir else f" ({os.path.basename(workdir.rstrip('/'))})")
+            rows = memory.distraction(c, mdl, num_docs=args.num_docs)
+            results[label] = rows
+            print(memory.write_table(rows, os.path.join(out_dir, f"distraction_r{c.crossbatch.range}"),
+                                     f"Positive attention mass, {label}"))
+        memory.plot_distraction(results, os.path.join(out_dir, "distraction.png"))
+    print(f"written to {out_dir}")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
@@ -30,13 +89,38 @@ def main(argv=None):
     p = sub.add_parser("train", help="train (and evaluate) a model from a config file")
     p.add_argument("--config", required=True, help="a config file in configs/")
     p.add_argument("--workdir", required=True, help="where metrics, plots and checkpoints go")
+    p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
+    p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
+    p.add_argument("--tokens", action="append", help="a prompt as token ids '1 5 9 ...' (repeat for a batch)")
+    p.add_argument("--tokens-file", action="append", help="a prompt file: token ids as text, or .npy")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="the paper's memory evaluations of a trained model")
+    p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
+    p.add_argument("--task", choices=["memory_scaling", "distraction"], default="memory_scaling")
+    p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")
+    p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
+    p.add_argument("--sizes", help="memory_scaling: comma-separated dictionary token counts")
+    p.add_argument("--num-docs", type=int, default=4)
+    p.add_argument("--out", help="output folder (default <workdir>/eval)")
     args = parser.parse_args(known)
+    from fot_jax.checkpoint import CheckpointError
     from fot_jax.config import ConfigError
+    from fot_jax.infer.runtime import MemoryRuntimeError
     try:
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "generate":
+            return cmd_generate(args, overrides)
+        if args.command == "eval":
+            return cmd_eval(args, overrides)
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, MemoryRuntimeError) as e:
+        print(f"fot-jax: {e}", file=sys.stderr)
         return 2
     return 1
 

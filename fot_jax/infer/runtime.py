@@ -223,9 +223,11 @@ class MemoryRuntime:
             out.append(d)
         return out
 
-    def ingest(self, docs, return_logits: bool = False):
+    def ingest(self, docs, return_logits=False):
         """Reads one document per row (a new document: single_doc clears memory first). Returns the
-        last token's logits per row [B, V] and, with return_logits, each row's logits [L_b, V]."""
+        last token's logits per row [B, V] and, with return_logits=True, each row's logits [L_b, V];
+        with return_logits="tail", the logits of the last L_b - P_b tokens (the windows before them
+        then skip the layers above the last memory layer)."""
         docs = self._check_tokens(docs)
         s, w, c = self.settings, self.window, self.settings.last_context_length
         lengths = np.array([d.size for d in docs])
@@ -243,7 +245,9 @@ class MemoryRuntime:
             self.state = self._reset_fn(self.state, jnp.zeros(self.batch, bool), rows)
             self.doc_pos[:] = 0
         prefix = np.maximum(lengths - c, 0)
-        vocab_logits = [] if return_logits else None
+        tail_only = return_logits == "tail"
+        window_logits = bool(return_logits) and not tail_only
+        vocab_logits = []
         n_windows = int(math.ceil(prefix.max() / w)) if prefix.max() > 0 else 0
         for j in range(n_windows):
             tokens = np.zeros((self.batch, w), np.int32)
@@ -251,14 +255,16 @@ class MemoryRuntime:
             for b, d in enumerate(docs):
                 tokens[b, :n_valid[b]] = d[j * w: j * w + n_valid[b]]
             self.state, logits = self._window_fn(self.params, self.state, jnp.asarray(tokens),
-                                                 jnp.asarray(n_valid, jnp.int32), return_logits)
+                                                 jnp.asarray(n_valid, jnp.int32), window_logits)
             self.doc_pos += n_valid
-            if return_logits:
+            if window_logits:
                 vocab_logits.append((np.asarray(logits)[:, :, :self.model_config.vocab_size], n_valid))
         tails = [d[p:] for d, p in zip(docs, prefix)]
-        last, tail_logits = self._extend_all(tails, return_logits)
+        last, tail_logits = self._extend_all(tails, bool(return_logits))
         if not return_logits:
             return last
+        if tail_only:
+            return last, tail_logits
         rows = []
         for b in range(self.batch):
             parts = [lg[b, :n[b]] for lg, n in vocab_logits] + [tail_logits[b]]

@@ -1,0 +1,41 @@
+"""The baseline of the memory-scaling result: a plain transformer (no memory layers) trained on
+the dictionary lookup documents of 512 tokens with its full 512-token context, on the same token
+budget per step and the same curriculum as `dictionary_lookup.py` (half the rows, twice as long).
+"""
+from fot_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "dictionary_baseline"
+    m = c.model
+    m.vocab_size = 64
+    m.hidden_size = 128
+    m.intermediate_size = 256
+    m.num_layers = 4
+    m.num_heads = 4
+    m.num_kv_heads = 4
+    m.max_position_embeddings = 512
+    m.last_context_length = 512
+    m.mem_layers = []
+    c.data.seq_len = 512
+    c.data.doc_length = 512
+    c.data.query_length = 256
+    c.data.batch_size = 16
+    c.data.num_train_docs = 40000
+    c.data.num_eval_docs = 512
+    c.data.curriculum = "600:0:4:4:64:64,800:0:4:4:128:32,1000:0:4:4:256:16"
+    c.crossbatch.range = 0
+    c.crossbatch.k_packing = 1
+    c.crossbatch.eval_ranges = [0]
+    t = c.train
+    t.steps = 1400
+    t.learning_rate = 3e-3
+    t.warmup_steps = 100
+    t.schedule = "cosine"
+    t.b2 = 0.98
+    t.log_every = 50
+    t.eval_every = 100
+    t.eval_batches = 4
+    t.stop_at_accuracy = 0.97
+    return c

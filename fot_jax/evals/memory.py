@@ -1,0 +1,212 @@
+"""The paper's memory results at CPU scale (FoT arXiv 2307.03170).
+
+`memory_scaling`: dictionary lookup accuracy against the number of dictionary tokens in memory
+(the paper's "Accuracy vs number of dictionary tokens"). A document of `M` definition tokens and
+a query window; the FoT model reads the definitions window by window into memory (LongLLaMA
+windowing, `fot_jax.infer.runtime`) and answers the queries from its top-k retrievals. A baseline
+without memory sees what its context holds: the last `W_b` tokens.
+
+`distraction`: the share of a memory layer's attention that falls on the document's own previous
+context (the paper's "positive attention mass") when that context is in memory with `d - 1`
+contexts of other documents, for models trained with different crossbatch ranges.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fot_jax.data import dictionary
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+from fot_jax.memory import knn
+
+DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+
+
+def _doc(cfg, index, definition_tokens, split, seed):
+    """A dictionary document whose definitions (bos included) span `definition_tokens` tokens,
+    then `query_length` query tokens (eos included). Returns tokens [L], loss mask [L]."""
+    d = cfg.data
+    q = d.query_length
+    out = dictionary.make_document(seed, split, index, doc_length=definition_tokens + q, query_length=q,
+                                   key_length=d.key_length, value_length=d.value_length)
+    tokens = np.concatenate([[dictionary.BOS], out["tokens"], [dictionary.EOS]]).astype(np.int32)
+    mask = np.concatenate([[0], out["loss_mask"], [0]]).astype(bool)
+    return tokens, mask
+
+
+def _accuracy(logits, tokens, mask, offset):
+    """logits [n, V] of tokens[offset: offset + n]; accuracy of next-token predictions on mask."""
+    n = logits.shape[0]
+    pred = np.argmax(logits[:-1], axis=-1)
+    target = tokens[offset + 1: offset + n]
+    m = mask[offset + 1: offset + n]
+    return int((pred[m] == target[m]).sum()), int(m.sum())
+
+
+def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: int = 32, baseline=None,
+                   split: str = "test", seed: int = 0, search: str = "exact", mem_dtype: str = "bfloat16",
+                   log=print) -> list[dict]:
+    """Rows {tokens_in_memory, fot_accuracy, baseline_accuracy, queries, seconds}. `baseline` is
+    (cfg, model) of a model without memory, evaluated on the last window it can hold."""
+    w = cfg.model.max_position_embeddings
+    q = cfg.data.query_length
+    rows = []
+    for size in sizes:
+        start = time.perf_counter()
+        docs = [_doc(cfg, i, size, split, seed) for i in range(num_docs)]
+        capacity = -(-max(size, w) // w) * w
+        settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
+                                  last_context_length=q, chunk=min(8192, capacity))
+        rt = MemoryRuntime(model, num_docs, settings)
+        _, tails = rt.ingest([t for t, _ in docs], return_logits="tail")
+        hits = total = 0
+        for (tokens, mask), lg in zip(docs, tails):
+            h, n = _accuracy(lg, tokens, mask, len(tokens) - lg.shape[0])
+            hits, total = hits + h, total + n
+        row = {"tokens_in_memory": size, "fot_accuracy": hits / total, "queries": total // cfg.data.value_length}
+        if baseline is not None:
+            bcfg, bmodel = baseline
+            bw = bcfg.model.max_position_embeddings
+            window = np.stack([t[-bw:] if len(t) >= bw else np.pad(t, (bw - len(t), 0)) for t, _ in docs])
+            logits = np.asarray(_plain_forward(bmodel, jnp.asarray(window)))
+            bh = bn = 0
+            for (tokens, mask), lg in zip(docs, logits):
+                seen = min(len(tokens), bw)
+                h, n = _accuracy(lg[bw - seen:, :bcfg.model.vocab_size], tokens, mask, len(tokens) - seen)
+                bh, bn = bh + h, bn + n
+            row["baseline_accuracy"] = bh / bn
+        row["seconds"] = time.perf_counter() - start
+        log(f"memory {size:>8,} tokens: FoT accuracy {row['fot_accuracy']:.4f}"
+            + (f", baseline {row['baseline_accuracy']:.4f}" if baseline is not None else "")
+            + f" ({row['queries']} queries, {row['seconds']:.1f}s)")
+        rows.append(row)
+    return rows
+
+
+def _plain_forward(model, tokens):
+    from flax import nnx
+    return nnx.jit(lambda m, t: m(t))(model, tokens)
+
+
+def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, split: str = "test",
+                seed: int = 0) -> list[dict]:
+    """Rows {d, positive_mass, positive_share}: for the first memory layer, over the query window's
+    tokens and all heads, the attention mass (of its whole softmax: memory and local keys) on the
+    document's own previous context, and that mass as a share of the memory's (all d contexts)."""
+    m = cfg.model
+    layer = list(m.mem_layers)[0]
+    w = cfg.data.seq_len
+    need = num_docs + max(ds)
+    docs = [_doc(cfg, i, w, split, seed)[0] for i in range(need)]
+    defs = jnp.asarray(np.stack([t[:w] for t in docs]))           # previous contexts (own and others)
+    queries = jnp.asarray(np.stack([t[w: 2 * w] for t in docs[:num_docs]]))
+    positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (need, w))
+
+    @jax.jit
+    def context_kv(tokens):
+        _, kv = model.infer(tokens, positions[: tokens.shape[0]], last_layer=layer)
+        return kv[layer]
+    mem_k, _ = context_kv(defs)                                    # [need, T, Hkv, D] un-rotated
+    loc_k, _ = context_kv(queries)
+    captured = {}
+
+    def capture(qm):
+        captured["q"] = qm
+        b, hkv, n, d = qm.shape
+        return (jnp.full((b, hkv, n), -jnp.inf), jnp.zeros((b, hkv, n)), jnp.zeros((b, hkv, n, d)))
+    fns = [None] * m.num_layers
+    fns[layer] = capture
+    model.infer(queries, positions[:num_docs], memory_fns=fns)
+    q = np.asarray(captured["q"], np.float64)                      # [B, Hkv, G*T, D] as the layer uses it
+    attn = model.layers[layer].self_attn
+    lk = np.asarray(loc_k, np.float64)
+    if attn.use_rope:
+        from fot_jax.model.rope import apply_rope, rope_cos_sin
+        cos, sin = rope_cos_sin(positions[:num_docs], lk.shape[-1], m.rope_theta)
+        lk = np.asarray(apply_rope(jnp.asarray(loc_k, jnp.float32), cos, sin), np.float64)
+    mk = np.asarray(mem_k, np.float64)
+    hkv = lk.shape[2]
+    g = q.shape[2] // w
+    causal = np.tril(np.ones((w, w), bool))
+    pad = queries != dictionary.PAD
+    rows = []
+    for d in ds:
+        mass, share = [], []
+        for b in range(num_docs):
+            others = [i for i in range(num_docs, need)][: d - 1] if d > 1 else []
+            ctx = [b] + others                                      # own previous context first
+            keys = mk[ctx].reshape(len(ctx) * w, hkv, -1)           # [d*T, Hkv, D]
+            for h in range(hkv):
+                qh = q[b, h].reshape(g, w, -1)                     # [G, T, D]
+                s_mem = np.einsum("gtd,nd->gtn", qh, keys[:, h])
+                s_loc = np.where(causal, np.einsum("gtd,sd->gts", qh, lk[b, :, h]), -np.inf)
+                top = np.maximum(s_mem.max(-1), s_loc.max(-1))[..., None]
+                p_mem, p_loc = np.exp(s_mem - top), np.exp(s_loc - top)
+                z = p_mem.sum(-1) + p_loc.sum(-1)
+                own = p_mem[..., :w].sum(-1)
+                ok = np.asarray(pad[b])[None].repeat(g, 0)
+                mass.append((own / z)[ok])
+                share.append((own / p_mem.sum(-1))[ok])
+        rows.append({"d": d, "positive_mass": float(np.mean(np.concatenate(mass))),
+                     "positive_share": float(np.mean(np.concatenate(share)))})
+    return rows
+
+
+def write_table(rows, path_base, title):
+    """Writes rows as `<base>.json` and a markdown `<base>.md` table."""
+    os.makedirs(os.path.dirname(os.path.abspath(path_base)), exist_ok=True)
+    with open(path_base + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    keys = list(rows[0])
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else f"{r[k]:,}" for k in keys) + " |")
+    with open(path_base + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot_scaling(rows, path, chance=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["tokens_in_memory"] for r in rows]
+    ax.plot(x, [r["fot_accuracy"] for r in rows], "o-", label="FoT (memory, top-k)")
+    if "baseline_accuracy" in rows[0]:
+        ax.plot(x, [r["baseline_accuracy"] for r in rows], "s--", label="baseline (512-token context)")
+    if chance:
+        ax.axhline(chance, color="gray", lw=0.8, ls=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("dictionary tokens in memory")
+    ax.set_ylabel("lookup accuracy (value tokens)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_distraction(results: dict, path):
+    """results: label -> rows of `distraction`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in results.items():
+        ax.plot([r["d"] for r in rows], [r["positive_mass"] for r in rows], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("contexts in memory d (own + distractors)")
+    ax.set_ylabel("attention mass on own previous context")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
