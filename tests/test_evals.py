@@ -1,0 +1,82 @@
+"""Memory evaluations and the generate / eval commands on a tiny trained checkpoint."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fot_jax import cli
+from fot_jax import config as config_lib
+from fot_jax.checkpoint import CheckpointError, load_model
+from fot_jax.data import dictionary
+from fot_jax.evals import memory
+from fot_jax.model import llama
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    rc = cli.main(["train", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", workdir,
+                   "--config.train.steps=6", "--config.train.log_every=3"])
+    assert rc == 0
+    return workdir
+
+
+def test_checkpoint_holds_config_and_params(trained):
+    cfg, model = load_model(trained)
+    assert cfg.name == "tiny" and cfg.train.steps == 6
+    fresh = llama.create(cfg.model, seed=123)
+    assert not np.allclose(np.asarray(model.embed_tokens[...]), np.asarray(fresh.embed_tokens[...]))
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        load_model(os.path.join(trained, "missing"))
+    with pytest.raises(CheckpointError, match="step 999 not found"):
+        load_model(trained, step=999)
+
+
+def test_memory_scaling_accuracy_is_counted_on_the_query_values(trained):
+    """Accuracy is measured on value tokens only: a model that always predicts the right value
+    token gets 1.0, and the counting matches the documents' masks."""
+    cfg, model = load_model(trained)
+    rows = memory.memory_scaling(cfg, model, sizes=[128, 256], num_docs=2, top_k=4, baseline=(cfg, model),
+                                 mem_dtype="float32", log=lambda *_: None)
+    assert [r["tokens_in_memory"] for r in rows] == [128, 256]
+    for r in rows:
+        assert 0.0 <= r["fot_accuracy"] <= 1.0 and 0.0 <= r["baseline_accuracy"] <= 1.0
+        tokens, mask = memory._doc(cfg, 0, r["tokens_in_memory"], "test", 0)
+        assert r["queries"] == 2 * mask.sum() // cfg.data.value_length
+    # _accuracy against a perfect predictor built from the document itself
+    tokens, mask = memory._doc(cfg, 1, 256, "test", 0)
+    perfect = np.eye(64)[np.concatenate([tokens[1:], [0]])]
+    assert memory._accuracy(perfect, tokens, mask, 0) == (mask.sum(), mask.sum())
+    wrong = np.eye(64)[np.zeros_like(tokens)]
+    assert memory._accuracy(wrong, tokens, mask, 0)[0] == 0
+
+
+def test_distraction_mass_is_a_share_that_falls_with_distractors(trained):
+    cfg, model = load_model(trained)
+    rows = memory.distraction(cfg, model, ds=(1, 2, 8), num_docs=2)
+    assert rows[0]["positive_share"] == pytest.approx(1.0)
+    for r in rows:
+        assert 0.0 < r["positive_mass"] <= r["positive_share"] <= 1.0 + 1e-9
+    assert rows[2]["positive_share"] < rows[0]["positive_share"]
+
+
+def test_eval_and_generate_commands(trained, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    assert cli.main(["eval", "--workdir", trained, "--sizes", "128,256", "--num-docs", "1", "--out", out,
+                     "--config.memory.top_k=4"]) == 0
+    assert os.path.exists(os.path.join(out, "memory_scaling.png"))
+    assert len(json.load(open(os.path.join(out, "memory_scaling.json")))) == 2
+    assert cli.main(["eval", "--workdir", trained, "--task", "distraction", "--num-docs", "1", "--out", out]) == 0
+    assert os.path.exists(os.path.join(out, "distraction.png"))
+    capsys.readouterr()
+    doc = " ".join(str(t) for t in np.arange(150) % 50 + 6)   # longer than the window: memory is used
+    assert cli.main(["generate", "--workdir", trained, "--tokens", doc, "--tokens", "1 3 7",
+                     "--max-new-tokens", "5", "--config.memory.capacity=256"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert [l["prompt_tokens"] for l in lines] == [150, 3]
+    assert all(1 <= len(l["generated"]) <= 5 for l in lines)
+    assert cli.main(["generate", "--workdir", trained, "--tokens", "1 2", "--config.memory.top_k=0"]) == 2
+    assert "memory.top_k" in capsys.readouterr().err
