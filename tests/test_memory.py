@@ -193,3 +193,73 @@ def test_store_reset_and_bad_input():
         store_lib.check_write(store, *(np.zeros((3, 1, 8, 4)),) * 2, *(np.zeros((3, 8)),) * 3)
     with pytest.raises(store_lib.MemoryStoreError, match="does not divide"):
         store_lib.create(1, 1, 12, 4, "float32", mesh=_mesh(8))
+
+
+# --- memory attention: [top-k memory; causal local] in one softmax ---------------------------
+
+def _np_attention(q, k, v, mask, mk, mv, mvalid, top_k, gate=None):
+    """q [T,H,D], k/v [S,Hkv,D], mask [T,S], memory mk/mv [Hkv,N,D] with mvalid [N] (float64)."""
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    out = np.zeros((t, h, d))
+    idx = np.flatnonzero(mvalid)
+    for head in range(h):
+        kh = head // (h // hkv)
+        for i in range(t):
+            sl = k[mask[i], kh] @ q[i, head]
+            vl = v[mask[i], kh]
+            sm = mk[kh, idx] @ q[i, head]
+            top = np.argsort(-sm, kind="stable")[:top_k]
+            if gate is None:
+                s = np.concatenate([sm[top], sl])
+                w = np.exp(s - s.max())
+                out[i, head] = (w / w.sum()) @ np.concatenate([mv[kh, idx][top], vl])
+            else:
+                wl = np.exp(sl - sl.max())
+                local = (wl / wl.sum()) @ vl
+                wm = np.exp(sm[top] - sm[top].max())
+                mem = (wm / wm.sum()) @ mv[kh, idx][top]
+                g = 1 / (1 + np.exp(-gate[head]))
+                out[i, head] = g * mem + (1 - g) * local
+    return out
+
+
+@pytest.mark.parametrize("top_k,gated", [(1000, False), (6, False), (6, True)])
+def test_memory_attention_equals_dense_reference_through_wraparound(top_k, gated):
+    from fot_jax.model.attention import memory_attention
+    rng = np.random.default_rng(7)
+    b, t, h, hkv, d, n = 2, 10, 4, 2, 8, 32
+    store = store_lib.create(b, hkv, n, d, "float32")
+    for start in range(0, 80, 20):       # 80 writes into 32 slots: FIFO wraps twice
+        store, *_ = _write(store, rng, 20, start=start)
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    k = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((b, t, hkv, d)).astype(np.float32)
+    mask = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))
+    gate = rng.standard_normal(h).astype(np.float32) if gated else None
+    qm = jnp.transpose(jnp.asarray(q).reshape(b, t, hkv, h // hkv, d), (0, 2, 3, 1, 4)).reshape(b, hkv, -1, d)
+    partials = knn.lookup(qm, store.keys, store.values, store.valid, top_k, chunk=16)
+    got = np.asarray(memory_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                                      partials, None if gate is None else jnp.asarray(gate)))
+    for bi in range(b):
+        want = _np_attention(q[bi].astype(np.float64), k[bi], v[bi], mask[bi], np.asarray(store.keys[bi]),
+                             np.asarray(store.values[bi]), np.asarray(store.valid[bi]), top_k, gate)
+        np.testing.assert_allclose(got[bi], want, atol=1e-5, rtol=1e-5)
+    # an empty memory is pure local attention, no NaN
+    empty = store_lib.create(b, hkv, n, d, "float32")
+    p0 = knn.lookup(qm, empty.keys, empty.values, empty.valid, top_k, chunk=16)
+    out0 = np.asarray(memory_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), p0,
+                                       None if gate is None else jnp.asarray(gate)))
+    none = np.asarray(memory_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)))
+    assert np.isfinite(out0).all()
+    np.testing.assert_allclose(out0, none, atol=1e-6)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_dense_search_attends_to_every_valid_entry(sharded):
+    q, keys, values, valid = _random(6, n=256)
+    args = [jnp.asarray(x) for x in (q, keys, values, valid)]
+    m, l, acc = knn.lookup(*args, 1, search="dense", chunk=48, mesh=_mesh(8) if sharded else None)
+    rm, rl, racc = _np_partials(q, keys, values, valid, 10 ** 6)
+    np.testing.assert_allclose(np.asarray(m), rm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
