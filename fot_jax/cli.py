@@ -62,8 +62,15 @@ def cmd_eval(args, overrides):
     if args.task == "memory_scaling":
         baseline = load_model(args.baseline) if args.baseline else None
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else memory.DEFAULT_SIZES
+        mesh = None
+        if args.memory_shards > 1:
+            import jax
+            from jax.sharding import AxisType
+            mesh = jax.make_mesh((args.memory_shards,), ("memory",), axis_types=(AxisType.Auto,),
+                                 devices=jax.devices()[: args.memory_shards])
         rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
-                                     baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype)
+                                     baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype,
+                                     mesh=mesh)
         print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"),
                                  f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
         memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
@@ -104,6 +111,8 @@ def main(argv=None):
     p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
     p.add_argument("--sizes", help="memory_scaling: comma-separated dictionary token counts")
     p.add_argument("--num-docs", type=int, default=4)
+    p.add_argument("--memory-shards", type=int, default=1,
+                   help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
     args = parser.parse_args(known)
     from fot_jax.checkpoint import CheckpointError

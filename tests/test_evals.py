@@ -65,7 +65,7 @@ def test_distraction_mass_is_a_share_that_falls_with_distractors(trained):
 
 def test_eval_and_generate_commands(trained, tmp_path, capsys):
     out = str(tmp_path / "eval")
-    assert cli.main(["eval", "--workdir", trained, "--sizes", "128,256", "--num-docs", "1", "--out", out,
+    assert cli.main(["eval", "--workdir", trained, "--sizes", "128,256", "--num-docs", "1", "--out", out, "--memory-shards", "8",
                      "--config.memory.top_k=4"]) == 0
     assert os.path.exists(os.path.join(out, "memory_scaling.png"))
     assert len(json.load(open(os.path.join(out, "memory_scaling.json")))) == 2

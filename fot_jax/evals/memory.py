@@ -50,19 +50,21 @@ def _accuracy(logits, tokens, mask, offset):
 
 def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: int = 32, baseline=None,
                    split: str = "test", seed: int = 0, search: str = "exact", mem_dtype: str = "bfloat16",
-                   log=print) -> list[dict]:
+                   mesh=None, log=print) -> list[dict]:
     """Rows {tokens_in_memory, fot_accuracy, baseline_accuracy, queries, seconds}. `baseline` is
-    (cfg, model) of a model without memory, evaluated on the last window it can hold."""
+    (cfg, model) of a model without memory, evaluated on the last window it can hold. With a mesh
+    that has a `memory` axis, the stores are sharded over it (how 16M tokens fit on a pod)."""
     w = cfg.model.max_position_embeddings
     q = cfg.data.query_length
     rows = []
     for size in sizes:
         start = time.perf_counter()
         docs = [_doc(cfg, i, size, split, seed) for i in range(num_docs)]
-        capacity = -(-max(size, w) // w) * w
+        unit = w * (mesh.shape["memory"] if mesh is not None else 1)
+        capacity = -(-max(size, w) // unit) * unit
         settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
                                   last_context_length=q, chunk=min(8192, capacity))
-        rt = MemoryRuntime(model, num_docs, settings)
+        rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)
         _, tails = rt.ingest([t for t, _ in docs], return_logits="tail")
         hits = total = 0
         for (tokens, mask), lg in zip(docs, tails):

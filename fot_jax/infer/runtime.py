@@ -99,6 +99,9 @@ class MemoryRuntime:
         self.mesh, self.memory_axis = mesh, memory_axis
         self.mem_layers = list(m.mem_layers)
         self.graphdef, self.params = nnx.split(model, nnx.Param)
+        if mesh is not None:  # parameters replicated over the mesh that holds the stores
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self.params = jax.device_put(self.params, replicated)
         self.kv_heads, self.head_dim = m.num_kv_heads, config_lib.head_dim(m)
         self.tail = min(settings.last_context_length, self.window)
         self.state = self._empty_state()
