@@ -18,6 +18,10 @@ def get_config():
     m.max_position_embeddings = 512
     m.last_context_length = 512
     m.mem_layers = []
+    # q/k normalisation with a learnable temperature in every layer: content lookups form within
+    # the budget (with plain scaled dot products the baseline stayed near chance, 5% at step 1050).
+    m.qk_norm = "all"
+    m.qk_temperature_init = 10.0
     c.data.seq_len = 512
     c.data.doc_length = 512
     c.data.query_length = 256

@@ -24,7 +24,7 @@ from fot_jax.data import dictionary
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
 from fot_jax.memory import knn
 
-DEFAULT_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
 
 def _doc(cfg, index, definition_tokens, split, seed):
