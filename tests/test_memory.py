@@ -263,3 +263,21 @@ def test_dense_search_attends_to_every_valid_entry(sharded):
     rm, rl, racc = _np_partials(q, keys, values, valid, 10 ** 6)
     np.testing.assert_allclose(np.asarray(m), rm, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_store_holds_bit_patterns_and_reads_back():
+    """16-bit stores keep uint16 bits (in-place scatter on CPU); readers see the bfloat16 values."""
+    rng = np.random.default_rng(9)
+    store = store_lib.create(1, 2, 16, 4, "bfloat16")
+    assert store.keys.dtype == jnp.uint16 and store.dtype == "bfloat16"
+    store, k, v, pos, mask = _write(store, rng, 5)
+    got = np.asarray(store_lib.as_float(store.keys, "bfloat16")[0, :, :5], np.float32)
+    np.testing.assert_array_equal(got, np.asarray(jnp.asarray(k[0]).astype(jnp.bfloat16), np.float32))
+    q = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    m, l, acc = knn.lookup(jnp.asarray(q), store.keys, store.values, store.valid, 2, dtype="bfloat16")
+    kb = np.asarray(jnp.asarray(k).astype(jnp.bfloat16), np.float64)
+    vb = np.asarray(jnp.asarray(v).astype(jnp.bfloat16), np.float64)
+    full_k = np.zeros((1, 2, 16, 4)); full_k[:, :, :5] = kb
+    full_v = np.zeros((1, 2, 16, 4)); full_v[:, :, :5] = vb
+    rm, rl, racc = _np_partials(q, full_k, full_v, np.asarray(store.valid), 2)
+    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)

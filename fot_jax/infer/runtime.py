@@ -138,7 +138,8 @@ class MemoryRuntime:
             st = stores[j]
             fns[layer] = functools.partial(
                 knn.lookup, keys=st.keys, values=st.values, valid=st.valid, top_k=s.top_k, chunk=s.chunk,
-                search=s.search, recall_target=s.recall_target, mesh=self.mesh, memory_axis=self.memory_axis)
+                search=s.search, recall_target=s.recall_target, mesh=self.mesh, memory_axis=self.memory_axis,
+                dtype=st.dtype)
         return [None if f is None else (lambda q, f=f: f(q)) for f in fns]
 
     def _write_memory(self, stores, new_kv, positions, doc_ids, mask):

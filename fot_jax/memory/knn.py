@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from fot_jax.memory.store import as_float
+
 SEARCH_MODES = ("exact", "approx", "dense")
 GROUP = 16
 
@@ -47,9 +49,10 @@ def _chunk_topk(s, k, search, recall_target, group):
 
 
 def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
-         recall_target: float = 0.95, group: int = GROUP):
+         recall_target: float = 0.95, group: int = GROUP, dtype: str = "bfloat16"):
     """Top-k memory entries per query: (scores [B,Hkv,Q,k] float32, descending, -inf where fewer
-    than k entries are valid; indices [B,Hkv,Q,k] int32 into N)."""
+    than k entries are valid; indices [B,Hkv,Q,k] int32 into N). Keys stored as uint16 bits hold
+    `dtype` (see `fot_jax.memory.store`)."""
     if top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
     if search not in SEARCH_MODES:
@@ -59,12 +62,12 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact"
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
     k_chunk = min(top_k, chunk)
-    ct = jnp.promote_types(q.dtype, keys.dtype)
+    ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
     qc = q.astype(ct)
 
     def body(carry, i):
         start = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before
-        kc = jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2).astype(ct)
+        kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype).astype(ct)
         vc = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
         ids = start + jnp.arange(chunk, dtype=jnp.int32)
         ok = vc[:, None, None, :] & (ids >= i * chunk)  # not seen in an earlier chunk
@@ -85,12 +88,12 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact"
     return v, i
 
 
-def partial_sums(scores, indices, values, keep=None):
+def partial_sums(scores, indices, values, keep=None, dtype: str = "bfloat16"):
     """Softmax partial sums over retrieved entries: (m, l, acc) as in the module docstring."""
     b, hkv, nq, k = scores.shape
     d = values.shape[-1]
     gathered = jnp.take_along_axis(values, indices.reshape(b, hkv, nq * k, 1), axis=2)
-    gathered = gathered.reshape(b, hkv, nq, k, d).astype(jnp.float32)
+    gathered = as_float(gathered, dtype).reshape(b, hkv, nq, k, d).astype(jnp.float32)
     ok = scores > -jnp.inf
     if keep is not None:
         ok = ok & keep
@@ -108,18 +111,18 @@ def _combine(m, l, acc, axis):
     return m_all, jax.lax.psum(l * scale, axis), jax.lax.psum(acc * scale[..., None], axis)
 
 
-def dense_sums(q, keys, values, valid, *, chunk: int = 8192):
+def dense_sums(q, keys, values, valid, *, chunk: int = 8192, dtype: str = "bfloat16"):
     """Partial sums over every valid entry (no top-k): an online softmax over chunks of N."""
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
     chunk = min(chunk, n)
-    ct = jnp.promote_types(q.dtype, keys.dtype)
+    ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
 
     def body(carry, i):
         m, l, acc = carry
         start = jnp.minimum(i * chunk, n - chunk)
-        kc = jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2).astype(ct)
-        vc = jax.lax.dynamic_slice_in_dim(values, start, chunk, axis=2).astype(jnp.float32)
+        kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype).astype(ct)
+        vc = as_float(jax.lax.dynamic_slice_in_dim(values, start, chunk, axis=2), dtype).astype(jnp.float32)
         ok = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)[:, None, None, :]
         ok = ok & (start + jnp.arange(chunk) >= i * chunk)
         s = jnp.einsum("bhqd,bhcd->bhqc", q.astype(ct), kc, preferred_element_type=jnp.float32)
@@ -139,7 +142,7 @@ def dense_sums(q, keys, values, valid, *, chunk: int = 8192):
 
 def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
            recall_target: float = 0.95, mesh=None, memory_axis: str = "memory",
-           return_indices: bool = False):
+           return_indices: bool = False, dtype: str = "bfloat16"):
     """Partial sums (m, l, acc) of the top-k memory entries of each query; with a mesh whose
     `memory_axis` shards N, a sharded lookup that equals the unsharded one. With
     return_indices, also the retrieved indices [B,Hkv,Q,k] (sharded: [B,Hkv,Q,S*k], -1 = not kept)."""
@@ -147,20 +150,20 @@ def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str
         if return_indices:
             raise ValueError("search='dense' retrieves every valid entry; it has no indices to return")
         if mesh is None or memory_axis not in mesh.shape or mesh.shape[memory_axis] == 1:
-            return dense_sums(q, keys, values, valid, chunk=chunk)
+            return dense_sums(q, keys, values, valid, chunk=chunk, dtype=dtype)
 
         def dense_shard(q, keys, values, valid):
-            m, l, acc = dense_sums(q, keys, values, valid, chunk=chunk)
+            m, l, acc = dense_sums(q, keys, values, valid, chunk=chunk, dtype=dtype)
             return _combine(m, l, acc, memory_axis)
         kv_spec = P(None, None, memory_axis, None)
         return jax.shard_map(dense_shard, mesh=mesh, in_specs=(P(), kv_spec, kv_spec, P(None, memory_axis)),
                              out_specs=(P(),) * 3, check_vma=False)(q, keys, values, valid)
     if top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
-    opts = dict(chunk=chunk, search=search, recall_target=recall_target)
+    opts = dict(chunk=chunk, search=search, recall_target=recall_target, dtype=dtype)
     if mesh is None or memory_axis not in mesh.shape or mesh.shape[memory_axis] == 1:
         s, i = topk(q, keys, valid, top_k, **opts)
-        out = partial_sums(s, i, values)
+        out = partial_sums(s, i, values, dtype=dtype)
         return (*out, i) if return_indices else out
     shards = mesh.shape[memory_axis]
     n = keys.shape[2]
@@ -181,7 +184,7 @@ def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str
         is_tie = s == kth[..., None]
         tie_rank = jnp.cumsum(is_tie, axis=-1) - 1
         keep = ((s > kth[..., None]) | (is_tie & (tie_rank < quota[..., None]))) & (s > -jnp.inf)
-        m_all, l, acc = _combine(*partial_sums(s, i, values, keep), memory_axis)
+        m_all, l, acc = _combine(*partial_sums(s, i, values, keep, dtype=dtype), memory_axis)
         if not return_indices:
             return m_all, l, acc
         idx = jnp.where(keep, i + me * local_n, -1)
