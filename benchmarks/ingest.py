@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     m = model_config(args)
     model = llama.create(m, seed=0)

@@ -48,6 +48,14 @@ def _chunk_topk(s, k, search, recall_target, group):
     return jax.lax.top_k(s, k)
 
 
+def _active_chunks(valid, chunk, n_chunks):
+    """Chunks up to the last valid slot of any row: a ring buffer fills from slot 0, so a store
+    that is not yet full is scored only over its filled part (a dynamic trip count, one program)."""
+    n = valid.shape[1]
+    last = jnp.max(jnp.where(jnp.any(valid, axis=0), jnp.arange(n, dtype=jnp.int32), -1))
+    return jnp.minimum((last + chunk) // chunk, n_chunks)
+
+
 def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
          recall_target: float = 0.95, group: int = GROUP, dtype: str = "bfloat16"):
     """Top-k memory entries per query: (scores [B,Hkv,Q,k] float32, descending, -inf where fewer
@@ -84,8 +92,8 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact"
     if n_chunks == 1:
         (v, i), _ = body(init, 0)
         return v, i
-    (v, i), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    return v, i
+    active = _active_chunks(valid, chunk, n_chunks)
+    return jax.lax.fori_loop(0, active, lambda i, c: body(c, i)[0], init)
 
 
 def partial_sums(scores, indices, values, keep=None, dtype: str = "bfloat16"):
@@ -136,8 +144,8 @@ def dense_sums(q, keys, values, valid, *, chunk: int = 8192, dtype: str = "bfloa
 
     init = (jnp.full((b, hkv, nq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, nq), jnp.float32),
             jnp.zeros((b, hkv, nq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(-(-n // chunk)))
-    return m, l, acc
+    active = _active_chunks(valid, chunk, -(-n // chunk))
+    return jax.lax.fori_loop(0, active, lambda i, c: body(c, i)[0], init)
 
 
 def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
