@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fot_jax.data import dictionary
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
@@ -90,9 +91,10 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
     return rows
 
 
+@nnx.jit
 def _plain_forward(model, tokens):
-    from flax import nnx
-    return nnx.jit(lambda m, t: m(t))(model, tokens)
+    """The model without memory on one window (compiled once, reused across memory sizes)."""
+    return model(tokens)
 
 
 def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, split: str = "test",

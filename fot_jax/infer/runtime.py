@@ -140,7 +140,7 @@ class MemoryRuntime:
                 knn.lookup, keys=st.keys, values=st.values, valid=st.valid, top_k=s.top_k, chunk=s.chunk,
                 search=s.search, recall_target=s.recall_target, mesh=self.mesh, memory_axis=self.memory_axis,
                 dtype=st.dtype)
-        return [None if f is None else (lambda q, f=f: f(q)) for f in fns]
+        return fns
 
     def _write_memory(self, stores, new_kv, positions, doc_ids, mask):
         out = []
