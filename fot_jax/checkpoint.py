@@ -1,9 +1,13 @@
 """Orbax checkpoints: train state + data position + config (DESIGN "Checkpoints and interop").
 
 A checkpoint step directory holds three items: `state` (the train state pytree, restored onto the
-shardings of an abstract target, so onto any mesh), `data` (the pipeline position, JSON) and
-`config` (the run's config, JSON). Saves are asynchronous; Orbax writes a step under a temporary
-name and renames it when complete, so a partial save is never mistaken for a checkpoint.
+shardings of an abstract target, so onto any mesh), `data` (the pipeline position and the range
+schedule, JSON) and `config` (the run's config, JSON). Saves are asynchronous; Orbax writes a step
+under a temporary name and renames it when complete, so a partial save (a process killed mid-save)
+is never mistaken for a checkpoint: the next start restores the last complete step.
+
+Keep-best (`train.checkpoint_best`): a second manager in `<workdir>/best` holds the step with the
+best held-out metric, apart from the rolling `keep` latest ones that resuming uses.
 """
 from __future__ import annotations
 
@@ -19,28 +23,101 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# Model fields that do not change parameters or the training computation: a resumed run may
+# change them freely (inference settings, compute dtype, rematerialisation).
+RESUMABLE_MODEL_FIELDS = frozenset({"last_context_length", "mem_dtype", "remat", "dtype"})
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(stored: dict, current: dict) -> dict:
+    """{field: (stored, current)} for every leaf field that differs (dotted names)."""
+    a, b = _flat(stored), _flat(current)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def _check_model_config(stored: dict, cfg, where: str):
+    current = json.loads(cfg.to_json())
+    diff = {k: v for k, v in config_diff(stored.get("model", {}), current["model"]).items()
+            if k not in RESUMABLE_MODEL_FIELDS}
+    if diff:
+        lines = "; ".join(f"model.{k}: checkpoint {a!r}, run {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"the checkpoint in {where} was trained with a different model config "
+                              f"({lines}). Resume with the checkpoint's model settings, or start a "
+                              "new workdir.")
+
+
+def _restore_error(step, directory, err):
+    return CheckpointError(
+        f"checkpoint step {step} in {directory} cannot be restored ({type(err).__name__}: "
+        f"{str(err)[:300]}). It is corrupt or incomplete (a missing or damaged file). Nothing was "
+        "changed on disk; move that step directory aside to resume from the one before it, or set "
+        "--config.train.resume_step to an earlier step.")
 
 
 class Checkpoints:
     """The Trainer's checkpoint seam, backed by `ocp.CheckpointManager` in `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str, cfg, every: int = 0, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, cfg, every: int = 0, keep: int = 3, async_save: bool = True,
+                 best: str = "", resume_step: int = -1):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
+        self.resume_step = None if resume_step is None or resume_step < 0 else int(resume_step)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(int(every), 1), max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.best_metric = best
+        self.best_manager = None
+        self.best_value = None
+        if best:
+            self.best_dir = os.path.abspath(os.path.join(workdir, "best"))
+            self.best_manager = ocp.CheckpointManager(self.best_dir, options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, enable_async_checkpointing=async_save))
+            step = self.best_manager.latest_step()
+            if step is not None:
+                meta = self.best_manager.restore(step, args=ocp.args.Composite(
+                    metrics=ocp.args.JsonRestore()))["metrics"]
+                self.best_value = meta.get(best)
+
+    def stored_config(self, step) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def restore(self, abstract_state, shardings, step=None):
-        step = self.manager.latest_step() if step is None else step
+        """(state, data_state) of the latest complete step (or `step`, or train.resume_step), placed
+        on `shardings` (any mesh); None when the workdir has no checkpoint."""
+        step = step if step is not None else self.resume_step
         if step is None:
-            return None
+            step = self.manager.latest_step()
+            if step is None:
+                return None
+        elif step not in self.manager.all_steps():
+            raise CheckpointError(f"checkpoint step {step} not found in {self.directory}; "
+                                  f"complete steps: {sorted(self.manager.all_steps())}")
+        try:
+            stored = self.stored_config(step)
+        except Exception as err:  # noqa: BLE001 -- any failure to read is a corrupt checkpoint
+            raise _restore_error(step, self.directory, err) from err
+        _check_model_config(stored, self.cfg, f"{self.directory}/{step}")
         target = _abstract(abstract_state, shardings)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except Exception as err:  # noqa: BLE001
+            raise _restore_error(step, self.directory, err) from err
         return restored["state"], restored["data"]
 
     def save(self, step, state, data_state, force=False):
@@ -50,34 +127,66 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
             config=ocp.args.JsonSave(json.loads(self.cfg.to_json()))), force=force)
 
-    def close(self):
+    def offer_best(self, step, state, data_state, metrics: dict) -> bool:
+        """Saves into `<workdir>/best` when `metrics[best]` beats the best so far (accuracy: higher;
+        loss: lower). Returns whether it saved."""
+        if self.best_manager is None or self.best_metric not in metrics:
+            return False
+        value = float(metrics[self.best_metric])
+        better = (self.best_value is None or
+                  (value < self.best_value if self.best_metric == "loss" else value > self.best_value))
+        if not better:
+            return False
+        self.best_manager.wait_until_finished()
+        self.best_manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
+            config=ocp.args.JsonSave(json.loads(self.cfg.to_json())),
+            metrics=ocp.args.JsonSave({self.best_metric: value, "step": int(step)})), force=True)
+        self.best_value = value
+        return True
+
+    def wait(self):
         self.manager.wait_until_finished()
+        if self.best_manager is not None:
+            self.best_manager.wait_until_finished()
+
+    def close(self):
+        self.wait()
         self.manager.close()
+        if self.best_manager is not None:
+            self.best_manager.close()
 
 
-def load_model(workdir: str, step=None, overrides=()):
-    """(cfg, model) from the latest (or a chosen) checkpoint of a training workdir; parameters
-    are restored replicated on the default device. `overrides` are `--config.a.b=v` strings applied
-    to the stored config (inference settings such as `memory.top_k`)."""
+def load_model(workdir: str, step=None, overrides=(), best: bool = False):
+    """(cfg, model) from the latest (or a chosen, or the best) checkpoint of a training workdir;
+    parameters are restored replicated on the default device. `overrides` are `--config.a.b=v`
+    strings applied to the stored config (inference settings such as `memory.top_k`)."""
     from fot_jax import config as config_lib
     from fot_jax.train.state import abstract_model
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    directory = os.path.abspath(os.path.join(workdir, "best" if best else "checkpoints"))
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir!r} (expected {directory}); train first "
-                              "with `fot-jax train --workdir ...`")
+                              "with `fot-jax train --workdir ...`" +
+                              (" and --config.train.checkpoint_best=accuracy" if best else ""))
     manager = ocp.CheckpointManager(directory)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise CheckpointError(f"checkpoint step {step} not found in {directory}; steps: {manager.all_steps()}")
-    stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    cfg = config_lib.from_dict(stored, overrides)
-    graphdef, abstract_params = abstract_model(cfg)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                     abstract_params)}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                     partial_restore=True)))["state"]
-    manager.close()
+    try:
+        stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        cfg = config_lib.from_dict(stored, overrides)
+        graphdef, abstract_params = abstract_model(cfg)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                         abstract_params)}
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)))["state"]
+    except config_lib.ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _restore_error(step, directory, err) from err
+    finally:
+        manager.close()
     model = nnx.merge(graphdef, restored["params"])
     return cfg, model

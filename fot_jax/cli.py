@@ -18,6 +18,10 @@ def cmd_train(args, overrides):
     from fot_jax.train.loop import train
     cfg = config_lib.load_config(args.config, overrides)
     summary = train(cfg, args.workdir)
+    if summary.get("preempted"):
+        print(f"fot-jax train: terminated (SIGTERM) after step {summary['steps']}; checkpoint saved, "
+              "run the same command to resume", file=sys.stderr)
+        return 143
     print(json.dumps(summary["eval"], indent=1))
     return 0
 

@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.b2 = 0.98
     t.weight_decay = 0.0
     t.grad_clip = 1.0
+    t.temperature_lr_scale = 1.0      # learning-rate multiplier for the qk_norm temperatures (Adam moves
+                                      # a parameter by ~lr a step whatever its size: a temperature of
+                                      # 10 barely moves at lr 3e-4)
     t.microbatches = 1
     t.log_every = 10
     t.eval_every = 0                  # 0: only at the end
@@ -112,6 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.stop_at_accuracy = 0.0          # > 0: stop once eval accuracy (r = max eval range) reaches it
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
+    t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
+    t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
 
     mem = c.memory = ml_collections.ConfigDict()
     mem.top_k = 32                    # memory entries each query retrieves
@@ -304,6 +309,10 @@ def validate(cfg) -> None:
     _check(m.mem_attention in MEM_ATTENTION, "model.mem_attention",
            f"'{m.mem_attention}' is not one of {MEM_ATTENTION}")
     mem = cfg.memory
+    _check(t.checkpoint_best in ("", "accuracy", "loss"), "train.checkpoint_best",
+           f"'{t.checkpoint_best}' is not one of '', 'accuracy', 'loss'")
+    _check(t.temperature_lr_scale > 0, "train.temperature_lr_scale",
+           f"must be positive, got {t.temperature_lr_scale}")
     _check(mem.top_k > 0, "memory.top_k", f"must be positive, got {mem.top_k}")
     _check(mem.capacity >= m.max_position_embeddings, "memory.capacity",
            f"{mem.capacity} is smaller than one window (model.max_position_embeddings="

@@ -35,6 +35,12 @@ class NoCheckpoints:
     def save(self, step, state, data_state, force=False):
         pass
 
+    def offer_best(self, step, state, data_state, metrics):
+        return False
+
+    def wait(self):
+        pass
+
     def close(self):
         pass
 
@@ -70,7 +76,8 @@ class Trainer:
         if checkpoints is None:  # default: Orbax checkpoints in the workdir (resumes from there)
             from fot_jax.checkpoint import Checkpoints
             checkpoints = Checkpoints(workdir, cfg, every=cfg.train.checkpoint_every,
-                                      keep=cfg.train.checkpoint_keep)
+                                      keep=cfg.train.checkpoint_keep, best=cfg.train.checkpoint_best,
+                                      resume_step=cfg.train.resume_step)
         self.checkpoints = checkpoints or NoCheckpoints()  # False: no checkpoints
         self.schedule = make_schedule(cfg.train)
         with mesh_lib.use_mesh(self.mesh):
@@ -92,7 +99,8 @@ class Trainer:
             rep = mesh_lib.replicated(self.mesh)
             fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                                    spec=crossbatch_spec(self.cfg, range_max),
-                                   microbatches=self.cfg.train.microbatches, schedule=self.schedule)
+                                   microbatches=self.cfg.train.microbatches, schedule=self.schedule,
+                                   temperature_lr_scale=float(self.cfg.train.temperature_lr_scale))
             self._train_steps[range_max] = jax.jit(
                 fn, in_shardings=(self.state_shardings, self._batch_shardings(), rep),
                 out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
@@ -157,7 +165,25 @@ class Trainer:
         if not self.quiet:
             metrics_lib.log(msg)
 
-    def run(self) -> dict:
+    def run(self, until: int | None = None) -> dict:
+        """Trains to `train.steps` (or stops after step `until`, saving a checkpoint there, as a
+        preemption would). SIGTERM (TPU preemption) saves a checkpoint at the current step and
+        returns with `summary["preempted"] = True`; the next run resumes from it."""
+        import signal
+        import threading
+        self._term = False
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):
+                self._term = True
+            previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return self._run(until)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run(self, until):
         cfg, t, x = self.cfg, self.cfg.train, self.cfg.crossbatch
         self.writer = metrics_lib.MetricWriter(self.workdir)
         peak = metrics_lib.measure_matmul_flops()
@@ -170,9 +196,12 @@ class Trainer:
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                  f"{jax.device_count()} devices, matmul peak {peak / 1e9:.1f} GFLOP/s, "
                  f"steps {start_step}->{t.steps}")
-        rng = np.random.default_rng([t.seed, 7])
         current_range = x.range
         switched = False
+        if data_state is not None and "range" in data_state:
+            current_range, switched = int(data_state["range"]), bool(data_state["switched"])
+        self._range_state = lambda: {"range": current_range, "switched": switched}
+        preempted = False
         stage_index = None
         batcher = None
         history = []
@@ -194,6 +223,8 @@ class Trainer:
                     if data_state is not None and data_state.get("stage") == stage_index:
                         batcher.restore(data_state["batcher"])
                 if x.sample_range:
+                    # stateless per step, so a resumed run draws the same r as an uninterrupted one
+                    rng = np.random.default_rng([t.seed, 7, step])
                     range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
                 else:
                     range_max = r = current_range
@@ -221,12 +252,16 @@ class Trainer:
                     if (x.switch_range >= 0 and not switched and stage_index == len(self.stages)
                             and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
                         current_range, switched = x.switch_range, True
+                        self._range_state = lambda: {"range": current_range, "switched": switched}
                         self.log(f"crossbatch range switched to r={current_range} at step {done} "
                                  f"(train accuracy {np.mean(acc_window[-3:]):.3f})")
                 is_eval = t.eval_every and done % t.eval_every == 0
                 if is_eval or done == t.steps:
                     final_eval = self._eval_and_log(done)
                     history.append({"step": done, "eval": {str(k): v for k, v in final_eval.items()}})
+                    if self.checkpoints.offer_best(done, self.state, self._data_state(batcher, stage_index),
+                                                   final_eval[max(final_eval)]):
+                        self.log(f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best")
                     if t.stop_at_accuracy > 0:
                         best_r = max(final_eval)
                         if final_eval[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
@@ -237,10 +272,23 @@ class Trainer:
                             break
                 if t.checkpoint_every and done % t.checkpoint_every == 0:
                     self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index))
+                if self._term or (until is not None and done >= until and done < t.steps):
+                    preempted = self._term
+                    self.log(("SIGTERM" if self._term else f"stop requested after step {until}") +
+                             f": saving a checkpoint at step {done} and stopping; the next run resumes here")
+                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index), force=True)
+                    final_eval = final_eval or {}
+                    break
             if pending is not None:
                 self._check({k: float(v) for k, v in jax.device_get(pending).items()})
         if final_eval is None:
             final_eval = self._eval_and_log(int(jax.device_get(self.state["step"])))
+        if preempted or (until is not None and int(jax.device_get(self.state["step"])) < t.steps):
+            self.checkpoints.close()
+            self.writer.close()
+            return {"steps": int(jax.device_get(self.state["step"])), "preempted": preempted,
+                    "seconds": time.perf_counter() - run_start,
+                    "eval": {str(k): v for k, v in final_eval.items()}}
         self.checkpoints.save(int(jax.device_get(self.state["step"])), self.state,
                               self._data_state(batcher, stage_index), force=True)
         self.checkpoints.close()
@@ -255,7 +303,9 @@ class Trainer:
         return summary
 
     def _data_state(self, batcher, stage_index):
-        return None if batcher is None else {"stage": stage_index, "batcher": batcher.state()}
+        if batcher is None:
+            return None
+        return {"stage": stage_index, "batcher": batcher.state(), **self._range_state()}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))

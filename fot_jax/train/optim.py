@@ -37,3 +37,15 @@ def make_optimizer(t):
         optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                      mask=decay_mask),
     )
+
+
+def scale_temperature_updates(updates, scale: float):
+    """Multiplies the optimizer's updates of the qk_norm temperatures by `scale`
+    (`train.temperature_lr_scale`). Applied to the updates, after the optimizer, so the optimizer
+    state has the same structure whatever the scale (checkpoints stay restorable)."""
+    if scale == 1.0:
+        return updates
+    def one(path, u):
+        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        return u * scale if "qk_temperature" in names else u
+    return jax.tree_util.tree_map_with_path(one, updates)

@@ -8,6 +8,7 @@ import optax
 from flax import nnx
 
 from fot_jax.model.attention import CrossbatchSpec
+from fot_jax.train.optim import scale_temperature_updates
 
 
 def cross_entropy(logits, targets, mask):
@@ -32,7 +33,8 @@ def split_microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatches: int, schedule):
+def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatches: int, schedule,
+               temperature_lr_scale: float = 1.0):
     """One optimizer step on the global batch. Gradients are token-weighted: the sum over all
     microbatches of d(loss_sum), divided by the total number of loss tokens, which equals the
     gradient of the whole batch's mean loss."""
@@ -57,6 +59,7 @@ def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updates = scale_temperature_updates(updates, temperature_lr_scale)
     new_params = optax.apply_updates(params, updates)
     metrics = {
         "loss": loss_sum / denom,
