@@ -49,10 +49,10 @@ def config_diff(stored: dict, current: dict) -> dict:
             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
 
-def _check_model_config(stored: dict, cfg, where: str):
+def _check_model_config(stored: dict, cfg, where: str, ignore=()):
     current = json.loads(cfg.to_json())
     diff = {k: v for k, v in config_diff(stored.get("model", {}), current["model"]).items()
-            if k not in RESUMABLE_MODEL_FIELDS}
+            if k not in RESUMABLE_MODEL_FIELDS and k not in ignore}
     if diff:
         lines = "; ".join(f"model.{k}: checkpoint {a!r}, run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"the checkpoint in {where} was trained with a different model config "
@@ -190,3 +190,46 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
         manager.close()
     model = nnx.merge(graphdef, restored["params"])
     return cfg, model
+
+
+def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
+    """Parameters of another run's (or an import's) checkpoint, placed on `shardings`, for
+    fine-tuning (`train.init_from`). The model configs must agree (differences are listed)."""
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"train.init_from: no checkpoints in {workdir!r} (expected {directory}); "
+                              "give a training workdir or the output of `fot-jax import`")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"train.init_from: {directory} holds no complete checkpoint")
+        try:
+            stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as err:  # noqa: BLE001
+            raise _restore_error(step, directory, err) from err
+        # parameters are cast to the run's param_dtype on restore
+        _check_model_config(stored, cfg, f"{directory}/{step} (train.init_from)", ignore=("param_dtype",))
+        target = {"params": _abstract(abstract_params, shardings)}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))["state"]
+        except Exception as err:  # noqa: BLE001
+            raise _restore_error(step, directory, err) from err
+    finally:
+        manager.close()
+    return restored["params"]
+
+
+def save_params(workdir: str, cfg, params, step: int = 0):
+    """A parameters-only checkpoint (step `step`: params + config) that `load_model` reads and
+    `train.init_from` fine-tunes from (what `fot-jax import` writes)."""
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    options=ocp.CheckpointManagerOptions(create=True,
+                                                                         enable_async_checkpointing=False))
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}), data=ocp.args.JsonSave({}),
+        config=ocp.args.JsonSave(json.loads(cfg.to_json()))))
+    manager.wait_until_finished()
+    manager.close()

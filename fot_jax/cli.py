@@ -92,6 +92,22 @@ def cmd_eval(args, overrides):
     return 0
 
 
+def cmd_import(args, overrides):
+    from fot_jax.convert.api import import_model
+    import_model(args.source, args.out, overrides=overrides, dtype=args.dtype, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_export(args, overrides):
+    from fot_jax.convert.api import export_model
+    if overrides:
+        raise SystemExit("fot-jax export: --config.* overrides do not apply (the checkpoint's config is exported)")
+    export_model(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                 fot_extensions=args.fot_extensions, max_shard_size=args.max_shard_size,
+                 tokenizer=args.tokenizer)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
@@ -118,10 +134,26 @@ def main(argv=None):
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
+    p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
+    p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
+    p.add_argument("--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("export", help="a fot_jax checkpoint -> an HF directory in the LongLLaMA format")
+    p.add_argument("--workdir", required=True, help="a training workdir or an import")
+    p.add_argument("--out", required=True, help="the HF directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
+    p.add_argument("--tokenizer", help="tokenizer file or directory to include (default <workdir>/tokenizer)")
+    p.add_argument("--fot-extensions", action="store_true",
+                   help="allow qk_norm / gated models (readable by fot_jax.torch, not by stock LLaMA code)")
+    p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(known)
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.config import ConfigError
     from fot_jax.infer.runtime import MemoryRuntimeError
+    from fot_jax.convert.hf import ConversionError
     try:
         if args.command == "train":
             return cmd_train(args, overrides)
@@ -129,10 +161,14 @@ def main(argv=None):
             return cmd_generate(args, overrides)
         if args.command == "eval":
             return cmd_eval(args, overrides)
+        if args.command == "import":
+            return cmd_import(args, overrides)
+        if args.command == "export":
+            return cmd_export(args, overrides)
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, MemoryRuntimeError) as e:
+    except (CheckpointError, MemoryRuntimeError, ConversionError) as e:
         print(f"fot-jax: {e}", file=sys.stderr)
         return 2
     return 1

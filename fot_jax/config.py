@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
     t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
+    t.init_from = ""                  # a workdir or `fot-jax import` output: start from its parameters
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
 
     mem = c.memory = ml_collections.ConfigDict()

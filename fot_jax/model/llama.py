@@ -183,6 +183,12 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
         if not m.tie_embeddings:
             self.lm_head = _param(rngs, (m.hidden_size, vp), ("embed", "vocab"), m.init_std, pd)
+        # Padding rows (ids >= vocab_size) are never read nor predicted: zero them, so that they carry
+        # no random numbers and an HF export (unpadded) followed by an import is exact.
+        real = (jnp.arange(vp) < m.vocab_size).astype(pd)
+        self.embed_tokens[...] = self.embed_tokens[...] * real[:, None]
+        if not m.tie_embeddings:
+            self.lm_head[...] = self.lm_head[...] * real[None, :]
         self.vocab_size = m.vocab_size
         self.dtype = DTYPES[m.dtype]
         self.remat = m.remat

@@ -193,6 +193,11 @@ class Trainer:
         if restored is not None:
             self.state, data_state = restored
             start_step = int(jax.device_get(self.state["step"]))
+        elif t.init_from:
+            from fot_jax.checkpoint import load_params
+            params = load_params(t.init_from, cfg, self.state["params"], self.state_shardings["params"])
+            self.state = dict(self.state, params=params)
+            self.log(f"fine-tuning from the parameters in {t.init_from}")
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                  f"{jax.device_count()} devices, matmul peak {peak / 1e9:.1f} GFLOP/s, "
                  f"steps {start_step}->{t.steps}")

@@ -1,0 +1,186 @@
+"""`fot-jax import` / `fot-jax export`: HF or GGUF models into fot_jax checkpoints, and fot_jax
+checkpoints out as HF LongLLaMA-format directories. Nothing half-written is left behind: results
+are assembled in a temporary directory beside the target and renamed into place at the end."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from fot_jax import config as config_lib
+from fot_jax.convert import hf
+from fot_jax.convert.hf import ConversionError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _prepare_target(path: str, overwrite: bool, what: str):
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+        raise ConversionError(f"{what} target {path} exists and is not empty; pass --overwrite to "
+                              "replace it (it stays untouched until the new one is complete)")
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    return path, tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+
+
+def _commit(tmp: str, path: str):
+    """Atomically swaps `tmp` into `path` (an existing `path` is removed only after the swap)."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def model_config_from_hf(hf_config: dict, overrides=()):
+    """A full fot_jax config whose `model` matches an HF config.json; other sections default."""
+    cfg = config_lib.base_config()
+    for k, v in hf.model_overrides_from_hf(hf_config).items():
+        cfg.model[k] = v
+    cfg.memory.capacity = max(cfg.memory.capacity, cfg.model.max_position_embeddings)
+    cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_position_embeddings)
+    cfg.name = "imported"
+    cfg = config_lib.from_dict(json.loads(cfg.to_json()), overrides)
+    return cfg
+
+
+def read_source(source: str):
+    """(hf_config, tensors, tokenizer_files) of an HF directory or a .gguf file."""
+    if os.path.isdir(source):
+        hf_config = hf.read_hf_config(source)
+        tensors = hf.LazyTensors(source)
+        files = [os.path.join(source, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(source, f))]
+        return hf_config, tensors, files, None
+    if source.endswith(".gguf") and os.path.isfile(source):
+        from fot_jax.convert.gguf import read_gguf
+        hf_config, tensors, meta = read_gguf(source)
+        return hf_config, tensors, [], meta
+    raise ConversionError(f"{source}: neither an HF model directory nor a .gguf file")
+
+
+def import_model(source: str, out: str, overrides=(), dtype: str = "float32", overwrite: bool = False,
+                 log=print):
+    """Writes a fot_jax checkpoint (step 0: parameters + config) into `out` that `fot-jax eval /
+    generate` read and `fot-jax train --config.train.init_from=<out>` fine-tunes from. Returns cfg."""
+    import jax
+    from fot_jax.checkpoint import save_params
+    hf_config, tensors, tok_files, gguf_meta = read_source(source)
+    cfg = model_config_from_hf(hf_config, overrides)
+    cfg.model.param_dtype = dtype
+    config_lib.validate(cfg)
+    np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}[dtype]
+    params = hf.from_hf_state_dict(tensors, cfg.model, dtype=np.float32)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(np_dtype), params)
+    params = _as_state(cfg, params)
+    target, tmp = _prepare_target(out, overwrite, "import")
+    try:
+        save_params(tmp, cfg, params)
+        if tok_files:
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            for f in tok_files:
+                shutil.copy(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
+        if gguf_meta is not None:
+            with open(os.path.join(tmp, "gguf_tokenizer.json"), "w") as f:
+                json.dump({k: v for k, v in gguf_meta.items() if k != "tokens"}, f)
+        with open(os.path.join(tmp, "import.json"), "w") as f:
+            json.dump({"source": os.path.abspath(source), "hf_config": hf_config}, f, indent=1)
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    log(f"imported {source}: {n / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, "
+        f"{cfg.model.num_heads}/{cfg.model.num_kv_heads} heads -> {target}")
+    return cfg
+
+
+def _as_state(cfg, pure: dict):
+    """A pure dict of parameters -> the nnx.State layout that training checkpoints have."""
+    from flax import nnx
+    from fot_jax.train.state import abstract_model
+    _, state = abstract_model(cfg)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def _save_safetensors(tensors: dict, path: str, dtype: str):
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+    jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    save_file({k: jnp.asarray(v, jdt) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def parse_size(text) -> int:
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def export_model(workdir: str, out: str, step=None, dtype: str = "float32", overwrite: bool = False,
+                 fot_extensions: bool = False, max_shard_size="5GB", tokenizer: str | None = None,
+                 log=print) -> str:
+    """An HF directory in the LongLLaMA format from a fot_jax checkpoint (parameters only)."""
+    from flax import nnx
+    from fot_jax.checkpoint import load_model
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConversionError(f"export dtype {dtype!r} is not one of float32, bfloat16, float16")
+    cfg, model = load_model(workdir, step=step)
+    m = cfg.model
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sd = hf.to_hf_state_dict(params, m, fot_extensions=fot_extensions)
+    target, tmp = _prepare_target(out, overwrite, "export")
+    try:
+        limit = parse_size(max_shard_size)
+        itemsize = 4 if dtype == "float32" else 2
+        shards, current, size = [], {}, 0
+        for name, x in sd.items():
+            nbytes = int(np.prod(x.shape)) * itemsize
+            if current and size + nbytes > limit:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = x
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            _save_safetensors(shards[0], os.path.join(tmp, "model.safetensors"), dtype)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                _save_safetensors(shard, os.path.join(tmp, fname), dtype)
+                for name, x in shard.items():
+                    weight_map[name] = fname
+                    total += int(np.prod(x.shape)) * itemsize
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf.longllama_config(m, dtype, fot_extensions), f, indent=1)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": m.bos_token_id, "eos_token_id": m.eos_token_id,
+                       "pad_token_id": m.pad_token_id}, f, indent=1)
+        tok_dir = tokenizer or os.path.join(workdir, "tokenizer")
+        if os.path.isfile(tok_dir):
+            shutil.copy(tok_dir, os.path.join(tmp, os.path.basename(tok_dir)))
+        elif os.path.isdir(tok_dir):
+            for f in os.listdir(tok_dir):
+                if f in TOKENIZER_FILES and f != "generation_config.json":
+                    shutil.copy(os.path.join(tok_dir, f), os.path.join(tmp, f))
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {workdir} (step {step if step is not None else 'latest'}) -> {target} "
+        f"({len(shards)} safetensors file(s), {dtype})")
+    return target

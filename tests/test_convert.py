@@ -1,0 +1,225 @@
+"""Import (HF safetensors / .bin, sharded; GGUF) and LongLLaMA-format export, proven by logits
+against stock transformers, plus round trips and the errors for bad input."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.checkpoint import load_model, save_params
+from fot_jax.convert import api, hf
+from fot_jax.convert.hf import ConversionError
+from fot_jax.model import llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+
+
+def _hf_config(heads=4, kv=4, tie=False, vocab=200, theta=10000.0, **extra):
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                    num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,
+                                    max_position_embeddings=64, rope_theta=theta, rms_norm_eps=1e-6, **extra)
+
+
+def _hf_model(tmp_path, name="hf", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(_hf_config(**kw)).eval()
+    with torch.no_grad():  # non-trivial norms so that a swapped norm would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return model, str(path)
+
+
+def _logits_hf(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def _logits_fot(model, m, tokens):
+    return np.asarray(model(jnp.asarray(tokens)))[..., : m.vocab_size]
+
+
+CASES = [
+    dict(heads=4, kv=4, tie=False),                       # MHA, untied (OpenLLaMA / LLaMA 2 style)
+    dict(heads=4, kv=2, tie=False, theta=500000.0),       # GQA (LLaMA 3 style)
+    dict(heads=8, kv=2, tie=True),                        # GQA, tied (SmolLM style)
+    dict(heads=4, kv=4, tie=True, vocab=131, theta=1e6),  # Code Llama style: odd vocab, theta 1e6
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["mha", "gqa", "gqa-tied", "codellama"])
+def test_import_export_logits_and_round_trips(tmp_path, case):
+    ref, src = _hf_model(tmp_path, **case)
+    imp = tmp_path / "imported"
+    cfg = api.import_model(src, str(imp), log=lambda *_: None)
+    assert cfg.model.num_kv_heads == case["kv"] and cfg.model.rope_theta == case.get("theta", 10000.0)
+    _, model = load_model(str(imp))
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 64))  # up to the window
+    expected = _logits_hf(ref, tokens)
+    np.testing.assert_allclose(_logits_fot(model, cfg.model, tokens), expected, atol=1e-4, rtol=0)
+    # export: stock transformers reads the LongLLaMA-format directory as a plain LLaMA
+    out = tmp_path / "exported"
+    api.export_model(str(imp), str(out), log=lambda *_: None)
+    again = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    np.testing.assert_allclose(_logits_hf(again, tokens), expected, atol=1e-4, rtol=0)
+    # import then export gives back the same tensors
+    with safe_open(os.path.join(src, "model.safetensors"), "pt") as a, \
+            safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert b.metadata() == {"format": "pt"}
+        names = set(a.keys()) - {"lm_head.weight"} if case["tie"] else set(a.keys())
+        assert set(b.keys()) == names
+        for n in names:
+            torch.testing.assert_close(a.get_tensor(n), b.get_tensor(n), rtol=0, atol=0)
+    # export then import gives back the same fot_jax parameters
+    api.import_model(str(out), str(tmp_path / "reimported"), log=lambda *_: None)
+    _, back = load_model(str(tmp_path / "reimported"))
+    for x, y in zip(jax_leaves(model), jax_leaves(back)):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(model):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
+    """A fot_jax model with memory layers: config.json carries the LongLLaMA fields, bfloat16 and
+    sharded output load in transformers, and the float32 export matches fot_jax's logits."""
+    cfg = config_lib.base_config()
+    m = cfg.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 100, 64, 96, 3
+    m.num_heads, m.num_kv_heads, m.max_position_embeddings = 4, 2, 64
+    m.mem_layers, m.mem_positionals, m.last_context_length, m.rope_theta = [1, 2], "as_first", 32, 1e6
+    cfg.data.seq_len = 64
+    config_lib.validate(cfg)
+    model = llama.create(m, seed=5)
+    save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
+    out = tmp_path / "export"
+    api.export_model(str(tmp_path / "run"), str(out), max_shard_size="40KB", log=lambda *_: None)
+    c = json.load(open(out / "config.json"))
+    assert c["model_type"] == "longllama" and c["architectures"] == ["LongLlamaForCausalLM"]
+    assert c["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
+    assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == ([1, 2], True, 32, 1e6)
+    assert (c["vocab_size"], c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (100, 1, 2, 0)
+    assert c["torch_dtype"] == "float32" and c["mem_dtype"] == "bfloat16"
+    index = json.load(open(out / "model.safetensors.index.json"))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).exists() for f in files)
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    tokens = np.random.default_rng(1).integers(0, 100, (1, 64))
+    np.testing.assert_allclose(_logits_hf(ref, tokens), _logits_fot(model, m, tokens), atol=1e-4, rtol=0)
+    # bfloat16 export: half the bytes, and transformers reads it
+    api.export_model(str(tmp_path / "run"), str(tmp_path / "bf16"), dtype="bfloat16", log=lambda *_: None)
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    bf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
+    np.testing.assert_allclose(_logits_hf(bf, tokens), _logits_fot(model, m, tokens), atol=0.1)
+    # the import carries the LongLLaMA fields back
+    cfg2 = api.import_model(str(out), str(tmp_path / "back"), log=lambda *_: None)
+    assert (list(cfg2.model.mem_layers), cfg2.model.mem_positionals, cfg2.model.last_context_length) == ([1, 2], "as_first", 32)
+
+
+def test_import_pytorch_bin_sharded(tmp_path):
+    ref, src = _hf_model(tmp_path, heads=4, kv=2)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sd = ref.state_dict()
+    names = sorted(sd)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate([names[:half], names[half:]]):
+        fname = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: sd[n].clone() for n in part}, bindir / fname)
+        weight_map.update({n: fname for n in part})
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(bindir / "pytorch_model.bin.index.json", "w"))
+    (bindir / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    cfg = api.import_model(str(bindir), str(tmp_path / "imp"), log=lambda *_: None)
+    _, model = load_model(str(tmp_path / "imp"))
+    tokens = np.random.default_rng(0).integers(0, 200, (1, 32))
+    np.testing.assert_allclose(_logits_fot(model, cfg.model, tokens), _logits_hf(ref, tokens), atol=1e-4, rtol=0)
+    # a shard named in the index but missing
+    os.remove(bindir / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(ConversionError, match="pytorch_model-00002-of-00002.bin.*missing"):
+        api.import_model(str(bindir), str(tmp_path / "imp2"), log=lambda *_: None)
+    assert not (tmp_path / "imp2").exists()
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    ref, src = _hf_model(tmp_path)
+    # a tensor of the wrong shape: named, nothing written
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"][:, :32].contiguous()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    with pytest.raises(ConversionError, match=r"model.layers.1.mlp.up_proj.weight' has shape \(96, 32\)"):
+        api.import_model(str(bad), str(tmp_path / "out"), log=lambda *_: None)
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
+    # an unknown architecture
+    c = json.load(open(os.path.join(src, "config.json")))
+    c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (bad / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ConversionError, match="unknown architecture.*gpt2"):
+        api.import_model(str(bad), str(tmp_path / "out"), log=lambda *_: None)
+    with pytest.raises(ConversionError, match="neither an HF model directory nor a .gguf file"):
+        api.import_model(str(tmp_path / "nothing"), str(tmp_path / "out"), log=lambda *_: None)
+    # export into a non-empty directory: refused, its content untouched; --overwrite replaces it
+    api.import_model(src, str(tmp_path / "imp"), log=lambda *_: None)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="not empty.*--overwrite"):
+        api.export_model(str(tmp_path / "imp"), str(target), log=lambda *_: None)
+    assert os.listdir(target) == ["keep.txt"] and (target / "keep.txt").read_text() == "mine"
+    api.export_model(str(tmp_path / "imp"), str(target), overwrite=True, log=lambda *_: None)
+    assert "model.safetensors" in os.listdir(target) and "keep.txt" not in os.listdir(target)
+    # import into an existing import without --overwrite
+    with pytest.raises(ConversionError, match="not empty"):
+        api.import_model(src, str(tmp_path / "imp"), log=lambda *_: None)
+
+
+def test_qk_norm_model_export_needs_extensions(tmp_path):
+    cfg = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+                                 ["--config.model.qk_norm=memory"])
+    model = llama.create(cfg.model, seed=0)
+    save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
+    with pytest.raises(ConversionError, match="qk_norm='memory'.*fot_extensions"):
+        api.export_model(str(tmp_path / "run"), str(tmp_path / "out"), log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    api.export_model(str(tmp_path / "run"), str(tmp_path / "out"), fot_extensions=True, log=lambda *_: None)
+    cfg2 = api.import_model(str(tmp_path / "out"), str(tmp_path / "back"), log=lambda *_: None)
+    assert cfg2.model.qk_norm == "memory"
+    _, back = load_model(str(tmp_path / "back"))
+    for x, y in zip(jax_leaves(model), jax_leaves(back)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_fine_tune_from_an_import(tmp_path, data_dir):
+    """`fot-jax train --config.train.init_from=<import>` starts from the imported parameters."""
+    from fot_jax.train.loop import Trainer
+    base = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    model = llama.create(base.model, seed=11)
+    save_params(str(tmp_path / "imp"), base, nnx.state(model, nnx.Param))
+    cfg = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+                                 ["--config.train.steps=1", f"--config.train.init_from={tmp_path / 'imp'}",
+                                  "--config.train.learning_rate=1e-30"])
+    tr = Trainer(cfg, str(tmp_path / "ft"), quiet=True)
+    tr.run()
+    import jax
+    got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tr.state["params"]))]
+    for x, y in zip(jax_leaves(model), got):
+        np.testing.assert_array_equal(x, y)  # a learning rate of 1e-30 leaves float32 weights as they were
+    bad = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+                                 ["--config.model.num_layers=3", f"--config.train.init_from={tmp_path / 'imp'}"])
+    from fot_jax.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="model.num_layers: checkpoint 2, run 3"):
+        Trainer(bad, str(tmp_path / "ft2"), quiet=True).run()
