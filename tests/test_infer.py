@@ -146,6 +146,7 @@ CASES = {
     "as_first_topk": dict(model={}, top_k=5, capacity=48),
     "none_qknorm_topk_tied": dict(model=dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True,
                                              num_kv_heads=4), top_k=7, capacity=32),
+    "no_memory_layers": dict(model=dict(mem_layers=[]), top_k=4, capacity=32),  # local cache only
 }
 
 
@@ -252,9 +253,6 @@ def test_bad_input_is_a_clear_error_and_leaves_state():
         MemoryRuntime(model, 1, MemorySettings(capacity=8))
     with pytest.raises(MemoryRuntimeError, match="dtype 'int4'"):
         MemoryRuntime(model, 1, MemorySettings(dtype="int4"))
-    no_mem = llama.create(_cfg(mem_layers=[]).model)
-    with pytest.raises(MemoryRuntimeError, match="no memory layers"):
-        MemoryRuntime(no_mem, 1, MemorySettings())
     rt = MemoryRuntime(model, 2, MemorySettings(top_k=4, capacity=32, dtype="float32", overflow="strict",
                                                 last_context_length=8))
     rt.ingest([np.arange(3, 30), np.arange(3, 20)])

@@ -90,9 +90,8 @@ class MemoryRuntime:
         m = model.config
         self.window = m.max_position_embeddings
         settings.check(self.window)
-        if not list(m.mem_layers):
-            raise MemoryRuntimeError("the model has no memory layers (model.mem_layers is empty); it cannot "
-                                     "use memory. Give it mem_layers, or run it without a MemoryRuntime")
+        # A model without memory layers runs the same windowing: only the local cache (the last
+        # `last_context_length` tokens, and what generation adds within a window) is seen.
         if batch <= 0:
             raise MemoryRuntimeError(f"batch must be positive, got {batch}")
         self.model_config, self.settings, self.batch = m, settings, batch
@@ -155,6 +154,8 @@ class MemoryRuntime:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         # Without logits, only the layers up to the last memory layer matter (what is written to
         # memory does not depend on anything above it): an exact shortcut for long ingests.
+        if not return_logits and not self.mem_layers:  # nothing of this window is ever seen again
+            return dataclasses.replace(state, doc_pos=state.doc_pos + n_valid), None
         last = None if return_logits else max(self.mem_layers)
         logits, new_kv = model.infer(tokens, positions, memory_fns=self._memory_fns(state.stores), last_layer=last)
         mask = positions < n_valid[:, None]
