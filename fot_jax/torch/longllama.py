@@ -1,0 +1,233 @@
+"""PyTorch LongLLaMA runtime (DESIGN "Memory attention", "Checkpoints and interop").
+
+`load(directory)` reads a directory written by `fot-jax export` (or any LongLLaMA / LLaMA HF
+directory in float32/bfloat16 safetensors) into `LongLlama`. `MemoryGenerator(model, top_k=...)`
+ingests documents of any length by the LongLLaMA windowing: windows of W tokens with positions
+restarting at 0, memory layers reading memory (top-k, or all of it) in the same softmax as their
+causal local keys and then writing the window to memory; the last `last_context_length` tokens
+stay as a local cache for generation, and the whole cache moves to memory when it would exceed W.
+Memory keys are stored un-rotated (`mem_positionals` true: as if at position 0; false: memory
+layers use no rotary embedding at all).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rope(x, pos, theta):
+    """x [T, H, D] at positions pos [T]: HF rotate_half layout."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = pos.float()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)
+    rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    return x * cos + rot * sin
+
+
+class LongLlama(torch.nn.Module):
+    """Weights in HF layout ([out, in] matrices) and the config.json dict of an exported model."""
+
+    def __init__(self, config: dict, tensors: dict, dtype=torch.float32):
+        super().__init__()
+        self.config = c = config
+        ext = c.get("fot_jax") or {}
+        self.qk_norm = ext.get("qk_norm", "none")
+        if ext.get("mem_attention", "joint") != "joint":
+            raise ValueError("fot_jax.torch runs joint (FoT) memory attention only; this model is gated")
+        self.heads, self.kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.layers = c["num_hidden_layers"]
+        self.mem_layers = set(c.get("mem_layers") or [])
+        self.mem_positionals = bool(c.get("mem_positionals", True))
+        self.theta = float(c.get("rope_theta", 10000.0))
+        self.eps = float(c.get("rms_norm_eps", 1e-6))
+        self.window = int(c["max_position_embeddings"])
+        self.last_context_length = int(c.get("last_context_length", 1024))
+        self.w = {k: v.to(dtype) for k, v in tensors.items()}
+        if "lm_head.weight" not in self.w:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        for i in range(self.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                key = f"model.layers.{i}.self_attn.{name}.weight"
+                if key not in self.w:
+                    raise ValueError(f"tensor '{key}' missing from the checkpoint")
+
+    def _p(self, i, name):
+        return self.w[f"model.layers.{i}.{name}"]
+
+    def forward_tokens(self, tokens, pos0, cache, memory, top_k):
+        """One document's new tokens [T] at positions pos0.. ; cache: per layer (k_raw, v) [S,Hkv,D]
+        with slot j at position j (S == pos0); memory: per memory layer (k [Hkv,N,D], v) or None.
+        Returns logits [T, V] (float32) and per layer (k_raw, v) of the new tokens."""
+        h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        g = h // hkv
+        t = tokens.shape[0]
+        pos = pos0 + torch.arange(t)
+        x = self.w["model.embed_tokens.weight"][tokens]
+        new_kv = []
+        for i in range(self.layers):
+            hx = _rms(x, self._p(i, "input_layernorm.weight"), self.eps)
+            q = (hx @ self._p(i, "self_attn.q_proj.weight").T).view(t, h, d)
+            k = (hx @ self._p(i, "self_attn.k_proj.weight").T).view(t, hkv, d)
+            v = (hx @ self._p(i, "self_attn.v_proj.weight").T).view(t, hkv, d)
+            is_mem = i in self.mem_layers
+            if self.qk_norm == "all" or (self.qk_norm == "memory" and is_mem):
+                temp = self._p(i, "self_attn.qk_temperature")
+                q = q * torch.rsqrt(q.float().pow(2).sum(-1, keepdim=True) + 1e-6).to(q.dtype) * temp[:, None]
+                k = k * torch.rsqrt(k.float().pow(2).sum(-1, keepdim=True) + 1e-6).to(k.dtype)
+            else:
+                q = q * d ** -0.5
+            new_kv.append((k, v))
+            ck, cv = cache[i] if cache is not None else (k[:0], v[:0])
+            keys, vals = torch.cat([ck, k]), torch.cat([cv, v])
+            if not (is_mem and not self.mem_positionals):
+                q = _rope(q, pos, self.theta)
+                keys = _rope(keys, torch.arange(keys.shape[0]), self.theta)
+            # scores [Hkv, G, T, S] with the causal mask over cache + new tokens
+            qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3).float()
+            s = torch.einsum("hgtd,shd->hgts", qg, keys.float())
+            causal = torch.arange(keys.shape[0])[None, :] <= (pos[:, None])
+            s = s.masked_fill(~causal, float("-inf"))
+            vv = vals.float().transpose(0, 1)                                  # [Hkv, S, D]
+            mem = memory.get(i) if (memory is not None and is_mem) else None
+            if mem is not None and mem[0].shape[1] > 0:
+                mk, mv = mem
+                sm = torch.einsum("hgtd,hnd->hgtn", qg, mk.float())
+                if top_k is not None and top_k < sm.shape[-1]:
+                    sm, idx = torch.topk(sm, top_k, dim=-1)
+                    mvals = torch.gather(mv.float()[:, None, None].expand(-1, g, t, -1, -1), 3,
+                                         idx[..., None].expand(-1, -1, -1, -1, d))
+                else:
+                    mvals = mv.float()[:, None, None].expand(-1, g, t, -1, -1)
+                s_all = torch.cat([sm, s], -1)
+                p = torch.softmax(s_all, -1)
+                out = torch.einsum("hgtn,hgtnd->hgtd", p[..., : sm.shape[-1]], mvals) + \
+                    torch.einsum("hgts,hsd->hgtd", p[..., sm.shape[-1]:], vv)
+            else:
+                out = torch.einsum("hgts,hsd->hgtd", torch.softmax(s, -1), vv)
+            out = out.permute(2, 0, 1, 3).reshape(t, h * d).to(x.dtype)
+            x = x + out @ self._p(i, "self_attn.o_proj.weight").T
+            hm = _rms(x, self._p(i, "post_attention_layernorm.weight"), self.eps)
+            x = x + (F.silu(hm @ self._p(i, "mlp.gate_proj.weight").T) * (hm @ self._p(i, "mlp.up_proj.weight").T)) \
+                @ self._p(i, "mlp.down_proj.weight").T
+        x = _rms(x, self.w["model.norm.weight"], self.eps)
+        return (x @ self.w["lm_head.weight"].T).float(), new_kv
+
+
+def load(directory: str, dtype=torch.float32) -> LongLlama:
+    """An exported directory (config.json + model.safetensors or shards with an index)."""
+    from safetensors.torch import load_file
+    config = json.load(open(os.path.join(directory, "config.json")))
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(os.path.join(directory, f)))
+    return LongLlama(config, tensors, dtype)
+
+
+class MemoryGenerator:
+    """One document at a time: ingest (LongLLaMA windowing), then generate. `top_k=None`: dense
+    memory attention (every entry); `capacity`: FIFO size of each memory layer's store."""
+
+    def __init__(self, model: LongLlama, top_k: int | None = None, capacity: int | None = None,
+                 last_context_length: int | None = None, mem_dtype=None):
+        self.model, self.top_k, self.capacity = model, top_k, capacity
+        self.c = min(last_context_length or model.last_context_length, model.window)
+        dt = mem_dtype or model.config.get("mem_dtype", "bfloat16")
+        self.mem_dtype = getattr(torch, dt) if isinstance(dt, str) else dt
+        self.reset()
+
+    def reset(self):
+        m = self.model
+        self.memory = {l: (torch.zeros(m.kv_heads, 0, m.head_dim, dtype=self.mem_dtype),
+                           torch.zeros(m.kv_heads, 0, m.head_dim, dtype=self.mem_dtype)) for l in m.mem_layers}
+        self.cache = None
+        self.cache_len = 0
+
+    def _write(self, layer, k, v):
+        """k, v [T, Hkv, D] -> appended to the layer's store (the oldest dropped beyond capacity)."""
+        mk, mv = self.memory[layer]
+        mk = torch.cat([mk, k.transpose(0, 1).to(self.mem_dtype)], 1)
+        mv = torch.cat([mv, v.transpose(0, 1).to(self.mem_dtype)], 1)
+        if self.capacity is not None and mk.shape[1] > self.capacity:
+            mk, mv = mk[:, -self.capacity:], mv[:, -self.capacity:]
+        self.memory[layer] = (mk, mv)
+
+    def _memory_view(self):
+        return {l: (k.float(), v.float()) for l, (k, v) in self.memory.items()}
+
+    @torch.no_grad()
+    def ingest(self, tokens, return_logits: bool = False):
+        """A document's tokens (memory reset first). Returns the last token's logits [V] (or all
+        logits [L, V])."""
+        self.reset()
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        w = self.model.window
+        n_prefix = max(len(tokens) - self.c, 0)
+        outs = []
+        for s in range(0, n_prefix, w):
+            logits, kv = self.model.forward_tokens(tokens[s: min(s + w, n_prefix)], 0, None,
+                                                   self._memory_view(), self.top_k)
+            outs.append(logits)
+            for l in self.model.mem_layers:
+                self._write(l, *kv[l])
+        logits = self.extend(tokens[n_prefix:])
+        outs.append(logits)
+        return torch.cat(outs) if return_logits else outs[-1][-1]
+
+    @torch.no_grad()
+    def extend(self, tokens):
+        """More tokens after what was ingested (one piece per fit in the window). Returns logits [T, V]."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        outs = []
+        i = 0
+        while i < len(tokens):
+            if self.cache_len == self.model.window:  # the whole cache moves to memory
+                for l in self.model.mem_layers:
+                    self._write(l, *self.cache[l])
+                self.cache, self.cache_len = None, 0
+            n = min(len(tokens) - i, self.model.window - self.cache_len)
+            logits, kv = self.model.forward_tokens(tokens[i: i + n], self.cache_len, self.cache,
+                                                   self._memory_view(), self.top_k)
+            self.cache = kv if self.cache is None else [
+                (torch.cat([ck, k]), torch.cat([cv, v])) for (ck, cv), (k, v) in zip(self.cache, kv)]
+            self.cache_len += n
+            outs.append(logits)
+            i += n
+        return torch.cat(outs) if outs else torch.zeros(0, self.model.w["lm_head.weight"].shape[0])
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, seed: int = 0):
+        """Greedy (temperature 0) or nucleus sampling after ingesting `tokens`. Returns token ids."""
+        gen = torch.Generator().manual_seed(seed)
+        eos = self.model.config.get("eos_token_id") if eos_token_id is None else eos_token_id
+        logits = self.ingest(tokens)
+        out = []
+        vocab = self.model.config["vocab_size"]
+        for _ in range(max_new_tokens):
+            lg = logits[:vocab].float()
+            if temperature == 0:
+                nxt = int(torch.argmax(lg))
+            else:
+                probs = torch.softmax(lg / temperature, -1)
+                sp, order = torch.sort(probs, descending=True)
+                keep = (torch.cumsum(sp, -1) - sp) < top_p
+                sp = torch.where(keep, sp, torch.zeros_like(sp))
+                nxt = int(order[torch.multinomial(sp / sp.sum(), 1, generator=gen)])
+            out.append(nxt)
+            if nxt == eos:
+                break
+            logits = self.extend([nxt])[-1]
+        return out

@@ -1,0 +1,67 @@
+"""The PyTorch LongLLaMA runtime (fot_jax.torch) against fot_jax's own ingest and generation on an
+exported tiny model: several windows with memory, dense and top-k, FIFO overflow included."""
+import numpy as np
+import pytest
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.checkpoint import save_params
+from fot_jax.convert import api
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+from fot_jax.model import llama
+
+torch = pytest.importorskip("torch")
+from fot_jax.torch import MemoryGenerator, load  # noqa: E402
+
+
+def _cfg(**model):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size = 64, 32, 48
+    m.num_layers, m.num_heads, m.num_kv_heads = 3, 4, 2
+    m.max_position_embeddings = 16
+    m.mem_layers = [1, 2]
+    m.init_std = 0.2
+    m.last_context_length = 6
+    c.data.seq_len = 16
+    for k, v in model.items():
+        m[k] = v
+    return c
+
+
+CASES = {
+    "as_first_dense": (dict(), None, 64),
+    "as_first_topk_fifo": (dict(), 5, 32),                      # 75 tokens > capacity 32: FIFO drops
+    "none_qknorm_topk_tied": (dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True), 7, 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
+    overrides, top_k, capacity = CASES[case]
+    c = _cfg(**overrides)
+    config_lib.validate(c)
+    model = llama.create(c.model, seed=3)
+    save_params(str(tmp_path / "run"), c, nnx.state(model, nnx.Param))
+    api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=c.model.qk_norm != "none",
+                     log=lambda *_: None)
+    tm = load(str(tmp_path / "hf"))
+    doc = np.random.default_rng(0).integers(3, 64, 75)          # 4 windows of 16 + a tail of 6
+    settings = MemorySettings(top_k=top_k or 10_000, capacity=capacity, dtype="float32", last_context_length=6,
+                              chunk=16, search="dense" if top_k is None else "exact")
+    _, (expected,) = MemoryRuntime(model, 1, settings).ingest([doc], return_logits=True)
+    gen = MemoryGenerator(tm, top_k=top_k, capacity=capacity, mem_dtype="float32")
+    got = gen.ingest(doc, return_logits=True).numpy()
+    assert got.shape == (75, 64)
+    np.testing.assert_allclose(got, expected[:, :64], atol=1e-4, rtol=0)
+    # greedy generation past the window (the cache moves to memory) gives the same tokens
+    want = MemoryRuntime(model, 1, settings).generate([doc], 14, stop_token=-1)[0]
+    assert gen.generate(doc, 14, eos_token_id=-1) == want.tolist()
+
+
+def test_torch_runtime_refuses_gated_models(tmp_path):
+    c = _cfg(mem_attention="gated")
+    save_params(str(tmp_path / "run"), c, nnx.state(llama.create(c.model, seed=1), nnx.Param))
+    api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=True, log=lambda *_: None)
+    with pytest.raises(ValueError, match="gated"):
+        load(str(tmp_path / "hf"))
