@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "tokenizers>=0.15",
     ],
     extras_require={
         "tpu": ["jax[tpu]"],

@@ -3,6 +3,8 @@ restore throughput against writing and reading the same bytes as one plain file 
 
     python benchmarks/checkpoint.py                      # the default configs
     python benchmarks/checkpoint.py --configs configs/dictionary_lookup.py --steps 10
+    python benchmarks/checkpoint.py --configs configs/dictionary_lookup_37m.py --steps 2 \
+        --config.crossbatch.switch_range=-1 --config.data.batch_size=16   # fits one CPU core
 
 For each config: the mean train step time without saving; the mean time `Checkpoints.save` holds
 the training thread (device-to-host copy and dispatch; the write runs in the background) as a share
@@ -41,8 +43,8 @@ def _state_bytes(state):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def bench(path, steps, workdir):
-    cfg = config_lib.load_config(os.path.join(ROOT, path) if not os.path.isabs(path) else path)
+def bench(path, steps, workdir, overrides=()):
+    cfg = config_lib.load_config(os.path.join(ROOT, path) if not os.path.isabs(path) else path, overrides)
     tr = Trainer(cfg, workdir, checkpoints=False, quiet=True)
     r = config_lib.max_range(cfg)
     rng = np.random.default_rng(0)
@@ -104,12 +106,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULTS)
     p.add_argument("--steps", type=int, default=8)
-    args = p.parse_args()
+    args, overrides = p.parse_known_args()  # --config.a.b=v overrides apply to every config
     rows = []
     for path in args.configs:
         tmp = tempfile.mkdtemp(prefix="fot_ckpt_bench_")
         try:
-            rows.append(bench(path, args.steps, tmp))
+            rows.append(bench(path, args.steps, tmp, overrides))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         r = rows[-1]

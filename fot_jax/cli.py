@@ -108,6 +108,25 @@ def cmd_export(args, overrides):
     return 0
 
 
+def cmd_tokenizer(args, overrides):
+    from fot_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+    if args.action == "train":
+        if not args.input or not args.out:
+            raise SystemExit("fot-jax tokenizer train: give --input FILE [FILE ...] and --out PREFIX")
+        path = train_sentencepiece(args.input, args.out, args.vocab_size, model_type=args.model_type)
+        tok = load_tokenizer(path)
+        print(f"trained {tok}")
+        return 0
+    if not args.tokenizer:
+        raise SystemExit("fot-jax tokenizer encode/decode: give --tokenizer PATH")
+    tok = load_tokenizer(args.tokenizer)
+    if args.action == "encode":
+        print(json.dumps(tok.encode(args.text or sys.stdin.read(), bos=args.bos)))
+    else:
+        print(tok.decode(_parse_tokens(args.text or sys.stdin.read()).tolist()))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
@@ -149,11 +168,21 @@ def main(argv=None):
     p.add_argument("--fot-extensions", action="store_true",
                    help="allow qk_norm / gated models (readable by fot_jax.torch, not by stock LLaMA code)")
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("tokenizer", help="train a SentencePiece model, or encode / decode with a tokenizer")
+    p.add_argument("action", choices=["train", "encode", "decode"])
+    p.add_argument("--input", nargs="+", help="train: text files")
+    p.add_argument("--out", help="train: output prefix (writes PREFIX.model, PREFIX.vocab)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--tokenizer", help="encode/decode: .model, tokenizer.json, or a directory / workdir")
+    p.add_argument("--text", help="encode: text; decode: ids (default: stdin)")
+    p.add_argument("--bos", action="store_true", help="encode: prepend bos")
     args = parser.parse_args(known)
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.config import ConfigError
     from fot_jax.infer.runtime import MemoryRuntimeError
     from fot_jax.convert.hf import ConversionError
+    from fot_jax.data.tokenizer import TokenizerError
     try:
         if args.command == "train":
             return cmd_train(args, overrides)
@@ -165,10 +194,12 @@ def main(argv=None):
             return cmd_import(args, overrides)
         if args.command == "export":
             return cmd_export(args, overrides)
+        if args.command == "tokenizer":
+            return cmd_tokenizer(args, overrides)
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, MemoryRuntimeError, ConversionError) as e:
+    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError) as e:
         print(f"fot-jax: {e}", file=sys.stderr)
         return 2
     return 1

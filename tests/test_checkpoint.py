@@ -100,12 +100,19 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, data_dir):
     step_dir = tmp_path / "checkpoints" / "1" / "state"
     data_files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
     assert data_files
-    for p in data_files:  # damage the array data
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    saved = {p: p.read_bytes() for p in data_files}
+    for p in data_files:  # a missing file (a lost shard of the array data)
+        p.unlink()
     before = _listing(tmp_path / "checkpoints")
     with pytest.raises(CheckpointError, match="(?s)checkpoint step 1 .* cannot be restored.*corrupt"):
         Trainer(tiny("--config.train.steps=2"), wd, quiet=True).run()
     assert _listing(tmp_path / "checkpoints") == before  # nothing on disk was touched
+    for p, data in saved.items():  # damaged (truncated) files
+        p.write_bytes(data[: len(data) // 3])
+    before = _listing(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match="(?s)checkpoint step 1 .* cannot be restored.*corrupt"):
+        Trainer(tiny("--config.train.steps=2"), wd, quiet=True).run()
+    assert _listing(tmp_path / "checkpoints") == before
     with pytest.raises(CheckpointError, match="step 7 not found"):
         Trainer(tiny("--config.train.steps=2", "--config.train.resume_step=7"), wd, quiet=True).run()
     with pytest.raises(CheckpointError, match="cannot be restored"):

@@ -253,6 +253,10 @@ def test_smollm2_gguf_import_matches_transformers(tmp_path):
                               pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].numpy()
     cfg = api.import_model(path, str(tmp_path / "smol"), log=lambda *_: None)
     m = cfg.model
+    from fot_jax.data.tokenizer import check_vocab, load_tokenizer
+    ours = load_tokenizer(str(tmp_path / "smol"))  # extracted from the GGUF at import
+    check_vocab(ours, m)
+    assert ours.encode("The capital of France is") == ids[0].tolist()
     assert (m.num_layers, m.num_heads, m.num_kv_heads, m.hidden_size, m.tie_embeddings, m.rope_theta) == \
         (30, 9, 3, 576, True, 100000.0)
     # a short window is enough for 5 + 20 tokens and keeps the cache small (positions are unchanged)

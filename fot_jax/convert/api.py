@@ -88,8 +88,7 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
             for f in tok_files:
                 shutil.copy(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
         if gguf_meta is not None:
-            with open(os.path.join(tmp, "gguf_tokenizer.json"), "w") as f:
-                json.dump({k: v for k, v in gguf_meta.items() if k != "tokens"}, f)
+            _gguf_tokenizer(source, os.path.join(tmp, "tokenizer"), log)
         with open(os.path.join(tmp, "import.json"), "w") as f:
             json.dump({"source": os.path.abspath(source), "hf_config": hf_config}, f, indent=1)
         _commit(tmp, target)
@@ -100,6 +99,19 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     log(f"imported {source}: {n / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, "
         f"{cfg.model.num_heads}/{cfg.model.num_kv_heads} heads -> {target}")
     return cfg
+
+
+def _gguf_tokenizer(path: str, out_dir: str, log):
+    """The tokenizer embedded in a GGUF file, saved as HF files (tokenizer.json) by transformers'
+    GGUF reader when transformers is installed."""
+    try:
+        import transformers
+    except ImportError:
+        log("transformers is not installed: the GGUF's tokenizer was not extracted (pip install 'fot_jax[torch]')")
+        return
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                     gguf_file=os.path.basename(path))
+    tok.save_pretrained(out_dir)
 
 
 def _as_state(cfg, pure: dict):
