@@ -78,6 +78,24 @@ def cmd_eval(args, overrides):
         print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"),
                                  f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
         memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
+    elif args.task == "passkey":
+        from fot_jax.data.tokenizer import check_vocab, load_tokenizer
+        from fot_jax.evals import passkey
+        from fot_jax.infer.runtime import MemorySettings
+        tok = load_tokenizer(args.tokenizer or args.workdir)
+        check_vocab(tok, cfg.model)
+        lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
+        rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
+        label = args.label or (f"mem_layers {list(cfg.model.mem_layers)}, W={cfg.model.max_position_embeddings}"
+                               if cfg.model.mem_layers else f"no memory, W={cfg.model.max_position_embeddings}")
+        base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
+        print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
+        import glob
+        results = {}
+        for path in sorted(glob.glob(os.path.join(out_dir, "passkey_*.json"))):
+            with open(path) as f:
+                results[os.path.basename(path)[len("passkey_"):-5]] = json.load(f)
+        passkey.plot_passkey(results, os.path.join(out_dir, "passkey.png"))
     else:
         results = {}
         for label, workdir in [("this model", args.workdir)] + [(w, w) for w in args.compare or []]:
@@ -145,11 +163,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("eval", help="the paper's memory evaluations of a trained model")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
-    p.add_argument("--task", choices=["memory_scaling", "distraction"], default="memory_scaling")
+    p.add_argument("--task", choices=["memory_scaling", "distraction", "passkey"], default="memory_scaling")
+    p.add_argument("--tokenizer", help="passkey: tokenizer file or directory (default: the workdir's)")
+    p.add_argument("--label", help="passkey: name of this configuration in the table and plot")
     p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")
     p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
-    p.add_argument("--sizes", help="memory_scaling: comma-separated dictionary token counts")
-    p.add_argument("--num-docs", type=int, default=4)
+    p.add_argument("--sizes", help="memory_scaling: dictionary token counts; passkey: prompt lengths (comma-separated)")
+    p.add_argument("--num-docs", type=int, default=4, help="documents per point (passkey: seeds per length)")
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")

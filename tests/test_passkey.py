@@ -1,0 +1,47 @@
+"""Passkey prompts (the paper's wording, sized by tokens, needle at a depth) and the evaluation loop."""
+import os
+
+import numpy as np
+import pytest
+
+from fot_jax import config as config_lib
+from fot_jax.data.tokenizer import load_tokenizer
+from fot_jax.evals import passkey
+from fot_jax.infer.runtime import MemorySettings
+from fot_jax.model import llama
+
+TOK = os.path.join(os.path.dirname(__file__), "assets", "open_llama_v2.model")
+
+
+@pytest.mark.parametrize("length,depth", [(512, 0.0), (2048, 0.5), (4096, 0.9)])
+def test_prompt_layout(length, depth):
+    tok = load_tokenizer(TOK)
+    ids, answer = passkey.make_prompt(tok, length, depth, key=31337)
+    per = len(tok.encode(passkey.FILLER + " "))
+    assert length - 2 * per <= len(ids) <= length and ids[0] == tok.bos_id
+    text = tok.decode(ids[1:])
+    assert text.startswith(passkey.TASK) and text.endswith(passkey.QUESTION)
+    needle = passkey.NEEDLE.format(key=31337)
+    assert text.count(needle) == 1 and text.count("31337") == 2
+    filler = len(text) - len(passkey.TASK) - len(needle) - len(passkey.QUESTION)
+    share = (text.index(needle) - len(passkey.TASK)) / filler   # the needle's depth in the filler
+    assert abs(share - depth) < 0.05
+    assert tok.decode(answer).strip() == "31337"
+    assert tok.encode(text + " 31337", bos=True) == list(ids) + answer
+
+
+def test_passkey_loop_on_a_tiny_model(tmp_path):
+    tok = load_tokenizer(TOK)
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 32000, 32, 48, 2
+    m.max_position_embeddings, m.mem_layers = 128, [1]
+    model = llama.create(m, seed=0)
+    rows = passkey.passkey(model, tok, MemorySettings(top_k=8, capacity=1024, last_context_length=64),
+                           [256, 512], seeds=2, log=lambda *_: None)
+    assert [r["length"] for r in rows] == [256, 512]
+    for r in rows:
+        assert r["trials"] == 2 and 0 <= r["hits"] <= 2 and r["accuracy"] == r["hits"] / 2
+        assert r["length"] - 40 <= r["prompt_tokens"] <= r["length"]
+    passkey.plot_passkey({"tiny": rows}, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
