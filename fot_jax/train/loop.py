@@ -249,7 +249,8 @@ class Trainer:
                     tps = tokens / max(now - last_time, 1e-9)
                     mfu = tps * metrics_lib.model_flops_per_token(cfg.model, sd.seq_len, range_max) / peak
                     m.update(tokens_per_s=tps, mfu=mfu, curriculum_stage=index)
-                    self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start))
+                    self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start,
+                                                                start_step))
                     self.writer.write(done, m)
                     history.append({**m, "step": done})
                     last_time, last_step = now, done
