@@ -20,7 +20,9 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def tiny(*overrides):
-    return config_lib.load_config(TINY, list(overrides))
+    # one eval range and batch: these tests are about checkpoints, and each eval program costs a compile
+    return config_lib.load_config(TINY, ["--config.crossbatch.eval_ranges=[1]", "--config.train.eval_batches=1",
+                                         *overrides])
 
 
 def _train_losses(workdir):
@@ -138,7 +140,8 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as in the test process
 from fot_jax import config as config_lib
 from fot_jax.train.loop import Trainer
-cfg = config_lib.load_config(sys.argv[1], sys.argv[3:])
+cfg = config_lib.load_config(sys.argv[1], ["--config.crossbatch.eval_ranges=[1]",
+                             "--config.train.eval_batches=1"] + sys.argv[3:])
 summary = Trainer(cfg, sys.argv[2], quiet=True).run()
 print("SUMMARY", summary.get("steps"), summary.get("preempted"), flush=True)
 """

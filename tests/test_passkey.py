@@ -38,8 +38,8 @@ def test_passkey_loop_on_a_tiny_model(tmp_path):
     m.max_position_embeddings, m.mem_layers = 128, [1]
     model = llama.create(m, seed=0)
     rows = passkey.passkey(model, tok, MemorySettings(top_k=8, capacity=1024, last_context_length=64),
-                           [256, 512], seeds=2, log=lambda *_: None)
-    assert [r["length"] for r in rows] == [256, 512]
+                           [256, 320], seeds=2, log=lambda *_: None)
+    assert [r["length"] for r in rows] == [256, 320]
     for r in rows:
         assert r["trials"] == 2 and 0 <= r["hits"] <= 2 and r["accuracy"] == r["hits"] / 2
         assert r["length"] - 40 <= r["prompt_tokens"] <= r["length"]

@@ -47,7 +47,10 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, bos: bool = True
 def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5, batch: int | None = None,
             log=print) -> list[dict]:
     """Rows {length, prompt_tokens, hits, trials, accuracy, seconds} (one per length)."""
+    if settings.mode != "single_doc":
+        raise ValueError("passkey needs memory.mode='single_doc' (each prompt starts with an empty memory)")
     rows = []
+    runtimes = {}
     for length in lengths:
         start = time.perf_counter()
         prompts, answers, keys = [], [], []
@@ -62,8 +65,9 @@ def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5,
         b = batch or seeds
         for i in range(0, seeds, b):
             chunk = prompts[i: i + b]
-            rt = MemoryRuntime(model, len(chunk), settings)
-            outs = rt.generate(chunk, max(len(a) for a in answers[i: i + b]), stop_token=-1)
+            if len(chunk) not in runtimes:  # one runtime per batch size: its programs compile once
+                runtimes[len(chunk)] = MemoryRuntime(model, len(chunk), settings)
+            outs = runtimes[len(chunk)].generate(chunk, max(len(a) for a in answers[i: i + b]), stop_token=-1)
             for out, ans, key in zip(outs, answers[i: i + b], keys[i: i + b]):
                 ok = list(out[: len(ans)]) == ans
                 hits += ok

@@ -132,13 +132,18 @@ class Attention(nnx.Module):
 
     def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn):
         """Inference: x [B,T,E] new tokens; cache (k_raw, v) [B,S,Hkv,D] or None (slot j at position j,
-        rotated here with cache_cos/sin); mask [B,T,S+T]; memory_fn(q [B,Hkv,G*T,D]) -> partial sums
-        or None. Returns (out [B,T,E], k_raw, v) with k_raw the new keys before rotation (what memory
-        and the cache store)."""
+        rotated here with cache_cos/sin in memory layers, stored rotated in the others); mask
+        [B,T,S+T]; memory_fn(q [B,Hkv,G*T,D]) -> partial sums or None. Returns (out [B,T,E], k, v)
+        with k the new keys as the cache stores them: un-rotated in memory layers (what memory
+        stores), rotated at their positions in the others."""
         q, k_own, k_raw, v = self.project(x, cos, sin)
+        # A memory layer caches un-rotated keys (its cache moves to memory, where `as_first` wants
+        # them un-rotated) and rotates them at use; other layers cache rotated keys (slot j holds
+        # position j either way), which saves rotating the whole cache every generated token.
+        k_cache = k_raw if self.is_memory else k_own
         if cache is not None:
             ck, cv = cache
-            ck_own = apply_rope(ck, cache_cos, cache_sin) if self.use_rope else ck
+            ck_own = apply_rope(ck, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else ck
             keys = jnp.concatenate([ck_own.astype(k_own.dtype), k_own], axis=1)
             vals = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
         else:
@@ -152,7 +157,7 @@ class Attention(nnx.Module):
             if hasattr(self, "mem_gate"):
                 gate = self.mem_gate[...]
         out = memory_attention(q, keys, vals, mask, memory, gate)
-        return _dense(out, self.o_proj[...].astype(self.dtype)), k_raw, v
+        return _dense(out, self.o_proj[...].astype(self.dtype)), k_cache, v
 
 
 class DecoderLayer(nnx.Module):
@@ -223,11 +228,13 @@ class Llama(nnx.Module):
     def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None, last_layer=None):
         """Inference forward of new tokens with a local cache and memory (DESIGN "Memory attention").
 
-        tokens, positions [B,T] (RoPE positions of the new tokens); cache: per layer (k_raw, v)
-        [B,S,Hkv,D] or None, cache slot j holding position j, cache_valid [B,S]; memory_fns: per layer a
+        tokens, positions [B,T] (RoPE positions of the new tokens); cache: per layer (k, v)
+        [B,S,Hkv,D] or None, cache slot j holding position j (keys un-rotated in memory layers,
+        rotated in the others), cache_valid [B,S]; memory_fns: per layer a
         function q [B,Hkv,G*T,D] -> memory partial sums (memory layers only) or None.
         A new token sees the valid cache slots and the new tokens up to itself.
-        Returns logits [B,T,V_padded] (float32) and per layer (k_raw, v) [B,T,Hkv,D] of the new tokens.
+        Returns logits [B,T,V_padded] (float32) and per layer (k, v) [B,T,Hkv,D] of the new tokens,
+        keys as the cache stores them.
         """
         m = self.config
         b, t = tokens.shape
