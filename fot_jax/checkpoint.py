@@ -157,6 +157,15 @@ class Checkpoints:
             self.best_manager.close()
 
 
+def _restore_params(manager, step, abstract_params):
+    """Only the parameters of a step (the optimizer state, if any, is not read), placed as the
+    abstract target's shardings say."""
+    target = {"params": abstract_params}
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]["params"]
+
+
 def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     """(cfg, model) from the latest (or a chosen, or the best) checkpoint of a training workdir;
     parameters are restored replicated on the default device. `overrides` are `--config.a.b=v`
@@ -177,18 +186,15 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
         cfg = config_lib.from_dict(stored, overrides)
         graphdef, abstract_params = abstract_model(cfg)
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                         abstract_params)}
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                         partial_restore=True)))["state"]
+        params = _restore_params(manager, step, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params))
     except config_lib.ConfigError:
         raise
     except Exception as err:  # noqa: BLE001
         raise _restore_error(step, directory, err) from err
     finally:
         manager.close()
-    model = nnx.merge(graphdef, restored["params"])
+    model = nnx.merge(graphdef, params)
     return cfg, model
 
 
@@ -210,16 +216,13 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
             raise _restore_error(step, directory, err) from err
         # parameters are cast to the run's param_dtype on restore
         _check_model_config(stored, cfg, f"{directory}/{step} (train.init_from)", ignore=("param_dtype",))
-        target = {"params": _abstract(abstract_params, shardings)}
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))["state"]
+            params = _restore_params(manager, step, _abstract(abstract_params, shardings))
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, directory, err) from err
     finally:
         manager.close()
-    return restored["params"]
+    return params
 
 
 def save_params(workdir: str, cfg, params, step: int = 0):

@@ -156,7 +156,6 @@ def from_hf_state_dict(tensors, m, dtype=np.float32) -> dict:
     shapes checked against the config (a mismatch names the tensor). Extra HF buffers such as
     `rotary_emb.inv_freq` are ignored; any other unknown tensor is an error."""
     from fot_jax.model import llama
-    import jax
     from flax import nnx
     expected = flatten(nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(llama.create(m, 0), nnx.Param))))
     names = set(tensors.keys())
@@ -188,7 +187,6 @@ def from_hf_state_dict(tensors, m, dtype=np.float32) -> dict:
     if unknown:
         raise ConversionError(f"tensors with no fot_jax parameter: {unknown[:8]}"
                               f"{' ...' if len(unknown) > 8 else ''}")
-    del jax
     return unflatten(flat)
 
 

@@ -205,6 +205,7 @@ class Trainer:
         switched = False
         if data_state is not None and "range" in data_state:
             current_range, switched = int(data_state["range"]), bool(data_state["switched"])
+        # saved with the data position; the closure reads the loop's current values
         self._range_state = lambda: {"range": current_range, "switched": switched}
         preempted = False
         stage_index = None
@@ -258,7 +259,6 @@ class Trainer:
                     if (x.switch_range >= 0 and not switched and stage_index == len(self.stages)
                             and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
                         current_range, switched = x.switch_range, True
-                        self._range_state = lambda: {"range": current_range, "switched": switched}
                         self.log(f"crossbatch range switched to r={current_range} at step {done} "
                                  f"(train accuracy {np.mean(acc_window[-3:]):.3f})")
                 is_eval = t.eval_every and done % t.eval_every == 0
