@@ -13,10 +13,20 @@ def _split_overrides(argv):
     return known, overrides
 
 
+def _join(args):
+    """Joins a multi-process run (flags or FOT_JAX_* environment) before JAX touches a device."""
+    from fot_jax.parallel import distributed
+    settings = distributed.DistributedSettings.from_env(
+        coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+        init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+    distributed.initialize(settings)
+
+
 def cmd_train(args, overrides):
     from fot_jax import config as config_lib
     from fot_jax.train.loop import train
     cfg = config_lib.load_config(args.config, overrides)
+    _join(args)
     summary = train(cfg, args.workdir)
     if summary.get("preempted"):
         print(f"fot-jax train: terminated (SIGTERM) after step {summary['steps']}; checkpoint saved, "
@@ -110,6 +120,58 @@ def cmd_eval(args, overrides):
     return 0
 
 
+def cmd_sweep(args, overrides):
+    from fot_jax.sweep import run_sweep, sweep_points
+    if args.list:
+        for p in sweep_points(args.config):
+            print(p["name"], json.dumps(p["overrides"]))
+        return 0
+    results = run_sweep(args.config, args.workdir, overrides, launcher=args.launcher or "")
+    with open(f"{args.workdir}/sweep.md") as f:
+        print(f.read())
+    failed = [r["point"] for r in results if r["status"].startswith("FAILED")]
+    if failed:
+        print(f"fot-jax sweep: {len(failed)} point(s) failed: {', '.join(failed)} (see <point>/train.log)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plan(args, overrides):
+    import os
+    from fot_jax import config as config_lib
+    from fot_jax.plan import format_plan, make_plan, parse_mesh
+    cfg = config_lib.load_config(args.config, overrides)
+    if args.mesh:
+        for axis, size in parse_mesh(args.mesh).items():
+            cfg.mesh[axis] = size
+    sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
+    devices = args.devices or (0 if -1 in sizes else int(__import__("math").prod(sizes)))
+    if not devices:
+        raise config_lib.ConfigError("config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) "
+                                     "or a full --mesh")
+    # Simulated CPU devices for the pod's shape; must be set before JAX starts its backend.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    if len(jax.devices()) < devices:
+        raise config_lib.ConfigError(f"the plan needs {devices} devices, JAX already started with "
+                                     f"{len(jax.devices())}; run `fot-jax plan` in a fresh process")
+    plan = make_plan(cfg, jax.devices()[:devices])
+    print(format_plan(plan, os.path.basename(args.config), args.device_memory, args.all_params))
+    if args.json:
+        import dataclasses
+        with open(args.json, "w") as f:
+            json.dump(dataclasses.asdict(plan) | {"peak_bytes": plan.peak_bytes}, f, indent=1, default=str)
+    if args.device_memory and plan.peak_bytes > args.device_memory * 2 ** 30:
+        print(f"fot-jax plan: {plan.peak_bytes / 2**30:.2f} GiB per device does not fit in "
+              f"{args.device_memory} GiB", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_import(args, overrides):
     from fot_jax.convert.api import import_model
     import_model(args.source, args.out, overrides=overrides, dtype=args.dtype, overwrite=args.overwrite)
@@ -145,6 +207,41 @@ def cmd_tokenizer(args, overrides):
     return 0
 
 
+def _multi_process_guard(fn, args, overrides):
+    """In a multi-process run, a failed collective (a process died: gloo/ICI reports a reset
+    connection) stops this process at once with a message that says so, instead of a traceback
+    followed by an abort in the coordination service's shutdown."""
+    import jax
+    try:
+        return fn(args, overrides)
+    except jax.errors.JaxRuntimeError as e:
+        if not _joined():
+            raise
+        import os
+        print(f"fot-jax: process {jax.process_index()} of {jax.process_count()}: a step with the other "
+              f"processes failed ({str(e).splitlines()[0][:300]}). Another process probably died or was "
+              "preempted; see its log. Stopping; restart all processes to resume from the last "
+              "checkpoint.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)  # skip jax's shutdown barrier, which the dead process can never reach
+
+
+def _joined() -> bool:
+    from fot_jax.parallel import distributed
+    return bool(distributed._STATE["initialized"])
+
+
+def _distributed_flags(p):
+    g = p.add_argument_group("multi-host (default: $FOT_JAX_COORDINATOR, $FOT_JAX_NUM_PROCESSES, "
+                             "$FOT_JAX_PROCESS_ID; a TPU VM pod is detected by itself)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, help="this process, 0..num_processes-1")
+    g.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for the others to join")
+    g.add_argument("--heartbeat-timeout", type=int, default=30,
+                   help="seconds without a heartbeat before a process counts as dead")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
@@ -153,6 +250,7 @@ def main(argv=None):
     p = sub.add_parser("train", help="train (and evaluate) a model from a config file")
     p.add_argument("--config", required=True, help="a config file in configs/")
     p.add_argument("--workdir", required=True, help="where metrics, plots and checkpoints go")
+    _distributed_flags(p)
     p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
     p.add_argument("--tokens", action="append", help="a prompt as token ids '1 5 9 ...' (repeat for a batch)")
@@ -173,6 +271,19 @@ def main(argv=None):
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
+    p = sub.add_parser("sweep", help="run a config's sweep points (get_sweep()), each in its own workdir")
+    p.add_argument("--config", required=True, help="a config file with get_sweep(), e.g. configs/ablations/*.py")
+    p.add_argument("--workdir", required=True, help="points go to WORKDIR/<point>; summary in WORKDIR/sweep.md")
+    p.add_argument("--launcher", help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)")
+    p.add_argument("--list", action="store_true", help="only list the points")
+    p = sub.add_parser("plan", help="compile the train step on a simulated pod mesh: per-device memory, shardings")
+    p.add_argument("--config", required=True)
+    p.add_argument("--mesh", help="e.g. fsdp=32 or data=2,fsdp=16 (default: the config's mesh)")
+    p.add_argument("--devices", type=int, help="pod size when the mesh has a -1 axis")
+    p.add_argument("--device-memory", type=float, help="GiB per device (v3: 16, v4: 32, v5e: 16, v5p: 95): "
+                   "exit 1 when the plan does not fit")
+    p.add_argument("--all-params", action="store_true", help="list every parameter, not one per shape")
+    p.add_argument("--json", help="also write the plan as JSON here")
     p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
     p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
     p.add_argument("--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)")
@@ -203,15 +314,20 @@ def main(argv=None):
     from fot_jax.infer.runtime import MemoryRuntimeError
     from fot_jax.convert.hf import ConversionError
     from fot_jax.data.tokenizer import TokenizerError
+    from fot_jax.parallel.distributed import DistributedError
     try:
         if args.command == "train":
-            return cmd_train(args, overrides)
+            return _multi_process_guard(cmd_train, args, overrides)
         if args.command == "generate":
             return cmd_generate(args, overrides)
         if args.command == "eval":
             return cmd_eval(args, overrides)
         if args.command == "import":
             return cmd_import(args, overrides)
+        if args.command == "sweep":
+            return cmd_sweep(args, overrides)
+        if args.command == "plan":
+            return cmd_plan(args, overrides)
         if args.command == "export":
             return cmd_export(args, overrides)
         if args.command == "tokenizer":
@@ -219,7 +335,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError) as e:
+    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:
         print(f"fot-jax: {e}", file=sys.stderr)
         return 2
     return 1

@@ -8,11 +8,13 @@ from fot_jax.data.pipeline import DocBatcher
 def document_source(cfg, split: str, num_docs: int | None = None):
     d = cfg.data
     if d.task == "dictionary_lookup":
-        return dictionary.data_source(
-            split, data_dir=d.data_dir, doc_length=d.doc_length, query_length=d.query_length,
-            num_definitions=d.num_definitions,
-            num_train=num_docs or d.num_train_docs, num_eval=d.num_eval_docs, seed=d.seed,
-            key_length=d.key_length, value_length=d.value_length)
+        from fot_jax.parallel.distributed import primary_first
+        with primary_first(f"prepare/{split}/{num_docs}"):  # one host writes the shared data_dir
+            return dictionary.data_source(
+                split, data_dir=d.data_dir, doc_length=d.doc_length, query_length=d.query_length,
+                num_definitions=d.num_definitions,
+                num_train=num_docs or d.num_train_docs, num_eval=d.num_eval_docs, seed=d.seed,
+                key_length=d.key_length, value_length=d.value_length)
     raise ValueError(f"unknown data.task '{d.task}'")
 
 

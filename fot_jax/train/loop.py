@@ -60,11 +60,25 @@ def to_global(batch: dict, mesh) -> dict:
     return out
 
 
+def global_batcher_state(state: dict) -> dict:
+    """A host's batcher position covers its own streams; a checkpoint holds every host's (gathered
+    here), so that it restores on any number of hosts."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+    local = np.array([[int(s), o, f] for s, (o, f) in state["streams"].items()], np.int32).reshape(-1, 3)
+    everyone = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
+    return {"step": state["step"], "streams": {str(s): [int(o), int(f)] for s, o, f in everyone}}
+
+
 class Trainer:
     def __init__(self, cfg, workdir: str, checkpoints=None, devices=None, quiet: bool = False):
         """checkpoints: None -> `fot_jax.checkpoint.Checkpoints` in workdir; False -> none; or any
         object with restore/save/close."""
         config_lib.validate(cfg)
+        if jax.process_count() > 1:
+            from fot_jax.parallel import distributed
+            distributed.check_agreement(cfg)
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -311,7 +325,8 @@ class Trainer:
     def _data_state(self, batcher, stage_index):
         if batcher is None:
             return None
-        return {"stage": stage_index, "batcher": batcher.state(), **self._range_state()}
+        return {"stage": stage_index, "batcher": global_batcher_state(batcher.state()),
+                **self._range_state()}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))

@@ -1,0 +1,127 @@
+"""A pod on one machine: N local processes x M simulated CPU devices running the same command.
+
+    python -m fot_jax.parallel.local_pod --processes 2 --devices 4 -- \\
+        fot-jax train --config configs/tiny.py --workdir /tmp/pod
+
+Each process gets `XLA_FLAGS=--xla_force_host_platform_device_count=M`, `JAX_PLATFORMS=cpu` and the
+`FOT_JAX_COORDINATOR` / `FOT_JAX_NUM_PROCESSES` / `FOT_JAX_PROCESS_ID` that `fot-jax train` joins
+with (process 0 hosts the coordinator on a free local port). Output lines are prefixed `[pN]`.
+When one process fails, the others get `--grace` seconds to notice (they should stop with an
+error by themselves) and are then killed; the exit status is the first failure's. This is what a
+TPU pod runs (`launch/tpu.py` runs the same command on every worker), minus the hardware.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pump(stream, prefix, sink, lock, seen):
+    for line in iter(stream.readline, ""):
+        if seen is not None and len(seen) < 100000:
+            seen.append(f"{prefix} {line}")
+        with lock:
+            sink.write(f"{prefix} {line}" if prefix else line)
+            sink.flush()
+    stream.close()
+
+
+def run_pod(command: list[str], processes: int, devices: int, *, port: int | None = None,
+            env: dict | None = None, grace: float = 60.0, timeout: float | None = None,
+            kill_after: dict | None = None, kill_on: tuple | None = None, sink=None,
+            cwd: str | None = None) -> list[int]:
+    """Runs `command` as `processes` processes; returns their exit codes (process order).
+    Failure tests: kill_after {process_id: seconds} SIGKILLs that process after so long;
+    kill_on (process_id, text) SIGKILLs it once any process has printed a line containing text."""
+    if processes < 1 or devices < 1:
+        raise ValueError(f"a pod needs at least 1 process and 1 device each, got {processes} x {devices}")
+    port = port or free_port()
+    sink = sink or sys.stdout
+    lock = threading.Lock()
+    procs, pumps = [], []
+    seen = [] if kill_on is not None else None
+    for pid in range(processes):
+        e = dict(os.environ, **(env or {}))
+        flags = " ".join(f for f in e.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+        e.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+                 JAX_PLATFORMS="cpu", FOT_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                 FOT_JAX_NUM_PROCESSES=str(processes), FOT_JAX_PROCESS_ID=str(pid),
+                 PYTHONUNBUFFERED="1")
+        p = subprocess.Popen(command, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+        procs.append(p)
+        t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}]" if processes > 1 else "", sink, lock, seen),
+                             daemon=True)
+        t.start()
+        pumps.append(t)
+    start = time.monotonic()
+    first_failure = None
+    killed = set()
+    while True:
+        now = time.monotonic() - start
+        codes = [p.poll() for p in procs]
+        for pid, seconds in (kill_after or {}).items():
+            if pid not in killed and now >= seconds and codes[pid] is None:
+                os.killpg(procs[pid].pid, signal.SIGKILL)
+                killed.add(pid)
+        if kill_on is not None and kill_on[0] not in killed and codes[kill_on[0]] is None and \
+                any(kill_on[1] in line for line in list(seen)):
+            os.killpg(procs[kill_on[0]].pid, signal.SIGKILL)
+            killed.add(kill_on[0])
+        if all(c is not None for c in codes):
+            break
+        if first_failure is None and any(c not in (None, 0) for c in codes):
+            first_failure = time.monotonic()
+        if (first_failure is not None and time.monotonic() - first_failure > grace) or \
+                (timeout is not None and now > timeout):
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            for p in procs:
+                p.wait()
+            break
+        time.sleep(0.1)
+    for t in pumps:
+        t.join(timeout=5)
+    return [p.returncode for p in procs]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="local_pod", description="N local processes x M CPU devices")
+    parser.add_argument("--processes", "-n", type=int, default=2)
+    parser.add_argument("--devices", "-m", type=int, default=4, help="simulated CPU devices per process")
+    parser.add_argument("--port", type=int, help="coordinator port (default: a free one)")
+    parser.add_argument("--grace", type=float, default=60.0,
+                        help="seconds the others get to stop by themselves after one fails")
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1:]
+    if not command:
+        parser.error("give the command after --")
+    codes = run_pod(command, args.processes, args.devices, port=args.port, grace=args.grace)
+    print(f"local_pod: exit codes {codes}", file=sys.stderr)
+    bad = [c for c in codes if c != 0]
+    if not bad:
+        return 0
+    return bad[0] if bad[0] > 0 else 128 - bad[0]   # killed by a signal: 128 + signal
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""A compile-time plan: lower and compile the train step of a big config on a simulated mesh of the
+pod's shape, with abstract parameters (nothing is materialised), and report per-device memory and
+the sharding of every parameter.
+
+    fot-jax plan --config configs/longllama_3b.py --mesh fsdp=32
+
+The CLI sets `--xla_force_host_platform_device_count` to the mesh size before JAX starts, so a
+laptop stands in for a v3-32 (or any shape). XLA's own memory analysis of the compiled SPMD
+program gives arguments (parameters, optimizer state, batch), outputs (aliased with the donated
+state), and temporaries (activations, gradients, collectives' buffers); parameters and optimizer
+state are also counted from their shard shapes. A large parameter left replicated is a warning; a
+total over `--device-memory` GiB is an error before anyone pays for a pod. XLA:CPU's temporaries
+are an estimate of TPU's (different fusion and layouts; TPU pads small minor dimensions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.train.loop import crossbatch_spec
+from fot_jax.train.optim import make_optimizer, make_schedule
+from fot_jax.train.state import state_shardings
+from fot_jax.train.step import train_step
+
+GiB = 1024 ** 3
+# A parameter this large (elements) left fully replicated on a multi-device mesh is a warning.
+REPLICATED_WARN_ELEMENTS = 1 << 20
+
+
+def parse_mesh(text: str) -> dict:
+    """'fsdp=32' or 'data=2,fsdp=16,tensor=1' -> {axis: size} (unnamed axes: 1)."""
+    out = {a: 1 for a in mesh_lib.MESH_AXES}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise config_lib.ConfigError(f"--mesh: {part!r} is not AXIS=SIZE (axes: {', '.join(mesh_lib.MESH_AXES)})")
+        axis, size = part.split("=", 1)
+        if axis not in out:
+            raise config_lib.ConfigError(f"--mesh: unknown axis {axis!r} (axes: {', '.join(mesh_lib.MESH_AXES)})")
+        try:
+            out[axis] = int(size)
+        except ValueError:
+            raise config_lib.ConfigError(f"--mesh: size of {axis!r} must be an integer, got {size!r}")
+        if out[axis] < 1:
+            raise config_lib.ConfigError(f"--mesh: size of {axis!r} must be >= 1, got {out[axis]}")
+    return out
+
+
+@dataclasses.dataclass
+class ParamRow:
+    path: str
+    shape: tuple
+    dtype: str
+    spec: str
+    device_bytes: int
+    replicated_large: bool
+
+
+@dataclasses.dataclass
+class Plan:
+    mesh: dict
+    num_devices: int
+    num_params: int
+    param_bytes: int            # per device, from shard shapes
+    opt_bytes: int              # per device, from shard shapes
+    batch_bytes: int            # per device
+    argument_bytes: int         # XLA: all inputs of the step, per device
+    output_bytes: int
+    alias_bytes: int            # outputs written in place of donated inputs
+    temp_bytes: int             # XLA: activations, gradients, temporaries
+    compile_s: float
+    params: list
+    warnings: list
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + temporaries + outputs not aliased with (donated) arguments."""
+        return self.argument_bytes + self.temp_bytes + max(self.output_bytes - self.alias_bytes, 0)
+
+
+def _bytes_per_device(x, sharding) -> int:
+    return int(np.prod(sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _path(p) -> str:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def make_plan(cfg, devices=None) -> Plan:
+    """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs."""
+    config_lib.validate(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    dp = mesh_lib.data_parallel_size(mesh)
+    if cfg.data.batch_size % dp:
+        raise config_lib.ConfigError(
+            f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the mesh's "
+            f"data-parallel size {dp} (mesh data x fsdp)")
+    from fot_jax.model import llama
+    tx = make_optimizer(cfg.train)
+
+    def init():
+        model = llama.create(cfg.model, cfg.train.seed)
+        params = nnx.state(model, nnx.Param)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    with mesh_lib.use_mesh(mesh):
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: llama.create(cfg.model, cfg.train.seed)))
+        abstract = jax.eval_shape(init)
+        shardings = state_shardings(abstract, mesh)
+        abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   abstract, shardings)
+        b, t = cfg.data.batch_size, cfg.data.seq_len
+        bs = mesh_lib.batch_sharding(mesh, 2)
+        batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs),
+                 "targets": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs),
+                 "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=bs),
+                 "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs)}
+        rep = mesh_lib.replicated(mesh)
+        fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
+                               spec=crossbatch_spec(cfg, cfg.crossbatch.range),
+                               microbatches=cfg.train.microbatches, schedule=make_schedule(cfg.train),
+                               temperature_lr_scale=float(cfg.train.temperature_lr_scale))
+        jitted = jax.jit(fn, in_shardings=(shardings, {k: bs for k in batch}, rep),
+                         out_shardings=(shardings, rep), donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = jitted.lower(abstract_in, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
+        compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+
+    rows, warnings = [], []
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_in["params"])[0]
+    multi = mesh.size > 1
+    for p, x in leaves:
+        spec = x.sharding.spec
+        replicated = all(s is None for s in spec)
+        large = multi and replicated and x.size >= REPLICATED_WARN_ELEMENTS
+        rows.append(ParamRow(_path(p), tuple(x.shape), str(x.dtype), str(tuple(spec)),
+                             _bytes_per_device(x, x.sharding), large))
+        if large:
+            warnings.append(f"parameter {_path(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) is "
+                            f"replicated on all {mesh.size} devices (no mesh axis divides it)")
+    param_bytes = sum(r.device_bytes for r in rows)
+    opt_bytes = sum(_bytes_per_device(x, x.sharding) for x in jax.tree.leaves(abstract_in["opt_state"]))
+    batch_bytes = sum(_bytes_per_device(x, x.sharding) for x in batch.values())
+    return Plan(mesh=dict(mesh.shape), num_devices=mesh.size,
+                num_params=sum(int(math.prod(r.shape)) for r in rows),
+                param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
+                argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                compile_s=compile_s, params=rows, warnings=warnings)
+
+
+def _gib(x) -> str:
+    return f"{x / GiB:8.3f} GiB"
+
+
+def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, all_params: bool = False) -> str:
+    lines = [f"plan for {name}: {plan.num_params / 1e6:,.1f}M parameters on mesh {plan.mesh} "
+             f"({plan.num_devices} devices), compiled in {plan.compile_s:.0f} s",
+             "", "per device:",
+             f"  parameters          {_gib(plan.param_bytes)}",
+             f"  optimizer state     {_gib(plan.opt_bytes)}",
+             f"  batch               {_gib(plan.batch_bytes)}",
+             f"  step arguments      {_gib(plan.argument_bytes)}   (XLA; parameters + optimizer state + batch)",
+             f"  temporaries         {_gib(plan.temp_bytes)}   (XLA; activations, gradients, buffers)",
+             f"  outputs not aliased {_gib(max(plan.output_bytes - plan.alias_bytes, 0))}   (the state is donated)",
+             f"  peak                {_gib(plan.peak_bytes)}"]
+    if device_memory_gib:
+        lines.append(f"  device memory       {device_memory_gib:8.3f} GiB: "
+                     + ("fits" if plan.peak_bytes <= device_memory_gib * GiB else "DOES NOT FIT"))
+    lines += ["", "parameter shardings" + ("" if all_params else " (one row per distinct shape and sharding)") + ":"]
+    seen = set()
+    width = max(len(r.path) for r in plan.params)
+    for r in plan.params:
+        key = (r.shape, r.spec, r.path.split(".")[-1])
+        if not all_params and key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"  {r.path:<{width}}  {str(r.shape):<18} {r.dtype:<9} {r.spec:<28} "
+                     f"{r.device_bytes / 2**20:10.2f} MiB/device" + ("  REPLICATED" if r.replicated_large else ""))
+    for w in plan.warnings:
+        lines.append("warning: " + w)
+    return "\n".join(lines)

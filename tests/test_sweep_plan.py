@@ -1,0 +1,134 @@
+"""`fot-jax sweep` (ablation points in their own workdirs, skip finished, a failing point reported)
+and `fot-jax plan` (compile-time memory and shardings on a simulated pod mesh)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fot_jax import cli
+from fot_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The dictionary ablations shrunk to seconds a point: the tiny model, short documents, 3 steps.
+TINY = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=2",
+        "--config.model.mem_layers=[1]", "--config.model.max_position_embeddings=64",
+        "--config.model.last_context_length=64", "--config.data.seq_len=64", "--config.data.doc_length=128",
+        "--config.data.query_length=64", "--config.data.curriculum=", "--config.data.num_train_docs=128",
+        "--config.data.num_eval_docs=32", "--config.train.steps=3", "--config.train.eval_every=0",
+        "--config.train.eval_batches=1", "--config.train.log_every=1"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_d_ablation_and_skips_finished_points(tmp_path, data_dir, capsys):
+    work = str(tmp_path / "sweep")
+    args = ["sweep", "--config", os.path.join(ROOT, "configs/ablations/crossbatch_d.py"), "--workdir", work,
+            *TINY, f"--config.data.data_dir={data_dir}"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for d in (1, 2, 4, 8):
+        assert f"| d={d} | ok | 3 |" in out
+        with open(os.path.join(work, f"d={d}", "summary.json")) as f:
+            assert json.load(f)["steps"] == 3
+        with open(os.path.join(work, f"d={d}", "checkpoints", "3", "config", "metadata")) as f:
+            assert json.load(f)["crossbatch"]["range"] == d - 1
+    assert "acc r=31" in out and os.path.exists(os.path.join(work, "sweep.png"))
+    rows = json.load(open(os.path.join(work, "sweep.json")))
+    assert [r["point"] for r in rows] == ["d=1", "d=2", "d=4", "d=8"]
+    # a second run finds every point finished
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.count("done before (skipped)") == 4
+
+
+@pytest.mark.slow
+def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path, data_dir, capsys):
+    cfg = tmp_path / "sweep_cfg.py"
+    cfg.write_text(
+        "import os\n"
+        "from fot_jax.config import load_config\n"
+        f"def get_config():\n    return load_config({os.path.join(ROOT, 'configs/tiny.py')!r})\n"
+        "def get_sweep():\n"
+        "    return [{'name': 'diverges', 'train.learning_rate': 1e30, 'train.grad_clip': 0.0},\n"
+        "            {'name': 'fine', 'train.learning_rate': 1e-3}]\n")
+    work = str(tmp_path / "w")
+    rc = cli.main(["sweep", "--config", str(cfg), "--workdir", work, "--config.train.steps=4",
+                   f"--config.data.data_dir={data_dir}"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "| diverges | FAILED (exit 1) |" in captured.out and "| fine | ok | 4 |" in captured.out
+    assert "1 point(s) failed: diverges" in captured.err
+    row = json.load(open(os.path.join(work, "sweep.json")))[0]
+    assert "loss is nan" in row["error"] or "loss is inf" in row["error"]
+
+
+def test_sweep_declarations_are_checked(tmp_path):
+    from fot_jax.sweep import sweep_points
+    bad = tmp_path / "bad.py"
+    bad.write_text("from fot_jax.config import base_config\ndef get_config():\n    return base_config()\n")
+    with pytest.raises(config_lib.ConfigError, match="declares no sweep"):
+        sweep_points(str(bad))
+    bad.write_text(bad.read_text() + "def get_sweep():\n    return [{'model.hidden_sise': 3}]\n")
+    with pytest.raises(config_lib.ConfigError, match="model.hidden_sise|hidden_sise"):
+        sweep_points(str(bad))
+    bad.write_text(bad.read_text().replace("[{'model.hidden_sise': 3}]", "{'product': {'train.seed': [0, 1], "
+                                            "'crossbatch.range': [0, 1]}}"))
+    names = [p["name"] for p in sweep_points(str(bad))]
+    assert names == ["seed=0_range=0", "seed=0_range=1", "seed=1_range=0", "seed=1_range=1"]
+    for name in ("positionals", "gating", "crossbatch_d"):
+        assert len(sweep_points(os.path.join(ROOT, f"configs/ablations/{name}.py"))) >= 2
+
+
+def _plan(tmp_path, *args):
+    out = tmp_path / "plan.json"
+    res = subprocess.run([sys.executable, "-m", "fot_jax.cli", "plan", *args, "--json", str(out)],
+                         capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return res, (json.load(open(out)) if out.exists() else None)
+
+
+@pytest.mark.slow
+def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
+    """A 3B-shaped model shrunk in depth and batch (the compile is what costs; parameter memory per
+    layer is the 3B's): parameters + Adam state per device = parameter count x 4 B x 3 / 32."""
+    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/longllama_3b.py"), "--mesh", "fsdp=32",
+                      "--config.model.num_layers=2", "--config.model.mem_layers=[1]",
+                      "--config.data.batch_size=32", "--config.data.seq_len=256",
+                      "--config.model.max_position_embeddings=256", "--config.data.doc_length=1024")
+    assert res.returncode == 0, res.stderr[-3000:]
+    n = plan["num_params"]
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs/longllama_3b.py"), ["--config.model.num_layers=2",
+                                                                               "--config.model.mem_layers=[1]"])
+    m = cfg.model
+    expect_n = (2 * config_lib.padded_vocab(m) * m.hidden_size + m.hidden_size
+                + m.num_layers * (4 * m.hidden_size ** 2 + 3 * m.hidden_size * m.intermediate_size + 2 * m.hidden_size))
+    assert n == expect_n
+    arithmetic = n * 4 * 3 / 32                                   # f32 params + Adam mu, nu over 32 chips
+    assert abs(plan["param_bytes"] + plan["opt_bytes"] - arithmetic) / arithmetic < 0.05
+    # XLA's own count of the step's arguments: the state plus the batch
+    assert abs(plan["argument_bytes"] - (arithmetic + plan["batch_bytes"])) / arithmetic < 0.05
+    assert plan["temp_bytes"] > 0 and plan["mesh"] == {"data": 1, "fsdp": 32, "tensor": 1}
+    assert "parameter shardings" in res.stdout and "('fsdp'" in res.stdout
+
+
+def test_plan_warns_about_replicated_parameters_and_memory_that_does_not_fit(tmp_path):
+    # vocab 1000 x hidden 1100: no axis of 8 divides 1100 or the padded vocab on tensor... use a
+    # hidden size that 8 does not divide, so fsdp cannot shard the big matrices.
+    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/tiny.py"), "--mesh", "fsdp=8",
+                      "--config.model.hidden_size=1028", "--config.model.num_heads=4",
+                      "--config.model.num_kv_heads=4", "--config.model.intermediate_size=1030",
+                      "--config.model.vocab_size=1000", "--config.model.vocab_multiple=4",
+                      "--device-memory", "0.001")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "REPLICATED" in res.stdout and "warning: parameter" in res.stdout
+    assert "does not fit in 0.001 GiB" in res.stderr
+    assert plan["warnings"]
+
+
+def test_plan_bad_mesh():
+    from fot_jax.plan import parse_mesh
+    assert parse_mesh("fsdp=32") == {"data": 1, "fsdp": 32, "tensor": 1}
+    for bad, msg in (("fsdp", "AXIS=SIZE"), ("pipe=2", "unknown axis"), ("fsdp=x", "integer"), ("data=0", ">= 1")):
+        with pytest.raises(config_lib.ConfigError, match=msg):
+            parse_mesh(bad)
