@@ -113,11 +113,11 @@ def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
 
 
 def test_plan_warns_about_replicated_parameters_and_memory_that_does_not_fit(tmp_path):
-    # vocab 1000 x hidden 1100: no axis of 8 divides 1100 or the padded vocab on tensor... use a
-    # hidden size that 8 does not divide, so fsdp cannot shard the big matrices.
+    # a hidden size that 8 does not divide: fsdp cannot shard the big matrices, which stay whole on
+    # every device (1M+ elements each)
     res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/tiny.py"), "--mesh", "fsdp=8",
-                      "--config.model.hidden_size=1028", "--config.model.num_heads=4",
-                      "--config.model.num_kv_heads=4", "--config.model.intermediate_size=1030",
+                      "--config.model.hidden_size=1036", "--config.model.num_heads=2",
+                      "--config.model.num_kv_heads=2", "--config.model.intermediate_size=1030",
                       "--config.model.vocab_size=1000", "--config.model.vocab_multiple=4",
                       "--device-memory", "0.001")
     assert res.returncode == 1, res.stderr[-3000:]
