@@ -90,6 +90,16 @@ def base_config() -> ml_collections.ConfigDict:
     d.num_definitions = 0             # 0: as many as fit; >0: fewer records (curriculum)
     d.key_length = 4                  # dictionary lookup: tokens per key
     d.value_length = 4                # dictionary lookup: tokens per value
+    # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
+    d.source = ""                     # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
+    d.tokenizer = "open_llama_v2"     # .model / tokenizer.json / directory, or a built-in name
+    d.file_patterns = ["*.py"]        # text_files / stdlib: file globs
+    d.exclude = ["__pycache__", "test", "tests", "idlelib", "site-packages"]   # dirs/files skipped
+    d.concat_by_directory = True      # one document per directory, files in a seeded random order
+    d.min_tokens = 0                  # shorter documents are dropped
+    d.held_out_percent = 5            # groups (directories / files / lines) held out as validation
+    d.text_field = "text"             # jsonl / tfds: the field holding the text
+    d.decode_errors = "strict"        # strict (error naming the file) | skip | replace
     # Stages before the configured task: "end:defs[:key_len:value_len[:doc_length:batch_size]],...".
     # e.g. "500:0:4:4:64:128" trains until step 500 on 64-token documents, 128 rows a step.
     d.curriculum = ""
@@ -354,8 +364,12 @@ def validate(cfg) -> None:
     if d.task == "dictionary_lookup":
         from fot_jax.data import dictionary
         dictionary.validate(cfg)
+    elif d.task in ("text_files", "stdlib", "jsonl", "tfds"):
+        from fot_jax.data import text
+        text.validate(cfg)
     else:
-        raise ConfigError(f"config field 'data.task': unknown task '{d.task}'")
+        raise ConfigError(f"config field 'data.task': unknown task '{d.task}' (dictionary_lookup, text_files, "
+                          "stdlib, jsonl, tfds)")
     if d.curriculum:
         for stage in parse_curriculum(d.curriculum):
             stage_config(cfg, stage)

@@ -10,7 +10,7 @@ from fot_jax.evals import passkey
 from fot_jax.infer.runtime import MemorySettings
 from fot_jax.model import llama
 
-TOK = os.path.join(os.path.dirname(__file__), "assets", "open_llama_v2.model")
+TOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fot_jax", "assets", "open_llama_v2.model")
 
 
 @pytest.mark.parametrize("length,depth", [(512, 0.0), (2048, 0.5), (4096, 0.9)])

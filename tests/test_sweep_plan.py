@@ -34,7 +34,7 @@ def test_sweep_runs_the_d_ablation_and_skips_finished_points(tmp_path, data_dir,
         with open(os.path.join(work, f"d={d}", "summary.json")) as f:
             assert json.load(f)["steps"] == 3
         with open(os.path.join(work, f"d={d}", "checkpoints", "3", "config", "metadata")) as f:
-            assert json.load(f)["crossbatch"]["range"] == d - 1
+            assert json.load(f)["crossbatch"]["range"] == d
     assert "acc r=31" in out and os.path.exists(os.path.join(work, "sweep.png"))
     rows = json.load(open(os.path.join(work, "sweep.json")))
     assert [r["point"] for r in rows] == ["d=1", "d=2", "d=4", "d=8"]

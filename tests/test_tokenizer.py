@@ -11,7 +11,7 @@ from fot_jax import config as config_lib
 from fot_jax.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerError, check_vocab,
                                     load_tokenizer, train_sentencepiece)
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fot_jax", "assets")
 OPEN_LLAMA = os.path.join(ASSETS, "open_llama_v2.model")
 TEXT = "def f(x):\n    return x  # über 42 \U0001F600\n"
 

@@ -1,10 +1,12 @@
-"""Ablation: the importance of negatives (the paper's crossbatch d = r + 1 in {1, 2, 4, 8}).
+"""Ablation: the importance of negatives (the paper's d in {1, 2, 4, 8}).
 
-The dictionary lookup model of `configs/dictionary_lookup.py`, trained for the same number of steps
-with crossbatch range r = 0, 1, 3, 7 (r = 0: the memory layer never sees another document during
-training) and evaluated with the query window's memory layer seeing its own definitions among
-1, 7 and 31 other contexts (held-out eval at r = 1, 7, 31). The paper's finding: more negatives
-in training keep the model focused when memory holds many documents.
+The paper's memory of d contexts holds the document's own previous context and d - 1 contexts of
+other documents (negatives). In the dictionary lookup task (k = 2 packing with stepping) the query
+row's memory layer sees r other rows: its own definitions (the row before) and r - 1 rows of
+other documents, so d = r here. The model of `configs/dictionary_lookup.py` is trained for the same
+number of steps with r = 1, 2, 4, 8 (r = 1: never a negative) and evaluated with its own
+definitions among 1, 7 and 31 contexts (held-out eval at r = 1, 7, 31). The paper's finding: more
+negatives in training keep the model focused when memory holds many documents.
 
     fot-jax sweep --config configs/ablations/crossbatch_d.py --workdir runs/ablation_d
 
@@ -28,4 +30,4 @@ def get_config():
 
 
 def get_sweep():
-    return [{"name": f"d={r + 1}", "crossbatch.range": r} for r in (0, 1, 3, 7)]
+    return [{"name": f"d={d}", "crossbatch.range": d} for d in (1, 2, 4, 8)]

@@ -15,6 +15,11 @@ def document_source(cfg, split: str, num_docs: int | None = None):
                 num_definitions=d.num_definitions,
                 num_train=num_docs or d.num_train_docs, num_eval=d.num_eval_docs, seed=d.seed,
                 key_length=d.key_length, value_length=d.value_length)
+    from fot_jax.data import text
+    if d.task in text.TEXT_TASKS:
+        from fot_jax.parallel.distributed import primary_first
+        with primary_first(f"prepare/{split}/text"):
+            return text.data_source(cfg, split)
     raise ValueError(f"unknown data.task '{d.task}'")
 
 

@@ -234,8 +234,11 @@ class Trainer:
                 index, stage_cfg, stage_docs = self.stage(step)
                 if batcher is None or index != stage_index:
                     d = stage_cfg.data
-                    name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
-                            f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
+                    if d.task == "dictionary_lookup":
+                        name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
+                                f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
+                    else:
+                        name = f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace("  ", " ")
                     self.log(f"data: from step {step}: {name}")
                     batcher = self._host_batcher(stage_cfg, "train", stage_docs)
                     stage_index = index
