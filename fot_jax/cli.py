@@ -67,6 +67,7 @@ def cmd_generate(args, overrides):
 
 def cmd_eval(args, overrides):
     import os
+    import numpy as np
     from fot_jax.checkpoint import load_model
     from fot_jax.data import dictionary
     from fot_jax.evals import memory
@@ -106,6 +107,19 @@ def cmd_eval(args, overrides):
             with open(path) as f:
                 results[os.path.basename(path)[len("passkey_"):-5]] = json.load(f)
         passkey.plot_passkey(results, os.path.join(out_dir, "passkey.png"))
+    elif args.task == "perplexity":
+        from fot_jax.data.sources import document_source
+        from fot_jax.evals import perplexity
+        src = document_source(cfg, "validation")
+        docs = [np.asarray(src[i]["tokens"]) for i in range(len(src))]
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
+        results = {}
+        for mode in ([args.mode] if args.mode != "both" else ["single_doc", "multi_doc"]):
+            rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode)
+            results[mode] = rows
+            print(memory.write_table(rows, os.path.join(out_dir, f"perplexity_{mode}"),
+                                     f"Perplexity of held-out {cfg.data.task} documents vs memory ({mode})"))
+        perplexity.plot_perplexity(results, os.path.join(out_dir, "perplexity.png"))
     else:
         results = {}
         for label, workdir in [("this model", args.workdir)] + [(w, w) for w in args.compare or []]:
@@ -261,13 +275,18 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("eval", help="the paper's memory evaluations of a trained model")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
-    p.add_argument("--task", choices=["memory_scaling", "distraction", "passkey"], default="memory_scaling")
+    p.add_argument("--task", choices=["memory_scaling", "distraction", "passkey", "perplexity"],
+                   default="memory_scaling")
+    p.add_argument("--mode", choices=["single_doc", "multi_doc", "both"], default="both",
+                   help="perplexity: memory of the document only, or also of other documents")
     p.add_argument("--tokenizer", help="passkey: tokenizer file or directory (default: the workdir's)")
     p.add_argument("--label", help="passkey: name of this configuration in the table and plot")
     p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")
     p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
-    p.add_argument("--sizes", help="memory_scaling: dictionary token counts; passkey: prompt lengths (comma-separated)")
-    p.add_argument("--num-docs", type=int, default=4, help="documents per point (passkey: seeds per length)")
+    p.add_argument("--sizes", help="memory_scaling: dictionary token counts; passkey: prompt lengths; "
+                   "perplexity: memory sizes (comma-separated)")
+    p.add_argument("--num-docs", type=int, default=4,
+                   help="documents per point (passkey: seeds per length; perplexity: spans per document)")
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")

@@ -1,0 +1,115 @@
+"""Long-document perplexity against memory size (the paper's tables of perplexity vs context).
+
+For held-out documents, the scored tokens are the last `c = last_context_length` tokens of spans
+that end at several points of each long document. With memory size M the model reads the M
+tokens before the span (windows of W through the memory layers, into a store that holds them all)
+and then the span itself as its local cache; M = 0 reads the span alone. Every M scores the same
+tokens, so the perplexities compare directly. Single-doc: the memory holds only the span's own
+document. Multi-doc (`mode="multi_doc"`): before the document, the store also holds `M` tokens of
+other held-out documents (the memory is never cleared), so retrieval has to find the right
+document among others, as in the paper's multi-document setting.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+
+DEFAULT_MEMORY_SIZES = (0, 2048, 8192, 32768)
+
+
+def spans(docs, need: int, per_doc: int, stride: int):
+    """(doc index, end) of up to `per_doc` spans per document, each with `need` tokens before its end."""
+    out = []
+    for i, d in enumerate(docs):
+        end = len(d)
+        for _ in range(per_doc):
+            if end < need:
+                break
+            out.append((i, end))
+            end -= stride
+    return out
+
+
+def _nll(logits, targets):
+    logits = logits.astype(np.float64)
+    mx = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - mx).sum(-1)) + mx[:, 0]
+    return logz - logits[np.arange(len(targets)), targets]
+
+
+def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, per_doc: int = 4,
+                         batch: int = 4, mode: str = "single_doc", top_k: int | None = None, log=print) -> list[dict]:
+    """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds}."""
+    if mode not in ("single_doc", "multi_doc"):
+        raise ValueError(f"mode must be single_doc or multi_doc, got {mode!r}")
+    c = int(cfg.model.last_context_length)
+    w = int(cfg.model.max_position_embeddings)
+    top = max(memory_sizes)
+    chosen = spans(docs, top + c + 1, per_doc, stride=max(c * 8, 1024))
+    if not chosen:
+        longest = max((len(d) for d in docs), default=0)
+        raise ValueError(f"no held-out document has {top + c + 1} tokens (memory {top} + scored {c} + 1); "
+                         f"the longest has {longest}: lower the largest memory size")
+    rows = []
+    for m in memory_sizes:
+        t0 = time.perf_counter()
+        settings = MemorySettings.from_config(cfg)
+        extra = m if mode == "multi_doc" else 0
+        settings = MemorySettings(**{**settings.__dict__, "capacity": max(m + extra + w, w), "mode": "single_doc",
+                                     "overflow": "fifo", "top_k": top_k or settings.top_k})
+        total, count = 0.0, 0
+        rows_b = min(batch, len(chosen))
+        rt = MemoryRuntime(model, rows_b, settings)   # one runtime (compiled once) per memory size
+        for start in range(0, len(chosen), rows_b):
+            group = chosen[start: start + rows_b]
+            real = len(group)
+            group = group + [group[-1]] * (rows_b - real)   # pad the last batch; padding is not scored
+            inputs, targets = [], []
+            for k, (i, end) in enumerate(group):
+                d = np.asarray(docs[i], np.int32)
+                # m + c inputs whose last c logits predict the scored tokens d[end - c: end]
+                x = d[end - c - m - 1: end - 1]
+                if extra:
+                    # multi-doc: other held-out documents' tokens first, then this one's
+                    others = np.concatenate([np.asarray(docs[j], np.int32) for j in range(len(docs)) if j != i])
+                    off = (k * 7919 + start) % max(len(others) - extra, 1)
+                    x = np.concatenate([others[off: off + extra], x])
+                inputs.append(x)
+                targets.append(d[end - c: end])
+            _, tail = rt.ingest(inputs, return_logits="tail")
+            for lg, tg in zip(tail[:real], targets[:real]):
+                lg = np.asarray(lg)[-c:]
+                total += float(_nll(lg, tg).sum())
+                count += len(tg)
+        ppl = math.exp(total / count)
+        rows.append({"memory_tokens": m, "perplexity": ppl, "tokens_scored": count, "spans": len(chosen),
+                     "seconds": time.perf_counter() - t0})
+        log(f"memory {m:>7,} tokens ({mode}): perplexity {ppl:.3f} over {count} tokens "
+            f"({len(chosen)} spans, {rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
+def plot_perplexity(results: dict, path: str):
+    """results: {label: rows}."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, rows in results.items():
+        xs = [max(r["memory_tokens"], 1) for r in rows]
+        ax.plot(xs, [r["perplexity"] for r in rows], marker="o", label=label)
+    ax.set_xscale("symlog", linthresh=1024)
+    ax.set_xlabel("tokens in memory (0: the scored window alone)")
+    ax.set_ylabel("perplexity of the last window")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
