@@ -12,11 +12,12 @@ best held-out metric, apart from the rolling `keep` latest ones that resuming us
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from fot_jax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -73,7 +74,7 @@ class Checkpoints:
 
     def __init__(self, workdir: str, cfg, every: int = 0, keep: int = 3, async_save: bool = True,
                  best: str = "", resume_step: int = -1):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.join(workdir, "checkpoints")
         self.cfg = cfg
         self.resume_step = None if resume_step is None or resume_step < 0 else int(resume_step)
         options = ocp.CheckpointManagerOptions(
@@ -84,7 +85,7 @@ class Checkpoints:
         self.best_manager = None
         self.best_value = None
         if best:
-            self.best_dir = os.path.abspath(os.path.join(workdir, "best"))
+            self.best_dir = paths.join(workdir, "best")
             self.best_manager = ocp.CheckpointManager(self.best_dir, options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, create=True, enable_async_checkpointing=async_save))
             step = self.best_manager.latest_step()
@@ -172,8 +173,8 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     strings applied to the stored config (inference settings such as `memory.top_k`)."""
     from fot_jax import config as config_lib
     from fot_jax.train.state import abstract_model
-    directory = os.path.abspath(os.path.join(workdir, "best" if best else "checkpoints"))
-    if not os.path.isdir(directory):
+    directory = paths.join(workdir, "best" if best else "checkpoints")
+    if not paths.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir!r} (expected {directory}); train first "
                               "with `fot-jax train --workdir ...`" +
                               (" and --config.train.checkpoint_best=accuracy" if best else ""))
@@ -201,8 +202,8 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
 def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
     """Parameters of another run's (or an import's) checkpoint, placed on `shardings`, for
     fine-tuning (`train.init_from`). The model configs must agree (differences are listed)."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
+    directory = paths.join(workdir, "checkpoints")
+    if not paths.isdir(directory):
         raise CheckpointError(f"train.init_from: no checkpoints in {workdir!r} (expected {directory}); "
                               "give a training workdir or the output of `fot-jax import`")
     manager = ocp.CheckpointManager(directory)
@@ -228,7 +229,7 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
 def save_params(workdir: str, cfg, params, step: int = 0):
     """A parameters-only checkpoint (step `step`: params + config) that `load_model` reads and
     `train.init_from` fine-tunes from (what `fot-jax import` writes)."""
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    manager = ocp.CheckpointManager(paths.join(workdir, "checkpoints"),
                                     options=ocp.CheckpointManagerOptions(create=True,
                                                                          enable_async_checkpointing=False))
     manager.save(step, args=ocp.args.Composite(

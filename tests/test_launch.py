@@ -62,3 +62,11 @@ def test_stop_pattern_matches_training_but_not_its_own_shell():
 def test_local_pod_script_usage():
     res = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_pod.sh")], capture_output=True, text=True)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_workdir_paths_keep_bucket_urls():
+    from fot_jax import paths
+    assert paths.join("gs://bucket/run", "checkpoints") == "gs://bucket/run/checkpoints"
+    assert paths.join("gs://bucket/run/", "best") == "gs://bucket/run/best"
+    assert paths.join("rel", "checkpoints") == os.path.abspath("rel/checkpoints")
+    assert paths.is_url("s3://b/x") and not paths.is_url("/tmp/x")

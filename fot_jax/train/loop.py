@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot_jax import config as config_lib
+from fot_jax import paths
 from fot_jax.data.sources import make_batcher
 from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import mesh as mesh_lib
@@ -320,9 +321,9 @@ class Trainer:
                    "seconds": time.perf_counter() - run_start,
                    "eval": {str(k): v for k, v in final_eval.items()}}
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+            with paths.open_file(paths.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
-            plot_history(history, os.path.join(self.workdir, "curve.png"))
+            plot_history(history, paths.join(self.workdir, "curve.png"))
         return summary
 
     def _data_state(self, batcher, stage_index):
@@ -374,7 +375,8 @@ def plot_history(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with paths.open_file(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 

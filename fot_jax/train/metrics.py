@@ -50,11 +50,12 @@ class MetricWriter:
         self.tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from fot_jax import paths
+        paths.makedirs(workdir)
+        self.jsonl = paths.open_file(paths.join(workdir, "metrics.jsonl"), "a")
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self.tb = None if paths.is_url(workdir) else SummaryWriter(os.path.join(workdir, "tb"))
         except ImportError:  # pragma: no cover - tensorboardX is a runtime dependency
             self.tb = None
 

@@ -1,0 +1,39 @@
+"""Workdirs on local disks or object stores (gs://, s3://): a pod's hosts share no disk, so its
+workdir is a bucket. Local paths are made absolute; URLs pass through `etils.epath` (what Orbax
+uses), so checkpoints, metrics and plots go to the same place either way."""
+from __future__ import annotations
+
+import os
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """Absolute local path, or the URL with parts appended."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return os.path.abspath(os.path.join(base, *parts))
+
+
+def isdir(path: str) -> bool:
+    if is_url(path):
+        from etils import epath
+        return epath.Path(path).is_dir()
+    return os.path.isdir(path)
+
+
+def makedirs(path: str) -> None:
+    if is_url(path):
+        from etils import epath
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "r"):
+    if is_url(path):
+        from etils import epath
+        return epath.Path(path).open(mode)
+    return open(path, mode)
