@@ -178,6 +178,15 @@ def test_training_on_the_stdlib_corpus(tmp_path):
     cfg.train.eval_batches = 1
     cfg.crossbatch.eval_ranges = [1]
     cfg.data.held_out_percent = 30
-    summary = Trainer(cfg, str(tmp_path / "w"), checkpoints=False, quiet=True).run()
+    summary = Trainer(cfg, str(tmp_path / "w"), quiet=True).run()
     assert summary["steps"] == 3 and np.isfinite(summary["eval"]["1"]["loss"])
     assert summary["eval"]["1"]["loss"] < np.log(32000) + 1
+    # perplexity of the held-out packages against memory size, from the command line
+    from fot_jax import cli
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--workdir", str(tmp_path / "w"), "--task", "perplexity", "--sizes", "0,128",
+                     "--num-docs", "1", "--mode", "both", "--out", str(out)]) == 0
+    rows = json.load(open(out / "perplexity_single_doc.json"))
+    assert [r["memory_tokens"] for r in rows] == [0, 128] and rows[0]["tokens_scored"] == rows[1]["tokens_scored"]
+    assert all(1 < r["perplexity"] < 32000 * 3 for r in rows)
+    assert (out / "perplexity_multi_doc.json").exists() and (out / "perplexity.png").exists()

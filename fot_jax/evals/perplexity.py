@@ -46,8 +46,8 @@ def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, pe
     """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds}."""
     if mode not in ("single_doc", "multi_doc"):
         raise ValueError(f"mode must be single_doc or multi_doc, got {mode!r}")
-    c = int(cfg.model.last_context_length)
     w = int(cfg.model.max_position_embeddings)
+    c = min(int(cfg.model.last_context_length), w)   # the runtime's local cache holds at most a window
     top = max(memory_sizes)
     chosen = spans(docs, top + c + 1, per_doc, stride=max(c * 8, 1024))
     if not chosen:
