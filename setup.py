@@ -12,6 +12,7 @@ setup(
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",
         "tensorflow-datasets>=4.9.8",
         "array_record>=0.7",
         "importlib_resources",

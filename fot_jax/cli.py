@@ -160,7 +160,7 @@ def cmd_plan(args, overrides):
         for axis, size in parse_mesh(args.mesh).items():
             cfg.mesh[axis] = size
     sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
-    devices = args.devices or (0 if -1 in sizes else int(__import__("math").prod(sizes)))
+    devices = args.devices or (0 if -1 in sizes else sizes[0] * sizes[1] * sizes[2])
     if not devices:
         raise config_lib.ConfigError("config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) "
                                      "or a full --mesh")
@@ -229,7 +229,8 @@ def _multi_process_guard(fn, args, overrides):
     try:
         return fn(args, overrides)
     except jax.errors.JaxRuntimeError as e:
-        if not _joined():
+        from fot_jax.parallel import distributed
+        if not distributed.is_initialized():
             raise
         import os
         print(f"fot-jax: process {jax.process_index()} of {jax.process_count()}: a step with the other "
@@ -238,11 +239,6 @@ def _multi_process_guard(fn, args, overrides):
               "checkpoint.", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(3)  # skip jax's shutdown barrier, which the dead process can never reach
-
-
-def _joined() -> bool:
-    from fot_jax.parallel import distributed
-    return bool(distributed._STATE["initialized"])
 
 
 def _distributed_flags(p):

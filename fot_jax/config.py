@@ -221,15 +221,20 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
     return cfg
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Loads a config file (a Python file with `get_config()`), applies overrides, validates."""
+def load_module(path: str):
+    """A config file as a Python module (it defines get_config(), and get_sweep() for sweeps)."""
     if not os.path.exists(path):
         raise ConfigError(f"config file '{path}' does not exist")
     spec = importlib.util.spec_from_file_location("_fot_config", path)
     module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads a config file (a Python file with `get_config()`), applies overrides, validates."""
     try:
-        spec.loader.exec_module(module)
-        cfg = module.get_config()
+        cfg = load_module(path).get_config()
     except AttributeError as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg = ml_collections.ConfigDict(cfg)

@@ -15,21 +15,17 @@ are an estimate of TPU's (different fusion and layouts; TPU pads small minor dim
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from fot_jax import config as config_lib
 from fot_jax.parallel import mesh as mesh_lib
-from fot_jax.train.loop import crossbatch_spec
-from fot_jax.train.optim import make_optimizer, make_schedule
-from fot_jax.train.state import state_shardings
-from fot_jax.train.step import train_step
+from fot_jax.train.loop import batch_shardings, check_batch_divides, jit_train_step
+from fot_jax.train.state import abstract_train_state
 
 GiB = 1024 ** 3
 # A parameter this large (elements) left fully replicated on a multi-device mesh is a warning.
@@ -99,38 +95,15 @@ def make_plan(cfg, devices=None) -> Plan:
     """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs."""
     config_lib.validate(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    dp = mesh_lib.data_parallel_size(mesh)
-    if cfg.data.batch_size % dp:
-        raise config_lib.ConfigError(
-            f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the mesh's "
-            f"data-parallel size {dp} (mesh data x fsdp)")
-    from fot_jax.model import llama
-    tx = make_optimizer(cfg.train)
-
-    def init():
-        model = llama.create(cfg.model, cfg.train.seed)
-        params = nnx.state(model, nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
+    check_batch_divides(cfg, mesh)
     with mesh_lib.use_mesh(mesh):
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: llama.create(cfg.model, cfg.train.seed)))
-        abstract = jax.eval_shape(init)
-        shardings = state_shardings(abstract, mesh)
+        graphdef, tx, _, abstract, shardings = abstract_train_state(cfg, mesh)
         abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    abstract, shardings)
         b, t = cfg.data.batch_size, cfg.data.seq_len
-        bs = mesh_lib.batch_sharding(mesh, 2)
-        batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs),
-                 "targets": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs),
-                 "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=bs),
-                 "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=bs)}
-        rep = mesh_lib.replicated(mesh)
-        fn = functools.partial(train_step, graphdef=graphdef, tx=tx,
-                               spec=crossbatch_spec(cfg, cfg.crossbatch.range),
-                               microbatches=cfg.train.microbatches, schedule=make_schedule(cfg.train),
-                               temperature_lr_scale=float(cfg.train.temperature_lr_scale))
-        jitted = jax.jit(fn, in_shardings=(shardings, {k: bs for k in batch}, rep),
-                         out_shardings=(shardings, rep), donate_argnums=(0,))
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32}
+        batch = {k: jax.ShapeDtypeStruct((b, t), dtypes[k], sharding=s) for k, s in batch_shardings(mesh).items()}
+        jitted = jit_train_step(cfg, graphdef, tx, mesh, shardings, cfg.crossbatch.range)
         t0 = time.perf_counter()
         compiled = jitted.lower(abstract_in, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
         compile_s = time.perf_counter() - t0

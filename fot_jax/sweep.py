@@ -13,7 +13,6 @@ held-out metrics of every point.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -23,15 +22,6 @@ import sys
 import time
 
 from fot_jax import config as config_lib
-
-
-def _load_module(path: str):
-    if not os.path.exists(path):
-        raise config_lib.ConfigError(f"config file '{path}' does not exist")
-    spec = importlib.util.spec_from_file_location("_fot_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _value_text(v) -> str:
@@ -46,7 +36,7 @@ def _short(field: str) -> str:
 
 def sweep_points(path: str) -> list[dict]:
     """[{"name": str, "overrides": {field: value}}] from the config file's get_sweep()."""
-    module = _load_module(path)
+    module = config_lib.load_module(path)
     if not hasattr(module, "get_sweep"):
         raise config_lib.ConfigError(f"{path} declares no sweep: add a get_sweep() that returns a list of "
                                      "override dicts or {'product': {field: [values]}}")

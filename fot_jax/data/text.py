@@ -162,9 +162,8 @@ def _group_names(spec: dict) -> list[str]:
     return [g for g, _ in file_groups(files, spec["concat_by_directory"], spec["seed"])]
 
 
-def _documents(spec: dict, tokenizer, split: str, log=None):
-    """(key, tokens, name) of one split, tokenised, short ones dropped."""
-    kept = dropped = 0
+def _documents(spec: dict, tokenizer, split: str):
+    """(name, tokens) of one split's documents, tokenised, short ones dropped."""
     if spec["task"] == "jsonl":
         items = ((name, text) for name, text in jsonl_texts(spec["source"], spec["text_field"])
                  if split_of(name, spec["held_out_percent"]) == split)
@@ -187,13 +186,8 @@ def _documents(spec: dict, tokenizer, split: str, log=None):
             continue
         # files of a group joined by a blank line (the paper concatenates repository files)
         tokens = np.asarray(tokenizer.encode("\n\n".join(parts)), np.int32)
-        if tokens.size < max(spec["min_tokens"], 1):
-            dropped += 1
-            continue
-        kept += 1
-        yield name, tokens
-    if log:
-        log(f"{split}: {kept} documents kept, {dropped} shorter than {spec['min_tokens']} tokens dropped")
+        if tokens.size >= max(spec["min_tokens"], 1):
+            yield name, tokens
 
 
 def builder_class():

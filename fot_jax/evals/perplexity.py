@@ -11,6 +11,7 @@ document among others, as in the paper's multi-document setting.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -55,12 +56,13 @@ def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, pe
         raise ValueError(f"no held-out document has {top + c + 1} tokens (memory {top} + scored {c} + 1); "
                          f"the longest has {longest}: lower the largest memory size")
     rows = []
+    others_of = {}   # multi-doc: the other documents' tokens, per document
     for m in memory_sizes:
         t0 = time.perf_counter()
-        settings = MemorySettings.from_config(cfg)
+        base = MemorySettings.from_config(cfg)
         extra = m if mode == "multi_doc" else 0
-        settings = MemorySettings(**{**settings.__dict__, "capacity": max(m + extra + w, w), "mode": "single_doc",
-                                     "overflow": "fifo", "top_k": top_k or settings.top_k})
+        settings = dataclasses.replace(base, capacity=m + extra + w, mode="single_doc", overflow="fifo",
+                                       top_k=top_k or base.top_k)
         total, count = 0.0, 0
         rows_b = min(batch, len(chosen))
         rt = MemoryRuntime(model, rows_b, settings)   # one runtime (compiled once) per memory size
@@ -75,7 +77,10 @@ def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, pe
                 x = d[end - c - m - 1: end - 1]
                 if extra:
                     # multi-doc: other held-out documents' tokens first, then this one's
-                    others = np.concatenate([np.asarray(docs[j], np.int32) for j in range(len(docs)) if j != i])
+                    if i not in others_of:
+                        others_of[i] = np.concatenate([np.asarray(docs[j], np.int32)
+                                                       for j in range(len(docs)) if j != i])
+                    others = others_of[i]
                     off = (k * 7919 + start) % max(len(others) - extra, 1)
                     x = np.concatenate([others[off: off + extra], x])
                 inputs.append(x)

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 
 import jax
 
@@ -146,6 +145,11 @@ def _wait_for_coordinator(settings: DistributedSettings) -> None:
         "(it hosts the coordinator), check the address and port, and that this host can reach it.")
 
 
+def is_initialized() -> bool:
+    """Whether this process joined a distributed run through `initialize()`."""
+    return bool(_STATE["initialized"])
+
+
 def _client():
     from jax._src import distributed as _dist
     return _dist.global_state.client
@@ -238,7 +242,3 @@ def check_agreement(cfg, timeout_s: float = 120) -> None:
         raise DistributedError("hosts disagree, refusing to train: " + "; ".join(problems) +
                                ". Run the same fot_jax version with the same config on every host.")
 
-
-def log0(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stdout, flush=True)

@@ -52,6 +52,32 @@ def crossbatch_spec(cfg, range_max: int) -> CrossbatchSpec:
                           doc_mask=x.doc_mask, implementation=x.implementation)
 
 
+BATCH_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")
+
+
+def batch_shardings(mesh) -> dict:
+    s = mesh_lib.batch_sharding(mesh, 2)
+    return {name: s for name in BATCH_FIELDS}
+
+
+def jit_train_step(cfg, graphdef, tx, mesh, state_shardings, range_max: int, schedule=None):
+    """The jitted train step for crossbatch range `range_max`: explicit shardings, donated state."""
+    rep = mesh_lib.replicated(mesh)
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, spec=crossbatch_spec(cfg, range_max),
+                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train),
+                           temperature_lr_scale=float(cfg.train.temperature_lr_scale))
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh), rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+
+
+def check_batch_divides(cfg, mesh) -> None:
+    dp = mesh_lib.data_parallel_size(mesh)
+    if cfg.data.batch_size % dp:
+        raise config_lib.ConfigError(
+            f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
+            f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+
+
 def to_global(batch: dict, mesh) -> dict:
     """Host-local numpy rows -> global arrays sharded over the batch axes."""
     out = {}
@@ -83,11 +109,7 @@ class Trainer:
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-        dp = mesh_lib.data_parallel_size(self.mesh)
-        if cfg.data.batch_size % dp:
-            raise config_lib.ConfigError(
-                f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
-                f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+        check_batch_divides(cfg, self.mesh)
         if checkpoints is None:  # default: Orbax checkpoints in the workdir (resumes from there)
             from fot_jax.checkpoint import Checkpoints
             checkpoints = Checkpoints(workdir, cfg, every=cfg.train.checkpoint_every,
@@ -106,19 +128,12 @@ class Trainer:
 
     # -- compiled steps ------------------------------------------------------------------------
     def _batch_shardings(self):
-        s = mesh_lib.batch_sharding(self.mesh, 2)
-        return {"inputs": s, "targets": s, "loss_mask": s, "segment_ids": s}
+        return batch_shardings(self.mesh)
 
     def train_step_fn(self, range_max: int):
         if range_max not in self._train_steps:
-            rep = mesh_lib.replicated(self.mesh)
-            fn = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
-                                   spec=crossbatch_spec(self.cfg, range_max),
-                                   microbatches=self.cfg.train.microbatches, schedule=self.schedule,
-                                   temperature_lr_scale=float(self.cfg.train.temperature_lr_scale))
-            self._train_steps[range_max] = jax.jit(
-                fn, in_shardings=(self.state_shardings, self._batch_shardings(), rep),
-                out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+            self._train_steps[range_max] = jit_train_step(self.cfg, self.graphdef, self.tx, self.mesh,
+                                                          self.state_shardings, range_max, self.schedule)
         return self._train_steps[range_max]
 
     def eval_step_fn(self, r: int):
@@ -144,11 +159,7 @@ class Trainer:
         return len(self.stages), self.cfg, None
 
     def _host_batcher(self, cfg, split, num_docs=None):
-        dp = mesh_lib.data_parallel_size(self.mesh)
-        if cfg.data.batch_size % dp:
-            raise config_lib.ConfigError(
-                f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
-                f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+        check_batch_divides(cfg, self.mesh)
         return make_batcher(cfg, split, num_docs=num_docs, host_index=jax.process_index(),
                             host_count=jax.process_count())
 

@@ -38,8 +38,8 @@ def abstract_model(cfg):
     return nnx.split(model, nnx.Param)
 
 
-def create_train_state(cfg, mesh, rules=DEFAULT_RULES):
-    """Returns (graphdef, optimizer, state, state_shardings)."""
+def abstract_train_state(cfg, mesh, rules=DEFAULT_RULES):
+    """(graphdef, optimizer, init function, abstract state, state shardings): nothing allocated."""
     tx = make_optimizer(cfg.train)
 
     def init():
@@ -49,7 +49,12 @@ def create_train_state(cfg, mesh, rules=DEFAULT_RULES):
 
     graphdef, _ = abstract_model(cfg)
     abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, mesh, rules)
+    return graphdef, tx, init, abstract, state_shardings(abstract, mesh, rules)
+
+
+def create_train_state(cfg, mesh, rules=DEFAULT_RULES):
+    """Returns (graphdef, optimizer, state, state_shardings)."""
+    graphdef, tx, init, _, shardings = abstract_train_state(cfg, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, tx, state, shardings
 
