@@ -87,9 +87,16 @@ def test_a_killed_process_stops_the_others(tmp_path, data_dir):
     log = sink.getvalue()
     assert "[p0] step" in log, log[-3000:]
     assert codes[1] == -9
-    assert codes[0] == 3, log[-3000:]
+    # Two ways to stop, both bounded and both saying why: a collective that fails at once (gloo sees
+    # the reset connection; fot-jax exits 3 with its message), or, when process 0 is not inside a
+    # collective at that moment, the coordination service's heartbeat timeout (jax aborts, -6, "another
+    # task died"). Which one comes first depends on timing (2 cores: the heartbeat, seen in CI).
+    assert codes[0] in (3, -6), log[-3000:]
     assert time.monotonic() - start < 300
-    assert "process 0 of 2: a step with the other processes failed" in log, log[-3000:]
+    if codes[0] == 3:
+        assert "process 0 of 2: a step with the other processes failed" in log, log[-3000:]
+    else:
+        assert "another task died" in log, log[-3000:]
 
 
 @pytest.mark.slow
