@@ -90,13 +90,14 @@ def test_a_killed_process_stops_the_others(tmp_path, data_dir):
     # Two ways to stop, both bounded and both saying why: a collective that fails at once (gloo sees
     # the reset connection; fot-jax exits 3 with its message), or, when process 0 is not inside a
     # collective at that moment, the coordination service's heartbeat timeout (jax aborts, -6, "another
-    # task died"). Which one comes first depends on timing (2 cores: the heartbeat, seen in CI).
+    # task died"), or gloo aborting from its own thread on garbage from the broken connection (-6,
+    # gloo::EnforceNotMet). Which comes first depends on timing (all three seen here).
     assert codes[0] in (3, -6), log[-3000:]
     assert time.monotonic() - start < 300
     if codes[0] == 3:
         assert "process 0 of 2: a step with the other processes failed" in log, log[-3000:]
-    else:
-        assert "another task died" in log, log[-3000:]
+    else:  # jax's coordination service, or gloo aborting in its own thread on the broken connection
+        assert "another task died" in log or "gloo" in log.split("[p0] step", 1)[1], log[-3000:]
 
 
 @pytest.mark.slow
