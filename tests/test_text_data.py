@@ -127,6 +127,30 @@ def test_bad_corpora_are_clear_errors(tmp_path, monkeypatch):
         document_source(_cfg(str(tmp_path / "t6"), "tfds", "pg19"), "train")
 
 
+def test_tokenizer_from_a_directory_or_the_fine_tuned_checkpoint(tmp_path):
+    """data.tokenizer may name a directory (what `fot-jax import` writes: <out>/tokenizer/...), or be
+    empty in a fine-tune, which then reads train.init_from's tokenizer: the same documents as the file."""
+    import shutil
+    root = tmp_path / "corpus"
+    _write_corpus(root)
+    imp = tmp_path / "imp" / "tokenizer"
+    imp.mkdir(parents=True)
+    shutil.copy(TOK, imp / "tokenizer.model")
+    want = _all_docs(_cfg(str(tmp_path / "a"), "text_files", str(root), held_out_percent=0))
+    by_dir = _all_docs(_cfg(str(tmp_path / "b"), "text_files", str(root), held_out_percent=0,
+                            tokenizer=str(tmp_path / "imp")))
+    c = _cfg(str(tmp_path / "c"), "text_files", str(root), held_out_percent=0)
+    c.data.tokenizer, c.train.init_from = "", str(tmp_path / "imp")
+    config_lib.validate(c)
+    by_init = _all_docs(c)
+    assert want.keys() == by_dir.keys() == by_init.keys() and want
+    for name in want:
+        np.testing.assert_array_equal(by_dir[name], want[name])
+        np.testing.assert_array_equal(by_init[name], want[name])
+    with pytest.raises(config_lib.ConfigError, match="data.tokenizer.*train.init_from"):
+        _cfg(str(tmp_path), "text_files", str(root), tokenizer="")
+
+
 def _stdlib_cfg(data_dir, **kw):
     # two packages of the standard library keep the test fast; the full corpus is the same code
     return _cfg(data_dir, "stdlib", file_patterns=["json/*.py", "email/*.py", "http/*.py", "urllib/*.py"],
