@@ -115,7 +115,8 @@ def cmd_eval(args, overrides):
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
         results = {}
         for mode in ([args.mode] if args.mode != "both" else ["single_doc", "multi_doc"]):
-            rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode)
+            rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode,
+                                                   span_memory=args.span_memory)
             results[mode] = rows
             print(memory.write_table(rows, os.path.join(out_dir, f"perplexity_{mode}"),
                                      f"Perplexity of held-out {cfg.data.task} documents vs memory ({mode})"))
@@ -275,6 +276,9 @@ def main(argv=None):
                    default="memory_scaling")
     p.add_argument("--mode", choices=["single_doc", "multi_doc", "both"], default="both",
                    help="perplexity: memory of the document only, or also of other documents")
+    p.add_argument("--span-memory", type=int, default=None,
+                   help="perplexity: score the spans that have room for this much memory (default: the "
+                        "largest of --sizes); give the same value to runs that split the sizes")
     p.add_argument("--tokenizer", help="passkey: tokenizer file or directory (default: the workdir's)")
     p.add_argument("--label", help="passkey: name of this configuration in the table and plot")
     p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")

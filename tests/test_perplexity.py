@@ -48,6 +48,17 @@ def test_memory_zero_is_a_plain_forward_pass_and_every_size_scores_the_same_toke
         nll.append(_log_softmax_nll(logits, d[end - 8: end]))
     np.testing.assert_allclose(rows[0]["perplexity"], np.exp(np.mean(np.concatenate(nll))), rtol=1e-5)
     assert all(np.isfinite(r["perplexity"]) for r in rows)
+    # the sizes split over two runs with the same span_memory give the rows of one run
+    split = (perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=2, batch=3,
+                                             span_memory=64, log=lambda *_: None)
+             + perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(64,), per_doc=2, batch=3,
+                                               log=lambda *_: None))
+    for a, b in zip(rows, split):
+        assert a["tokens_scored"] == b["tokens_scored"] and a["spans"] == b["spans"]
+        np.testing.assert_allclose(a["perplexity"], b["perplexity"], rtol=1e-6)
+    # without it, the small sizes alone pick more spans (the 40-token document has room for 16)
+    assert perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=2, batch=3,
+                                           log=lambda *_: None)[0]["spans"] > 2
     multi = perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=1, batch=2,
                                             mode="multi_doc", log=lambda *_: None)
     np.testing.assert_allclose(multi[0]["perplexity"],
@@ -61,5 +72,7 @@ def test_bad_requests():
     docs = [np.arange(3, 40, dtype=np.int32)]
     with pytest.raises(ValueError, match="no held-out document has 1033 tokens.*longest has 37"):
         perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 1024))
+    with pytest.raises(ValueError, match="span_memory 8 is below the largest memory size 16"):
+        perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), span_memory=8)
     with pytest.raises(ValueError, match="mode"):
         perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0,), mode="both")

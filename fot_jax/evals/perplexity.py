@@ -43,13 +43,18 @@ def _nll(logits, targets):
 
 
 def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, per_doc: int = 4,
-                         batch: int = 4, mode: str = "single_doc", top_k: int | None = None, log=print) -> list[dict]:
-    """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds}."""
+                         batch: int = 4, mode: str = "single_doc", top_k: int | None = None,
+                         span_memory: int | None = None, log=print) -> list[dict]:
+    """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds}. The spans are those with room
+    for `span_memory` tokens of memory (default: the largest size), so runs split over several
+    processes (`--sizes 0,2048 --span-memory 32768` and `--sizes 32768`) score the same tokens."""
     if mode not in ("single_doc", "multi_doc"):
         raise ValueError(f"mode must be single_doc or multi_doc, got {mode!r}")
     w = int(cfg.model.max_position_embeddings)
     c = min(int(cfg.model.last_context_length), w)   # the runtime's local cache holds at most a window
-    top = max(memory_sizes)
+    top = max(memory_sizes) if span_memory is None else int(span_memory)
+    if top < max(memory_sizes):
+        raise ValueError(f"span_memory {top} is below the largest memory size {max(memory_sizes)}")
     chosen = spans(docs, top + c + 1, per_doc, stride=max(c * 8, 1024))
     if not chosen:
         longest = max((len(d) for d in docs), default=0)
