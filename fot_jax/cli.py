@@ -90,10 +90,16 @@ def cmd_eval(args, overrides):
                                  f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
         memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
     elif args.task == "passkey":
+        from fot_jax.data.text import TEXT_TASKS, tokenizer_path
         from fot_jax.data.tokenizer import check_vocab, load_tokenizer
         from fot_jax.evals import passkey
         from fot_jax.infer.runtime import MemorySettings
-        tok = load_tokenizer(args.tokenizer or args.workdir)
+        # --tokenizer, else the workdir's own (an import's), else the one its training data used
+        own = any(os.path.exists(os.path.join(args.workdir, *p)) for p in
+                  (("tokenizer.model",), ("tokenizer.json",), ("tokenizer", "tokenizer.model"),
+                   ("tokenizer", "tokenizer.json")))
+        source = args.tokenizer or (args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
+        tok = load_tokenizer(source)
         check_vocab(tok, cfg.model)
         lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
         rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)

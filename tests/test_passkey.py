@@ -45,3 +45,27 @@ def test_passkey_loop_on_a_tiny_model(tmp_path):
         assert r["length"] - 40 <= r["prompt_tokens"] <= r["length"]
     passkey.plot_passkey({"tiny": rows}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_cli_passkey_uses_the_tokenizer_the_run_trained_with(tmp_path, capsys):
+    """A training workdir holds no tokenizer of its own: `fot-jax eval --task passkey` reads the one its
+    text data used (data.tokenizer, or train.init_from's for a fine-tune); a workdir of a run on
+    synthetic data without one is a clear error."""
+    from flax import nnx
+    from fot_jax import cli
+    from fot_jax.checkpoint import save_params
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 32000, 32, 48, 2
+    m.max_position_embeddings, m.mem_layers, m.last_context_length = 128, [1], 64
+    c.data.task, c.data.tokenizer, c.data.seq_len = "stdlib", "open_llama_v2", 128
+    config_lib.validate(c)
+    save_params(str(tmp_path / "run"), c, nnx.state(llama.create(m, seed=0), nnx.Param))
+    assert cli.main(["eval", "--workdir", str(tmp_path / "run"), "--task", "passkey", "--sizes", "256",
+                     "--num-docs", "1", "--out", str(tmp_path / "ev")]) == 0
+    assert "| 256 |" in capsys.readouterr().out
+    c.data.task = "dictionary_lookup"
+    save_params(str(tmp_path / "synthetic"), c, nnx.state(llama.create(m, seed=0), nnx.Param))
+    assert cli.main(["eval", "--workdir", str(tmp_path / "synthetic"), "--task", "passkey", "--sizes", "256",
+                     "--out", str(tmp_path / "ev2")]) == 2
+    assert "synthetic: no tokenizer.model or tokenizer.json" in capsys.readouterr().err

@@ -45,6 +45,12 @@ def builtin_tokenizer_path(name: str) -> str:
     return name
 
 
+def tokenizer_path(cfg) -> str:
+    """The tokenizer a run's text data uses: data.tokenizer (a built-in name or a path) or, when that is
+    empty, the checkpoint the run fine-tunes (`train.init_from`, which `fot-jax import` gives a tokenizer)."""
+    return builtin_tokenizer_path(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.train.init_from
+
+
 def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
@@ -279,10 +285,8 @@ def data_source(cfg, split: str):
     from fot_jax.data.dictionary import default_data_dir
     from fot_jax.data.tokenizer import check_vocab, load_tokenizer
     d = cfg.data
-    # an empty data.tokenizer: the tokenizer of the checkpoint the run fine-tunes (`fot-jax import` keeps it)
-    tok_path = builtin_tokenizer_path(d.tokenizer) if d.tokenizer else cfg.train.init_from
-    tok = load_tokenizer(tok_path)
-    tok_path = tok.path   # a directory names its tokenizer.model / tokenizer.json: hash the file
+    tok = load_tokenizer(tokenizer_path(cfg))
+    tok_path = tok.path   # the file (a directory names its tokenizer.model / tokenizer.json): hash it
     check_vocab(tok, cfg.model)
     data_dir = default_data_dir(d.data_dir)
     if d.task == "tfds":
