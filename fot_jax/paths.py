@@ -37,3 +37,17 @@ def open_file(path: str, mode: str = "r"):
         from etils import epath
         return epath.Path(path).open(mode)
     return open(path, mode)
+
+
+def rename(src: str, dst: str) -> None:
+    """Atomic on a local disk (os.replace); object stores have no directory rename, so a URL's
+    files are copied and the source removed."""
+    if is_url(src):
+        from etils import epath
+        s, d = epath.Path(src), epath.Path(dst)
+        d.mkdir(parents=True, exist_ok=True)
+        for f in s.iterdir():
+            f.copy(d / f.name, overwrite=True)
+        s.rmtree()
+    else:
+        os.replace(src, dst)

@@ -204,6 +204,9 @@ def test_training_on_the_stdlib_corpus(tmp_path):
     cfg.data.held_out_percent = 30
     summary = Trainer(cfg, str(tmp_path / "w"), quiet=True).run()
     assert summary["steps"] == 3 and np.isfinite(summary["eval"]["1"]["loss"])
+    # the workdir keeps the tokenizer it trained with (for export, passkey, a further fine-tune)
+    with open(TOK, "rb") as a, open(tmp_path / "w" / "tokenizer" / os.path.basename(TOK), "rb") as b:
+        assert a.read() == b.read()
     assert summary["eval"]["1"]["loss"] < np.log(32000) + 1
     # perplexity of the held-out packages against memory size, from the command line
     from fot_jax import cli

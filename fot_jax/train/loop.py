@@ -209,6 +209,29 @@ class Trainer:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
+    def _save_tokenizer(self):
+        """A run on text keeps the tokenizer it was trained with in <workdir>/tokenizer, so that the
+        workdir alone is enough to export (`fot-jax export` copies it), to run passkey, or to be
+        the `train.init_from` of a further fine-tune. Process 0 writes it, once."""
+        from fot_jax.data.text import TEXT_TASKS, tokenizer_path
+        from fot_jax.data.tokenizer import load_tokenizer
+        if self.cfg.data.task not in TEXT_TASKS or jax.process_index() != 0:
+            return
+        out = paths.join(self.workdir, "tokenizer")
+        if paths.isdir(out):
+            return
+        src = load_tokenizer(tokenizer_path(self.cfg)).path
+        files = [src] + [os.path.join(os.path.dirname(src), n) for n in ("tokenizer_config.json",
+                                                                         "special_tokens_map.json")
+                         if os.path.basename(src) == "tokenizer.json"]
+        tmp = out + ".tmp"
+        paths.makedirs(tmp)
+        for f in files:
+            if os.path.exists(f):
+                with open(f, "rb") as r, paths.open_file(paths.join(tmp, os.path.basename(f)), "wb") as w:
+                    w.write(r.read())
+        paths.rename(tmp, out)
+
     def _run(self, until):
         cfg, t, x = self.cfg, self.cfg.train, self.cfg.crossbatch
         self.writer = metrics_lib.MetricWriter(self.workdir)
@@ -225,6 +248,7 @@ class Trainer:
                                  log=self.log)
             self.state = dict(self.state, params=params)
             self.log(f"fine-tuning from the parameters in {t.init_from}")
+        self._save_tokenizer()
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                  f"{jax.device_count()} devices, matmul peak {peak / 1e9:.1f} GFLOP/s, "
                  f"steps {start_step}->{t.steps}")
