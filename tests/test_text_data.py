@@ -205,8 +205,10 @@ def test_training_on_the_stdlib_corpus(tmp_path):
     summary = Trainer(cfg, str(tmp_path / "w"), quiet=True).run()
     assert summary["steps"] == 3 and np.isfinite(summary["eval"]["1"]["loss"])
     # the workdir keeps the tokenizer it trained with (for export, passkey, a further fine-tune)
-    with open(TOK, "rb") as a, open(tmp_path / "w" / "tokenizer" / os.path.basename(TOK), "rb") as b:
+    with open(TOK, "rb") as a, open(tmp_path / "w" / "tokenizer" / "tokenizer.model", "rb") as b:
         assert a.read() == b.read()
+    assert load_tokenizer(str(tmp_path / "w")).encode("def f(x): return x") == load_tokenizer(TOK).encode(
+        "def f(x): return x")
     assert summary["eval"]["1"]["loss"] < np.log(32000) + 1
     # perplexity of the held-out packages against memory size, from the command line
     from fot_jax import cli

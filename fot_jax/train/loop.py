@@ -221,15 +221,20 @@ class Trainer:
         if paths.isdir(out):
             return
         src = load_tokenizer(tokenizer_path(self.cfg)).path
-        files = [src] + [os.path.join(os.path.dirname(src), n) for n in ("tokenizer_config.json",
-                                                                         "special_tokens_map.json")
-                         if os.path.basename(src) == "tokenizer.json"]
+        # under the names load_tokenizer and export look for; an HF tokenizer's special tokens
+        # live beside it in tokenizer_config.json
+        if src.endswith(".json"):
+            files = {"tokenizer.json": src}
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.exists(os.path.join(os.path.dirname(src), name)):
+                    files[name] = os.path.join(os.path.dirname(src), name)
+        else:
+            files = {"tokenizer.model": src}
         tmp = out + ".tmp"
         paths.makedirs(tmp)
-        for f in files:
-            if os.path.exists(f):
-                with open(f, "rb") as r, paths.open_file(paths.join(tmp, os.path.basename(f)), "wb") as w:
-                    w.write(r.read())
+        for name, f in files.items():
+            with open(f, "rb") as r, paths.open_file(paths.join(tmp, name), "wb") as w:
+                w.write(r.read())
         paths.rename(tmp, out)
 
     def _run(self, until):
