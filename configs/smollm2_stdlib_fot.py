@@ -11,11 +11,14 @@ layer of a chunk reads its 3 predecessors (768 tokens) beside other documents' c
 The tokenizer is the import's (data.tokenizer = ""), so the corpus is tokenised with SmolLM2's
 vocabulary; the held-out packages are those of configs/stdlib_code.py (same split rule and seed).
 """
-from fot_jax.config import base_config
+import os
+
+from fot_jax.config import load_config
 
 
 def get_config():
-    c = base_config()
+    # the corpus, its split and the crossbatch settings of stdlib_code.py, so the held-out packages match
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdlib_code.py"))
     c.name = "smollm2_stdlib_fot"
     m = c.model                        # SmolLM2-135M (what `fot-jax import` of the GGUF writes)...
     m.vocab_size = 49152
@@ -33,21 +36,8 @@ def get_config():
     m.max_position_embeddings = 256    # ...with FoT's changes: a 256-token window,
     m.last_context_length = 128
     m.mem_layers = [7, 14, 21]         # memory layers (LongLLaMA-3B: 6, 12, 18 of 26)
-    m.mem_positionals = "as_first"
-    d = c.data
-    d.task = "stdlib"
-    d.tokenizer = ""                   # the import's tokenizer (train.init_from)
-    d.file_patterns = ["*.py"]
-    d.concat_by_directory = True
-    d.min_tokens = 1024
-    d.held_out_percent = 5
-    d.seq_len = 256
-    d.batch_size = 8                   # 2 streams x k = 4
-    c.crossbatch.range = 3
-    c.crossbatch.k_packing = 4
-    c.crossbatch.stepping = True
-    c.crossbatch.doc_mask = True
-    c.crossbatch.eval_ranges = [0, 3]
+    c.data.tokenizer = ""              # the import's tokenizer (train.init_from)
+    c.data.batch_size = 8              # 2 streams x k = 4
     t = c.train
     t.init_from = "runs/smol"
     t.steps = 120

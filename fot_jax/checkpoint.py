@@ -239,32 +239,24 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
         changed = {k: v for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
                    if k in FINETUNE_MODEL_FIELDS}
         run_leaves, run_shardings = _leaves_by_path(abstract_params), _leaves_by_path(shardings)
-        if changed:
-            # the checkpoint's own parameter tree, placed like the run's parameters of the same name
-            stored_cfg = config_lib.from_dict({**json.loads(cfg.to_json()), "model": stored["model"]})
-            _, stored_abstract = abstract_model(stored_cfg)
-            flat, treedef = jax.tree_util.tree_flatten_with_path(stored_abstract)
-            targets = []
-            for path, leaf in flat:
-                name = jax.tree_util.keystr(path)
-                if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
-                    raise CheckpointError(
-                        f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
-                        "the run's model; fine-tuning can add FoT memory settings but not change the "
-                        "pretrained architecture")
-                targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype,
-                                                    sharding=run_shardings[name]))
-            target = jax.tree_util.tree_unflatten(treedef, targets)
-        else:
-            target = _abstract(abstract_params, shardings)
+        # the checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
+        # parameters), placed like the run's parameters of the same name
+        flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(config_lib.from_dict(stored))[1])
+        targets = []
+        for path, leaf in flat:
+            name = jax.tree_util.keystr(path)
+            if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
+                raise CheckpointError(
+                    f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
+                    "the run's model; fine-tuning can add FoT memory settings but not change the "
+                    "pretrained architecture")
+            targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name]))
         try:
-            params = _restore_params(manager, step, target)
+            params = _restore_params(manager, step, jax.tree_util.tree_unflatten(treedef, targets))
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, directory, err) from err
     finally:
         manager.close()
-    if not changed:
-        return params
     restored = _leaves_by_path(params)
     added = sorted(set(run_leaves) - set(restored))
     fresh = [n for n in added if not hasattr(run_leaves[n], "addressable_shards")]
@@ -274,7 +266,7 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
     merged = jax.tree_util.tree_unflatten(
         treedef, [restored.get(jax.tree_util.keystr(path), leaf) for path, leaf in flat])
-    if log is not None:
+    if changed and log is not None:
         log("fine-tuning changes " + "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             + (f"; new parameters (initialised): {', '.join(added)}" if added else ""))
     return merged

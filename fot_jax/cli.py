@@ -91,13 +91,11 @@ def cmd_eval(args, overrides):
         memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
     elif args.task == "passkey":
         from fot_jax.data.text import TEXT_TASKS, tokenizer_path
-        from fot_jax.data.tokenizer import check_vocab, load_tokenizer
+        from fot_jax.data.tokenizer import check_vocab, load_tokenizer, tokenizer_file
         from fot_jax.evals import passkey
         from fot_jax.infer.runtime import MemorySettings
         # --tokenizer, else the workdir's own (an import's), else the one its training data used
-        own = any(os.path.exists(os.path.join(args.workdir, *p)) for p in
-                  (("tokenizer.model",), ("tokenizer.json",), ("tokenizer", "tokenizer.model"),
-                   ("tokenizer", "tokenizer.json")))
+        own = tokenizer_file(args.workdir) is not None
         source = args.tokenizer or (args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
         tok = load_tokenizer(source)
         check_vocab(tok, cfg.model)

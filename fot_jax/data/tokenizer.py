@@ -120,15 +120,24 @@ def _special_ids(directory, tok):
     return out
 
 
+def tokenizer_file(directory: str) -> str | None:
+    """The tokenizer.model / tokenizer.json of a directory or of its `tokenizer/` subdirectory (what
+    `fot-jax import` and training workdirs hold), or None."""
+    for candidate in (directory, os.path.join(directory, "tokenizer")):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            p = os.path.join(candidate, name)
+            if os.path.exists(p):
+                return p
+    return None
+
+
 def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer from a file or a directory (see the module docstring)."""
     if os.path.isdir(path):
-        for candidate in (path, os.path.join(path, "tokenizer")):
-            for name in ("tokenizer.model", "tokenizer.json"):
-                p = os.path.join(candidate, name)
-                if os.path.exists(p):
-                    return load_tokenizer(p)
-        raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json here (nor in {path}/tokenizer)")
+        found = tokenizer_file(path)
+        if found is None:
+            raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json here (nor in {path}/tokenizer)")
+        return load_tokenizer(found)
     if not os.path.exists(path):
         raise TokenizerError(f"tokenizer file {path!r} does not exist")
     if path.endswith(".json"):
