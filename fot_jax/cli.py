@@ -160,7 +160,7 @@ def cmd_plan(args, overrides):
     import os
     from fot_jax import config as config_lib
     from fot_jax.plan import format_plan, make_plan, parse_mesh
-    cfg = config_lib.load_config(args.config, overrides)
+    cfg = config_lib.load_config(args.config, overrides, platform=args.platform)
     if args.mesh:
         for axis, size in parse_mesh(args.mesh).items():
             cfg.mesh[axis] = size
@@ -178,7 +178,7 @@ def cmd_plan(args, overrides):
     if len(jax.devices()) < devices:
         raise config_lib.ConfigError(f"the plan needs {devices} devices, JAX already started with "
                                      f"{len(jax.devices())}; run `fot-jax plan` in a fresh process")
-    plan = make_plan(cfg, jax.devices()[:devices])
+    plan = make_plan(cfg, jax.devices()[:devices], platform=args.platform)
     print(format_plan(plan, os.path.basename(args.config), args.device_memory, args.all_params))
     if args.json:
         import dataclasses
@@ -307,6 +307,9 @@ def main(argv=None):
                    "exit 1 when the plan does not fit")
     p.add_argument("--all-params", action="store_true", help="list every parameter, not one per shape")
     p.add_argument("--json", help="also write the plan as JSON here")
+    p.add_argument("--platform", choices=("tpu", "cpu"), default="tpu",
+                   help="the chips the plan is for: picks the attention backend that `auto` means there "
+                        "(tpu: splash attention; default)")
     p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
     p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
     p.add_argument("--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)")

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from fot_jax.model import kernels
+
 
 class ConfigError(ValueError):
     """A config field holds a value the system cannot run with."""
@@ -58,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.qk_norm = "none"                # none | memory | all: L2-normalised q, k, learnable per-head temperature
     m.qk_temperature_init = 8.0
     m.remat = "none"                  # none | full | dots | dots_no_batch
+    m.attention_backend = "auto"      # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
+    m.attention_block_q = 512         # splash query block (a multiple of 128; v4/v5e/v5p: 512)
+    m.attention_block_kv = 512        # splash key/value block (a multiple of 128)
     m.last_context_length = 1024      # inference: tokens kept as local cache (LongLLaMA)
     m.mem_dtype = "bfloat16"          # inference memory store dtype
     m.mem_attention = "joint"         # joint (FoT: memory top-k in the local softmax) | gated (Memorizing Transformer)
@@ -231,8 +236,9 @@ def load_module(path: str):
     return module
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Loads a config file (a Python file with `get_config()`), applies overrides, validates."""
+def load_config(path: str, overrides: Iterable[str] = (), platform: str | None = None) -> ml_collections.ConfigDict:
+    """Loads a config file (a Python file with `get_config()`), applies overrides, validates (for
+    `platform`'s attention backends; default: this process's)."""
     try:
         cfg = load_module(path).get_config()
     except AttributeError as e:
@@ -248,11 +254,11 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
             node = node[part]
     cfg.lock()
     apply_overrides(cfg, overrides)
-    validate(cfg)
+    validate(cfg, platform)
     return cfg
 
 
-def from_dict(stored: dict, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+def from_dict(stored: dict, overrides: Iterable[str] = (), platform: str | None = None) -> ml_collections.ConfigDict:
     """A config stored as a dict (a checkpoint's `config` item) on top of today's schema: fields the
     schema has gained since keep their defaults; a field it does not know is an error."""
     cfg = base_config()
@@ -270,7 +276,7 @@ def from_dict(stored: dict, overrides: Iterable[str] = ()) -> ml_collections.Con
     fill(cfg, stored, "")
     cfg.lock()
     apply_overrides(cfg, overrides)
-    validate(cfg)
+    validate(cfg, platform)
     return cfg
 
 
@@ -283,8 +289,9 @@ def padded_vocab(m) -> int:
 
 
 def visible_contexts(row: int, r: int, k: int, stepping: bool) -> int:
-    """How many contexts (itself included) batch row `row` sees (DESIGN "Crossbatch attention")."""
-    if stepping:
+    """How many contexts (itself included) batch row `row` sees (DESIGN "Crossbatch attention").
+    Stepping applies to k-packed streams only: with k = 1 every row sees the full range."""
+    if stepping and k > 1:
         s = math.ceil((r + 1) / max(k - 1, 1))
         return min((row % k) * s + 1, r + 1, row + 1)
     return min(r + 1, row + 1)
@@ -301,8 +308,9 @@ def _check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field '{field}': {message}")
 
 
-def validate(cfg) -> None:
-    """Raises ConfigError naming the field for anything that cannot run."""
+def validate(cfg, platform: str | None = None) -> None:
+    """Raises ConfigError naming the field for anything that cannot run (on `platform`: tpu, gpu,
+    cpu; default this process's, which starts JAX's backend)."""
     m, x, d, t, p = cfg.model, cfg.crossbatch, cfg.data, cfg.train, cfg.mesh
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "max_position_embeddings", "vocab_multiple"):
@@ -324,6 +332,8 @@ def validate(cfg) -> None:
         _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")
     _check(m.mem_attention in MEM_ATTENTION, "model.mem_attention",
            f"'{m.mem_attention}' is not one of {MEM_ATTENTION}")
+    for field, message in kernels.check(m, d.seq_len, platform):
+        raise ConfigError(f"config field '{field}': {message}")
     mem = cfg.memory
     _check(t.checkpoint_best in ("", "accuracy", "loss"), "train.checkpoint_best",
            f"'{t.checkpoint_best}' is not one of '', 'accuracy', 'loss'")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot_jax import config as config_lib
+from fot_jax.model import kernels
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train.loop import batch_shardings, check_batch_divides, jit_train_step
 from fot_jax.train.state import abstract_train_state
@@ -64,6 +65,7 @@ class ParamRow:
 class Plan:
     mesh: dict
     num_devices: int
+    attention_backend: str
     num_params: int
     param_bytes: int            # per device, from shard shapes
     opt_bytes: int              # per device, from shard shapes
@@ -91,9 +93,19 @@ def _path(p) -> str:
     return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
-def make_plan(cfg, devices=None) -> Plan:
-    """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs."""
-    config_lib.validate(cfg)
+def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
+    """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs, with the
+    attention backend the config would use on `platform` (`auto` on tpu: splash, compiled here in
+    Pallas interpret mode, whose buffers are the kernel's blocks as on the chip)."""
+    problems = kernels.check(cfg.model, cfg.data.seq_len, platform)
+    if problems:
+        field, message = problems[0]
+        raise config_lib.ConfigError(f"config field '{field}' (on {platform}): {message}")
+    cfg = config_lib.from_dict(cfg.to_dict(), platform=platform)
+    cfg.model.attention_backend = kernels.resolve(cfg.model.attention_backend, platform)
+    if cfg.model.attention_backend == "cudnn":
+        raise config_lib.ConfigError("the plan compiles on this machine's CPU, where cuDNN kernels do not "
+                                     "compile; plan with --platform tpu or cpu")
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     check_batch_divides(cfg, mesh)
     with mesh_lib.use_mesh(mesh):
@@ -124,7 +136,7 @@ def make_plan(cfg, devices=None) -> Plan:
     param_bytes = sum(r.device_bytes for r in rows)
     opt_bytes = sum(_bytes_per_device(x, x.sharding) for x in jax.tree.leaves(abstract_in["opt_state"]))
     batch_bytes = sum(_bytes_per_device(x, x.sharding) for x in batch.values())
-    return Plan(mesh=dict(mesh.shape), num_devices=mesh.size,
+    return Plan(mesh=dict(mesh.shape), num_devices=mesh.size, attention_backend=cfg.model.attention_backend,
                 num_params=sum(int(math.prod(r.shape)) for r in rows),
                 param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
                 argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
@@ -139,6 +151,7 @@ def _gib(x) -> str:
 def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, all_params: bool = False) -> str:
     lines = [f"plan for {name}: {plan.num_params / 1e6:,.1f}M parameters on mesh {plan.mesh} "
              f"({plan.num_devices} devices), compiled in {plan.compile_s:.0f} s",
+             f"attention backend: {plan.attention_backend}",
              "", "per device:",
              f"  parameters          {_gib(plan.param_bytes)}",
              f"  optimizer state     {_gib(plan.opt_bytes)}",

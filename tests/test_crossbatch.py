@@ -10,12 +10,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fot_jax import config as config_lib
 from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
+from fot_jax.model.kernels import KernelOptions
+
+# (backend, reference-path variant): the reference's two tilings and every kernel backend that
+# runs on CPU (splash in Pallas interpret mode; cudnn needs a GPU).
+PATHS = [("reference", "dense"), ("reference", "blockwise"), ("xla", "dense"), ("splash", "dense")]
+PATH_IDS = ["dense", "blockwise", "xla", "splash"]
+
+
+def kernel_options(backend, block=128):
+    return KernelOptions(backend=backend, block_q=block, block_kv=block, interpret=True)
 
 
 def design_visible(row, r, k, stepping):
-    """DESIGN: with stepping, row i sees min((i mod k)*s + 1, r + 1, i + 1) contexts,
-    s = ceil((r+1)/max(k-1,1)); without, min(r + 1, i + 1)."""
-    if stepping:
+    """DESIGN: with stepping (and k > 1), row i sees min((i mod k)*s + 1, r + 1, i + 1) contexts,
+    s = ceil((r+1)/max(k-1,1)); without, or with k = 1, min(r + 1, i + 1)."""
+    if stepping and k > 1:
         s = math.ceil((r + 1) / max(k - 1, 1))
         return min((row % k) * s + 1, r + 1, row + 1)
     return min(r + 1, row + 1)
@@ -73,19 +83,21 @@ GRID = [
     (8, 3, 5, 4, True, 2),
     (8, 3, 7, 1, False, 1),
     (6, 4, 3, 3, False, 2),
+    (8, 3, 3, 1, True, 2),      # k = 1: stepping does not apply, every row sees the full range
+    (8, 4, 3, 4, True, 4),      # LongLLaMA's k = 4, r = 3
 ]
 
 
 @pytest.mark.parametrize("B,T,r,k,stepping,Hkv", GRID)
-@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
-def test_crossbatch_matches_reference(B, T, r, k, stepping, Hkv, implementation):
+@pytest.mark.parametrize("backend,implementation", PATHS, ids=PATH_IDS)
+def test_crossbatch_matches_reference(B, T, r, k, stepping, Hkv, backend, implementation):
     H, D = 4, 8
     q, k_own, k_other, v = _inputs(B, T, H, Hkv, D, seed=B * 100 + r)
     spec = CrossbatchSpec(range_max=r, k_packing=k, stepping=stepping, implementation=implementation)
     mask = reference_mask(B, T, r, k, stepping)
 
     def mine(*a):
-        return crossbatch_attention(*a, spec=spec)
+        return crossbatch_attention(*a, spec=spec, kernel=kernel_options(backend))
 
     def ref(*a):
         return reference_attention(*a, mask)
@@ -108,8 +120,17 @@ def test_visible_contexts_formula_matches_config():
             assert config_lib.visible_contexts(row, r, k, stepping) == design_visible(row, r, k, stepping)
 
 
-@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
-def test_doc_mask_matches_reference(implementation):
+def test_k1_stepping_gives_every_row_the_full_range():
+    """LongLLaMA's cross_batch: `if dataset_packing == 1 or not cross_batch_stepping` every row
+    gets the whole range; k = 1 with stepping must not silently train r = 0."""
+    from fot_jax.model.attention import visible_context_count
+    assert [config_lib.visible_contexts(i, 3, 1, True) for i in range(6)] == [1, 2, 3, 4, 4, 4]
+    np.testing.assert_array_equal(visible_context_count(6, 3, 1, True), [1, 2, 3, 4, 4, 4])
+    np.testing.assert_array_equal(visible_context_count(6, 3, 1, True), visible_context_count(6, 3, 1, False))
+
+
+@pytest.mark.parametrize("backend,implementation", PATHS, ids=PATH_IDS)
+def test_doc_mask_matches_reference(backend, implementation):
     B, T, H, Hkv, D, r, k = 6, 6, 4, 2, 8, 3, 2
     q, k_own, k_other, v = _inputs(B, T, H, Hkv, D, seed=5)
     rng = np.random.default_rng(3)
@@ -120,9 +141,17 @@ def test_doc_mask_matches_reference(implementation):
             seg[b] += seg[b - 1, -1] - seg[b, 0]
     spec = CrossbatchSpec(range_max=r, k_packing=k, stepping=False, doc_mask=True,
                           implementation=implementation)
-    out = crossbatch_attention(q, k_own, k_other, v, spec=spec, segment_ids=jnp.asarray(seg))
+    mine = lambda *a: crossbatch_attention(*a, spec=spec, segment_ids=jnp.asarray(seg),  # noqa: E731
+                                           kernel=kernel_options(backend))
     mask = reference_mask(B, T, r, k, False, seg=seg, doc_mask=True)
-    np.testing.assert_allclose(out, reference_attention(q, k_own, k_other, v, mask), atol=2e-5)
+    ref = lambda *a: reference_attention(*a, mask)  # noqa: E731
+    out = mine(q, k_own, k_other, v)
+    np.testing.assert_allclose(out, ref(q, k_own, k_other, v), atol=2e-5)
+    cot = jnp.asarray(np.random.default_rng(2).normal(size=out.shape).astype(np.float32))
+    g_mine = jax.grad(lambda *a: jnp.sum(mine(*a) * cot), argnums=(0, 1, 2, 3))(q, k_own, k_other, v)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1, 2, 3))(q, k_own, k_other, v)
+    for a, b in zip(g_mine, g_ref):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
 
 
 def test_range_zero_is_causal_attention():
@@ -148,22 +177,29 @@ def test_dynamic_range_below_static_max():
         np.testing.assert_allclose(f(jnp.int32(r)), reference_attention(q, k_own, k_other, v, mask), atol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["dense", "blockwise"])
-def test_sharded_equals_unsharded(implementation):
-    """Batch sharded over 8 devices: same values, and rows arrive by collective permute."""
+@pytest.mark.parametrize("backend,implementation", PATHS, ids=PATH_IDS)
+def test_sharded_equals_unsharded(backend, implementation):
+    """Batch sharded over 8 devices: same values and gradients, and rows arrive by collective
+    permute (the kernel backends run under shard_map over the mesh's batch axes)."""
+    from fot_jax.parallel import mesh as mesh_lib
     devices = jax.devices()
     assert len(devices) == 8
     B, T, H, Hkv, D = 16, 8, 4, 2, 8
     q, k_own, k_other, v = _inputs(B, T, H, Hkv, D, seed=4)
     spec = CrossbatchSpec(range_max=3, k_packing=2, stepping=True, implementation=implementation)
-    f = lambda *a: crossbatch_attention(*a, spec=spec)
-    expected = f(q, k_own, k_other, v)
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    f = lambda *a: crossbatch_attention(*a, spec=spec, kernel=kernel_options(backend))  # noqa: E731
+    loss = lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    expected, g_expected = f(q, k_own, k_other, v), jax.grad(loss, argnums=(0, 1, 2, 3))(q, k_own, k_other, v)
+    mesh = jax.make_mesh((8, 1, 1), mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     sh = NamedSharding(mesh, P("data"))
     args = [jax.device_put(a, sh) for a in (q, k_own, k_other, v)]
-    jf = jax.jit(f, in_shardings=sh, out_shardings=sh)
-    out = jf(*args)
+    with mesh_lib.use_mesh(mesh):
+        jf = jax.jit(f, in_shardings=sh, out_shardings=sh)
+        out = jf(*args)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), in_shardings=sh, out_shardings=sh)(*args)
+        hlo = jf.lower(*args).compile().as_text()
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    hlo = jf.lower(*args).compile().as_text()
+    for a, b in zip(grads, g_expected):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)   # float32 sums in another order
     assert "collective-permute" in hlo
     assert "all-gather" not in hlo

@@ -5,9 +5,13 @@ positional mode says), keys/values `[B, T, Hkv, D]`, `H = Hkv * G` (grouped-quer
 
 Crossbatch: row `b` attends to its own keys (causal) and to all keys of rows `b-1, ..., b-r`
 (`k_other`, the positional mode already applied) in one softmax over `(r+1)*T` keys. Which of those
-contexts a row sees is `visible_contexts` (k-packing, stepping, never a later row). Rows `b-c` are a
+contexts a row sees is `visible_context_count` (k-packing, stepping, never a later row). Rows `b-c` are a
 roll of the batch axis by `c`; under a batch sharded over devices XLA lowers that roll to a
 collective permute between neighbours, never to a gather of the whole batch.
+
+`crossbatch_attention` is the one entry point of training attention, local (r = 0) or crossbatch;
+`kernel` (`fot_jax.model.kernels.KernelOptions`) picks how it is computed: the tiled paths here
+(`reference`, the oracle) or a kernel backend (splash, cuDNN, XLA) that never holds the scores.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from fot_jax.model import kernels
 
 NEG_INF = -1e30
 Q_BLOCK = 64  # query tile of the dense path (causal part scores only the visible key prefix)
@@ -32,10 +38,11 @@ class CrossbatchSpec:
 
 
 def visible_context_count(batch: int, r, k_packing: int, stepping: bool):
-    """[B] int32: contexts each row sees, itself included (matches config.visible_contexts)."""
+    """[B] int32: contexts each row sees, itself included (matches config.visible_contexts).
+    Stepping needs k-packing: with k = 1 every row sees the full range (LongLLaMA's rule)."""
     rows = jnp.arange(batch, dtype=jnp.int32)
     r = jnp.asarray(r, jnp.int32)
-    if stepping:
+    if stepping and k_packing > 1:
         div = max(k_packing - 1, 1)
         s = (r + 1 + div - 1) // div
         n = jnp.minimum((rows % k_packing) * s + 1, r + 1)
@@ -61,17 +68,22 @@ def _other_mask(visible_c, segment_ids, segment_c, same_stream, doc):
     return mask
 
 
-def crossbatch_attention(q, k_own, k_other, v, *, spec: CrossbatchSpec, r=None, segment_ids=None):
-    """q [B,T,H,D], k_own/k_other/v [B,T,Hkv,D], segment_ids [B,T] -> [B,T,H,D] (q.dtype).
+def crossbatch_attention(q, k_own, k_other, v, *, spec: CrossbatchSpec, r=None, segment_ids=None,
+                         kernel: kernels.KernelOptions | None = None):
+    """q [B,T,H,D], k_own/k_other/v [B,T,Hkv,D], segment_ids [B,T] (non-negative) -> [B,T,H,D]
+    (q.dtype).
 
     `k_own` are the keys a row uses for itself (rotated at local positions), `k_other` the keys the
     same tokens show to later rows (the positional mode applied). r = None means spec.range_max.
-    With range_max = 0 this is plain causal attention.
+    With range_max = 0 this is plain causal attention. `kernel` None means the reference path.
     """
-    b, t, h, d = q.shape
-    hkv = k_own.shape[2]
+    b = q.shape[0]
     r = spec.range_max if r is None else r
     visible = visible_context_count(b, r, spec.k_packing, spec.stepping)  # [B]
+    if kernel is not None and kernel.is_kernel:
+        return kernels.crossbatch(q, k_own, k_other, v, range_max=spec.range_max, k_packing=spec.k_packing,
+                                  doc=spec.doc_mask and segment_ids is not None, visible=visible,
+                                  segment_ids=segment_ids, opts=kernel)
     if spec.implementation == "blockwise" and spec.range_max > 0:
         return _blockwise(q, k_own, k_other, v, spec, visible, segment_ids)
     return _dense(q, k_own, k_other, v, spec, visible, segment_ids)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot_jax import config as config_lib
+from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention, memory_attention
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 from fot_jax.parallel.mesh import constrain
@@ -92,6 +93,7 @@ class Attention(nnx.Module):
             # Memorizing-Transformer gate logits, one per head (inference; sigmoid(0) = an even mix).
             self.mem_gate = nnx.Param(jnp.zeros((h,), pd), logical_axes=("heads",))
         self.use_rope = not (self.is_memory and m.mem_positionals == "none")
+        self.kernel = kernels.options_from_config(m)
         self.head_dim = d
         self.dtype = DTYPES[m.dtype]
 
@@ -125,7 +127,8 @@ class Attention(nnx.Module):
         else:
             doc = crossbatch.doc_mask if crossbatch is not None else False
             spec = CrossbatchSpec(range_max=0, doc_mask=doc)
-        out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids)
+        out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids,
+                                   kernel=self.kernel)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return _dense(out, self.o_proj[...].astype(self.dtype))
 
