@@ -3,6 +3,7 @@ peak memory of crossbatch attention as r grows (compiled memory analysis).
 
     python benchmarks/train_step.py            # full run (a few minutes on 2 cores)
     python benchmarks/train_step.py --quick    # smaller, for a smoke test
+    python benchmarks/train_step.py --backend reference,xla   # train steps of each attention backend, same run
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fot_jax.train import metrics as metrics_lib
 from fot_jax.train.loop import Trainer, to_global
 
 
-def bench_config(args):
+def bench_config(args, backend="auto"):
     c = config_lib.base_config()
     m = c.model
     m.vocab_size = 32000
@@ -30,8 +31,10 @@ def bench_config(args):
     m.num_heads = args.width // 64
     m.num_kv_heads = args.width // 64
     m.max_position_embeddings = args.seq_len
-    m.mem_layers = [args.layers // 2]
+    m.mem_layers = [int(i) for i in args.mem_layers.split(",")] if args.mem_layers else [args.layers // 2]
+    m.dtype = args.dtype
     m.remat = args.remat
+    m.attention_backend = backend
     c.crossbatch.range = args.range
     c.crossbatch.k_packing = args.range + 1
     c.crossbatch.stepping = False
@@ -46,8 +49,8 @@ def bench_config(args):
     return c
 
 
-def step_speed(args):
-    cfg = bench_config(args)
+def step_speed(args, backend="auto"):
+    cfg = bench_config(args, backend)
     trainer = Trainer(cfg, "/tmp/fot_bench", devices=jax.devices()[:1], quiet=True)
     B, T = cfg.data.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
@@ -97,18 +100,31 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--remat", default="none")
     p.add_argument("--implementation", default="dense")
+    p.add_argument("--backend", default="auto",
+                   help="attention backend(s), comma-separated; several: each timed in this run, "
+                        "the first is the baseline of the ratios (splash on CPU is interpreted: not a speed)")
     p.add_argument("--memory_seq_len", type=int, default=2048)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--mem-layers", default="", help="memory layers, e.g. 4,8,12 (default: the middle layer)")
+    p.add_argument("--matmul-size", type=int, default=1024, help="side of the matmul that measures peak FLOP/s")
+    p.add_argument("--skip-memory-table", action="store_true")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
         args.layers, args.width, args.seq_len, args.batch, args.steps = 2, 128, 128, 4, 2
         args.memory_seq_len = 256
-    peak = metrics_lib.measure_matmul_flops()
-    print(f"device: {jax.devices()[0].device_kind}, float32 matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
-    n, step, tps, fps = step_speed(args)
-    print(f"train step: {args.layers} layers x {args.width} wide ({n / 1e6:.1f}M params), T={args.seq_len}, "
-          f"r={args.range}, batch {args.batch}: {step * 1e3:.0f} ms/step, {tps:,.0f} tokens/s, "
-          f"{fps / 1e9:.1f} GFLOP/s, MFU {100 * fps / peak:.1f}% of the measured matmul")
+    peak = metrics_lib.measure_matmul_flops(size=args.matmul_size, dtype=jnp.dtype(args.dtype))
+    print(f"device: {jax.devices()[0].device_kind}, {args.dtype} matmul peak measured now: {peak / 1e9:,.1f} GFLOP/s")
+    base = None
+    for backend in args.backend.split(","):
+        n, step, tps, fps = step_speed(args, backend)
+        base = base or tps
+        print(f"train step [{backend}]: {args.layers} layers x {args.width} wide ({n / 1e6:.1f}M params), "
+              f"T={args.seq_len}, r={args.range}, batch {args.batch}: {step * 1e3:.0f} ms/step, {tps:,.0f} tokens/s "
+              f"({tps / base:.2f}x the first backend), {fps / 1e9:.1f} GFLOP/s, "
+              f"MFU {100 * fps / peak:.1f}% of the measured matmul", flush=True)
+    if args.skip_memory_table:
+        return
     print(f"crossbatch attention peak memory (compiled memory analysis), forward + backward, "
           f"2 rows x T={args.memory_seq_len}, 8 heads x 64; the keys of r other rows are visible:")
     print(f"{'r':>4} {'dense MiB':>10} {'MiB/(r+1)':>10} {'blockwise MiB':>14} {'MiB/(r+1)':>10}")
