@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.qk_norm = "none"                # none | memory | all: L2-normalised q, k, learnable per-head temperature
     m.qk_temperature_init = 8.0
     m.remat = "none"                  # none | full | dots | dots_no_batch
+    m.scan_layers = True              # consecutive layers of one structure run as one lax.scan (compile time flat in depth)
     m.attention_backend = "auto"      # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
     m.attention_block_q = 512         # splash query block (a multiple of 128; v4/v5e/v5p: 512)
     m.attention_block_kv = 512        # splash key/value block (a multiple of 128)

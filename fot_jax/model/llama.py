@@ -216,8 +216,12 @@ class Llama(nnx.Module):
 
         if self.remat != "none":
             run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
-        for layer in self.layers:
-            x = run_layer(layer, x, cos, sin, segment_ids, crossbatch_range)
+        for start, end in layer_runs(m):
+            if m.scan_layers and end - start > 1:
+                x = self._scan(self.layers[start:end], x, cos, sin, segment_ids, crossbatch, crossbatch_range)
+            else:
+                for layer in self.layers[start:end]:
+                    x = run_layer(layer, x, cos, sin, segment_ids, crossbatch_range)
         x = self.norm(x)
         if m.tie_embeddings:
             head = self.embed_tokens[...].astype(self.dtype).T
@@ -227,6 +231,25 @@ class Llama(nnx.Module):
         logits = constrain(logits, ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
+
+    def _scan(self, layers, x, cos, sin, segment_ids, crossbatch, r):
+        """Layers of one structure as one `lax.scan` over their parameters stacked along a leading
+        `layers` axis (the body is traced once, whatever the depth; remat applies inside it)."""
+        graphdef, _ = nnx.split(layers[0])
+        states = [nnx.split(layer)[1] for layer in layers]
+
+        def stack(*vs):
+            value = jnp.stack([v[...] for v in vs])
+            return vs[0].replace(constrain(value, ("layers",) + tuple(vs[0].logical_axes)))
+        stacked = jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+        def body(x, state):
+            return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, crossbatch, r), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
 
     def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None, last_layer=None):
         """Inference forward of new tokens with a local cache and memory (DESIGN "Memory attention").
@@ -270,6 +293,19 @@ class Llama(nnx.Module):
         logits = _dense(x, head, jnp.float32)
         vocab_ids = jnp.arange(logits.shape[-1])
         return jnp.where(vocab_ids < self.vocab_size, logits, -1e9), new_kv
+
+
+def layer_runs(m) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive layers with one structure (memory layers and the others
+    differ); with `model.scan_layers` a run of two or more is one scan."""
+    runs = []
+    for i in range(m.num_layers):
+        memory = i in list(m.mem_layers)
+        if runs and runs[-1][2] == memory:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, memory])
+    return [(a, b) for a, b, _ in runs]
 
 
 def create(m, seed: int = 0) -> Llama:
