@@ -35,6 +35,7 @@ def bench_config(args, backend="auto"):
     m.dtype = args.dtype
     m.remat = args.remat
     m.attention_backend = backend
+    m.scan_layers = args.scan_layers
     c.crossbatch.range = args.range
     c.crossbatch.k_packing = args.range + 1
     c.crossbatch.stepping = False
@@ -108,6 +109,7 @@ def main():
     p.add_argument("--mem-layers", default="", help="memory layers, e.g. 4,8,12 (default: the middle layer)")
     p.add_argument("--matmul-size", type=int, default=1024, help="side of the matmul that measures peak FLOP/s")
     p.add_argument("--skip-memory-table", action="store_true")
+    p.add_argument("--scan-layers", type=int, default=1, help="1: scanned layer runs (default), 0: unrolled")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:

@@ -178,8 +178,13 @@ def cmd_plan(args, overrides):
     if len(jax.devices()) < devices:
         raise config_lib.ConfigError(f"the plan needs {devices} devices, JAX already started with "
                                      f"{len(jax.devices())}; run `fot-jax plan` in a fresh process")
+    if args.tokens_per_s and args.chip:
+        from fot_jax.train.metrics import chip_peak_flops
+        if chip_peak_flops(args.chip) is None:
+            raise config_lib.ConfigError(f"--chip: unknown chip {args.chip!r} (v4, v5e, v5p, v6e, a100, h100, h200)")
     plan = make_plan(cfg, jax.devices()[:devices], platform=args.platform)
-    print(format_plan(plan, os.path.basename(args.config), args.device_memory, args.all_params))
+    print(format_plan(plan, os.path.basename(args.config), args.device_memory, args.all_params,
+                      args.tokens_per_s, args.chip))
     if args.json:
         import dataclasses
         with open(args.json, "w") as f:
@@ -307,6 +312,8 @@ def main(argv=None):
                    "exit 1 when the plan does not fit")
     p.add_argument("--all-params", action="store_true", help="list every parameter, not one per shape")
     p.add_argument("--json", help="also write the plan as JSON here")
+    p.add_argument("--tokens-per-s", type=float, help="a global throughput target: with --chip, the MFU it needs")
+    p.add_argument("--chip", help="the pod's chip for --tokens-per-s (v4, v5e, v5p, v6e, h100, h200, ...)")
     p.add_argument("--platform", choices=("tpu", "cpu"), default="tpu",
                    help="the chips the plan is for: picks the attention backend that `auto` means there "
                         "(tpu: splash attention; default)")

@@ -281,6 +281,14 @@ def from_dict(stored: dict, overrides: Iterable[str] = (), platform: str | None 
     return cfg
 
 
+def check_platform(cfg, platform: str | None = None) -> None:
+    """The attention backend runs on `platform` (default: this process's; starts JAX's backend,
+    so in a multi-host run only after `jax.distributed.initialize`)."""
+    import jax
+    for field, message in kernels.check(cfg.model, cfg.data.seq_len, platform or jax.default_backend()):
+        raise ConfigError(f"config field '{field}': {message}")
+
+
 def head_dim(m) -> int:
     return m.head_dim or m.hidden_size // m.num_heads
 
@@ -311,7 +319,7 @@ def _check(cond: bool, field: str, message: str) -> None:
 
 def validate(cfg, platform: str | None = None) -> None:
     """Raises ConfigError naming the field for anything that cannot run (on `platform`: tpu, gpu,
-    cpu; default this process's, which starts JAX's backend)."""
+    cpu, when given; `check_platform` checks the running one once JAX's backend may start)."""
     m, x, d, t, p = cfg.model, cfg.crossbatch, cfg.data, cfg.train, cfg.mesh
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "max_position_embeddings", "vocab_multiple"):

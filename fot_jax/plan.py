@@ -25,6 +25,7 @@ import numpy as np
 from fot_jax import config as config_lib
 from fot_jax.model import kernels
 from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.train import metrics as metrics_lib
 from fot_jax.train.loop import batch_shardings, check_batch_divides, jit_train_step
 from fot_jax.train.state import abstract_train_state
 
@@ -75,6 +76,8 @@ class Plan:
     alias_bytes: int            # outputs written in place of donated inputs
     temp_bytes: int             # XLA: activations, gradients, temporaries
     compile_s: float
+    flops_per_token: float      # training matmul FLOPs per token (forward + backward, r = crossbatch.range)
+    tokens_per_step: int
     params: list
     warnings: list
 
@@ -93,6 +96,27 @@ def _path(p) -> str:
     return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
+def check_mesh_divides(cfg, mesh) -> None:
+    """Every model dimension that the logical rules shard divides over its mesh axes; otherwise
+    those parameters would silently stay whole on every chip. The error names both."""
+    m = cfg.model
+    dims = {"embed": ("model.hidden_size", m.hidden_size),
+            "mlp": ("model.intermediate_size", m.intermediate_size),
+            "heads": ("model.num_heads", m.num_heads),
+            "kv_heads": ("model.num_kv_heads", m.num_kv_heads),
+            "vocab": ("model.vocab_size", config_lib.padded_vocab(m))}
+    rules = dict(mesh_lib.DEFAULT_RULES)
+    for name, (field, size) in dims.items():
+        for axis in rules[name]:
+            n = mesh.shape.get(axis, 1)
+            if n > 1 and size % n:
+                what = "padded vocabulary" if name == "vocab" else f"'{name}' dimension"
+                raise config_lib.ConfigError(
+                    f"config field '{field}': the {what} ({size}) does not divide over mesh axis '{axis}' of "
+                    f"size {n}; its parameters would be whole on every chip. Use a mesh whose '{axis}' size "
+                    f"divides {size}, or a model dimension that {n} divides")
+
+
 def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs, with the
     attention backend the config would use on `platform` (`auto` on tpu: splash, compiled here in
@@ -108,6 +132,7 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
                                      "compile; plan with --platform tpu or cpu")
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     check_batch_divides(cfg, mesh)
+    check_mesh_divides(cfg, mesh)
     with mesh_lib.use_mesh(mesh):
         graphdef, tx, _, abstract, shardings = abstract_train_state(cfg, mesh)
         abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -141,14 +166,26 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
                 param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
                 argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                 alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                compile_s=compile_s, params=rows, warnings=warnings)
+                compile_s=compile_s,
+                flops_per_token=metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, cfg.crossbatch.range),
+                tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, params=rows, warnings=warnings)
 
 
 def _gib(x) -> str:
     return f"{x / GiB:8.3f} GiB"
 
 
-def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, all_params: bool = False) -> str:
+def required_mfu(plan: Plan, tokens_per_s: float, chip: str) -> float:
+    """The MFU every chip of the plan's mesh must reach for `tokens_per_s` (global) on `chip`."""
+    peak = metrics_lib.chip_peak_flops(chip)
+    if peak is None:
+        known = ", ".join(k for k, _ in metrics_lib.CHIP_PEAK_BF16)
+        raise config_lib.ConfigError(f"--chip: unknown chip {chip!r} (known: {known})")
+    return tokens_per_s * plan.flops_per_token / (plan.num_devices * peak)
+
+
+def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, all_params: bool = False,
+                tokens_per_s: float | None = None, chip: str | None = None) -> str:
     lines = [f"plan for {name}: {plan.num_params / 1e6:,.1f}M parameters on mesh {plan.mesh} "
              f"({plan.num_devices} devices), compiled in {plan.compile_s:.0f} s",
              f"attention backend: {plan.attention_backend}",
@@ -163,6 +200,13 @@ def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, a
     if device_memory_gib:
         lines.append(f"  device memory       {device_memory_gib:8.3f} GiB: "
                      + ("fits" if plan.peak_bytes <= device_memory_gib * GiB else "DOES NOT FIT"))
+    lines += ["", f"step: {plan.tokens_per_step:,} tokens, {plan.flops_per_token / 1e9:,.2f} GFLOP a token "
+              f"(training matmuls, forward + backward; remat recomputation not counted)"]
+    if tokens_per_s and chip:
+        need = required_mfu(plan, tokens_per_s, chip)
+        step_s = plan.tokens_per_step / tokens_per_s
+        lines.append(f"  {tokens_per_s:,.0f} tokens/s on {plan.num_devices} x {chip} ({step_s:.2f} s a step) needs "
+                     f"MFU {100 * need:.1f}% on every chip" + ("  (more than the chips' peak)" if need > 1 else ""))
     lines += ["", "parameter shardings" + ("" if all_params else " (one row per distinct shape and sharding)") + ":"]
     seen = set()
     width = max(len(r.path) for r in plan.params)

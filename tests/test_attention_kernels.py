@@ -136,3 +136,15 @@ def test_bad_backend_settings_are_config_errors(override, platform, field, words
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(cfg, platform)
     assert f"'{field}'" in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_mfu_denominator_is_the_chips_published_peak_or_a_measured_matmul():
+    from fot_jax.train import metrics
+    assert metrics.chip_peak_flops("TPU v5 lite") == 197e12
+    assert metrics.chip_peak_flops("TPU v5p") == 459e12
+    assert metrics.chip_peak_flops("TPU v4") == 275e12
+    assert metrics.chip_peak_flops("NVIDIA H200") == 989e12
+    assert metrics.chip_peak_flops("TPU v6 lite") == 918e12
+    assert metrics.chip_peak_flops("cpu") is None
+    peak, source = metrics.peak_flops()      # this CPU: measured
+    assert peak > 0 and "measured" in source

@@ -95,8 +95,10 @@ def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
     res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/longllama_3b.py"), "--mesh", "fsdp=32",
                       "--config.model.num_layers=2", "--config.model.mem_layers=[1]",
                       "--config.data.batch_size=32", "--config.data.seq_len=256",
-                      "--config.model.max_position_embeddings=256", "--config.data.doc_length=1024")
+                      "--config.model.max_position_embeddings=256", "--config.data.doc_length=1024",
+                      "--tokens-per-s", "1000", "--chip", "v5e")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "attention backend: splash" in res.stdout      # the plan is for TPU: auto means splash there
     n = plan["num_params"]
     cfg = config_lib.load_config(os.path.join(ROOT, "configs/longllama_3b.py"), ["--config.model.num_layers=2",
                                                                                "--config.model.mem_layers=[1]"])
@@ -110,20 +112,44 @@ def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
     assert abs(plan["argument_bytes"] - (arithmetic + plan["batch_bytes"])) / arithmetic < 0.05
     assert plan["temp_bytes"] > 0 and plan["mesh"] == {"data": 1, "fsdp": 32, "tensor": 1}
     assert "parameter shardings" in res.stdout and "('fsdp'" in res.stdout
+    # FLOPs a token: 6 x (matmul weights) + attention over T keys (4T for the memory layer at r = 3),
+    # x 3 for forward + backward; the MFU the throughput target needs on 32 v5e chips (197 TFLOP/s).
+    e, t, h, d = m.hidden_size, 256, m.num_heads, m.hidden_size // m.num_heads
+    weights = 2 * (4 * e * e + 3 * e * m.intermediate_size) + config_lib.padded_vocab(m) * e
+    flops = 3 * (2 * weights + 4 * h * d * t * (1 + 4))
+    assert plan["flops_per_token"] == pytest.approx(flops, rel=1e-9)
+    assert f"needs MFU {100 * 1000 * flops / (32 * 197e12):.1f}%" in res.stdout
 
 
-def test_plan_warns_about_replicated_parameters_and_memory_that_does_not_fit(tmp_path):
-    # a hidden size that 8 does not divide: fsdp cannot shard the big matrices, which stay whole on
-    # every device (1M+ elements each)
+@pytest.mark.slow
+def test_shipped_3b_plan_fits_16_gib_chips(tmp_path):
+    """The shipped 3B config on 32 chips (v4-32 / v5e-32 shape): splash attention, scanned layers,
+    full remat and 8 microbatches keep a chip under 14 GiB."""
+    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/longllama_3b.py"), "--mesh", "fsdp=32",
+                      "--device-memory", "16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert plan["peak_bytes"] <= 14 * 2 ** 30, plan["peak_bytes"] / 2 ** 30
+
+
+def test_plan_refuses_a_mesh_that_does_not_divide_the_model(tmp_path):
+    # a hidden size that 8 does not divide: fsdp could not shard the big matrices
     res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/tiny.py"), "--mesh", "fsdp=8",
                       "--config.model.hidden_size=1036", "--config.model.num_heads=2",
-                      "--config.model.num_kv_heads=2", "--config.model.intermediate_size=1030",
-                      "--config.model.vocab_size=1000", "--config.model.vocab_multiple=4",
+                      "--config.model.num_kv_heads=2", "--config.model.intermediate_size=1032",
+                      "--config.model.vocab_size=1000", "--config.model.vocab_multiple=8")
+    assert res.returncode == 2 and plan is None, res.stderr[-3000:]
+    assert "'model.hidden_size'" in res.stderr and "(1036)" in res.stderr and "'fsdp' of size 8" in res.stderr
+    res, _ = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/tiny.py"), "--mesh", "tensor=8",
+                   "--config.model.num_kv_heads=4", "--config.model.num_heads=4")
+    assert res.returncode == 2 and "'model.num_heads'" in res.stderr and "'tensor' of size 8" in res.stderr
+
+
+def test_plan_memory_that_does_not_fit_exits_1(tmp_path):
+    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/tiny.py"), "--mesh", "fsdp=8",
                       "--device-memory", "0.001")
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "REPLICATED" in res.stdout and "warning: parameter" in res.stdout
-    assert "does not fit in 0.001 GiB" in res.stderr
-    assert plan["warnings"]
+    assert "does not fit in 0.001 GiB" in res.stderr and "DOES NOT FIT" in res.stdout
+    assert plan["peak_bytes"] > 0.001 * 2 ** 30
 
 
 def test_plan_bad_mesh():

@@ -307,20 +307,22 @@ def crossbatch(q, k_own, k_other, v, *, range_max, k_packing, doc, visible, segm
     raise ValueError(f"attention backend '{opts.backend}' has no kernel path")
 
 
-def check(m, seq_len: int, platform: str | None = None) -> list[str]:
-    """Problems with the attention settings of model config `m` for sequences of `seq_len` tokens
-    on `platform` (default: this process's), as `(field, message)` pairs; empty when it can run."""
-    problems = []
+def check(m, seq_len: int, platform: str | None = None) -> list[tuple[str, str]]:
+    """Problems with the attention settings of model config `m` for sequences of `seq_len` tokens,
+    as `(field, message)` pairs; empty when it can run. With `platform` (tpu, gpu, cpu) also whether
+    the backend runs there; without, only what holds everywhere (this never starts JAX's backend,
+    so configs are checked before `jax.distributed.initialize`)."""
     name = m.attention_backend
     if name not in BACKENDS:
         return [("model.attention_backend", f"'{name}' is not one of {BACKENDS}")]
-    plat = platform_of(platform)
-    backend = resolve(name, plat)
-    allowed = PLATFORM_BACKENDS.get(plat, ("reference", "xla"))
-    if backend not in allowed:
-        problems.append(("model.attention_backend",
-                         f"'{backend}' does not run on {plat}; backends that do: {', '.join(('auto',) + allowed)}"))
-        return problems
+    plat = platform_of(platform) if platform else None
+    backend = resolve(name, plat) if plat else name
+    if plat:
+        allowed = PLATFORM_BACKENDS.get(plat, ("reference", "xla"))
+        if backend not in allowed:
+            return [("model.attention_backend",
+                     f"'{backend}' does not run on {plat}; backends that do: {', '.join(('auto',) + allowed)}")]
+    problems = []
     for field in ("attention_block_q", "attention_block_kv"):
         size = m[field]
         if size <= 0:

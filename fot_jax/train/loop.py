@@ -15,6 +15,7 @@ import numpy as np
 from fot_jax import config as config_lib
 from fot_jax import paths
 from fot_jax.data.sources import make_batcher
+from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import metrics as metrics_lib
@@ -106,6 +107,7 @@ class Trainer:
         if jax.process_count() > 1:
             from fot_jax.parallel import distributed
             distributed.check_agreement(cfg)
+        config_lib.check_platform(cfg)
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -120,6 +122,7 @@ class Trainer:
         with mesh_lib.use_mesh(self.mesh):
             self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)
         self.num_params = count_params(self.state["params"])
+        self.attention_backend = kernels.resolve(cfg.model.attention_backend)
         self._train_steps = {}
         self._eval_steps = {}
         self.stages = config_lib.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else []
@@ -240,7 +243,7 @@ class Trainer:
     def _run(self, until):
         cfg, t, x = self.cfg, self.cfg.train, self.cfg.crossbatch
         self.writer = metrics_lib.MetricWriter(self.workdir)
-        peak = metrics_lib.measure_matmul_flops()
+        peak, peak_source = metrics_lib.peak_flops()
         start_step = int(jax.device_get(self.state["step"]))
         restored = self.checkpoints.restore(self.state, self.state_shardings)
         data_state = None
@@ -255,7 +258,7 @@ class Trainer:
             self.log(f"fine-tuning from the parameters in {t.init_from}")
         self._save_tokenizer()
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
-                 f"{jax.device_count()} devices, matmul peak {peak / 1e9:.1f} GFLOP/s, "
+                 f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against {peak_source}, "
                  f"steps {start_step}->{t.steps}")
         current_range = x.range
         switched = False

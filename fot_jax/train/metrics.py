@@ -42,6 +42,35 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 20, dtype=jnp.float32)
     return 2 * size ** 3 * repeats / best
 
 
+# Published dense bfloat16 peak FLOP/s of one chip, keyed by a fragment of jax's `device_kind`
+# (first match wins: "TPU v5 lite" is a v5e, "TPU v5" a v5p).
+CHIP_PEAK_BF16 = (
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12),
+    ("v5", 459e12), ("v4", 275e12), ("v3", 123e12), ("v2", 45e12),
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12),
+)
+
+
+def chip_peak_flops(device_kind: str) -> float | None:
+    """The published bf16 peak of a TPU/GPU chip named like jax's `device_kind`, or None."""
+    kind = device_kind.lower()
+    for fragment, flops in CHIP_PEAK_BF16:
+        if fragment in kind:
+            return flops
+    return None
+
+
+def peak_flops(device=None) -> tuple[float, str]:
+    """The MFU denominator and what it is: the chip's published bf16 peak on TPU and GPU, a matmul
+    measured now on CPU (or on a chip the table does not know)."""
+    device = device or jax.devices()[0]
+    published = chip_peak_flops(device.device_kind) if device.platform != "cpu" else None
+    if published:
+        return published, f"{device.device_kind}'s published bf16 peak ({published / 1e12:,.0f} TFLOP/s)"
+    measured = measure_matmul_flops()
+    return measured, f"a float32 matmul measured now ({measured / 1e9:,.1f} GFLOP/s)"
+
+
 class MetricWriter:
     """JSONL (`metrics.jsonl`) and TensorBoard (`tb/`) in the workdir; process 0 only."""
 
