@@ -133,6 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
     t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
     t.init_from = ""                  # a workdir or `fot-jax import` output: start from its parameters
+    t.preemption_check_every = 10     # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
+    t.stop_timeout = 300.0            # s after SIGTERM before a process that cannot stop cleanly exits 143
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
 
     mem = c.memory = ml_collections.ConfigDict()
@@ -382,6 +384,8 @@ def validate(cfg, platform: str | None = None) -> None:
     _check(t.learning_rate > 0, "train.learning_rate", "must be positive")
     _check(t.schedule in SCHEDULES, "train.schedule", f"'{t.schedule}' is not one of {SCHEDULES}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
+    _check(t.stop_timeout > 0, "train.stop_timeout", "must be positive")
     for name in ("data", "fsdp", "tensor"):
         _check(p[name] == -1 or p[name] >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {p[name]}")
     _check([p.data, p.fsdp, p.tensor].count(-1) <= 1, "mesh", "at most one axis size may be -1")

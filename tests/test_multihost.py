@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,61 @@ def test_a_killed_process_stops_the_others(tmp_path, data_dir):
         assert "process 0 of 2: a step with the other processes failed" in log, log[-3000:]
     else:  # jax's coordination service, or gloo aborting in its own thread on the broken connection
         assert "another task died" in log or "gloo" in log.split("[p0] step", 1)[1], log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path, data_dir):
+    """SIGTERM reaches process 1 only (hosts of a pod hear of a preemption at different moments):
+    the hosts' votes are all-gathered every 2 steps, both save the same step and exit 143, and the
+    one checkpoint resumes exactly as an uninterrupted run."""
+    wd = str(tmp_path / "w")
+    sink = io.StringIO()
+    codes = run_pod(_fot_jax("train", "--config", TINY, "--workdir", wd, *COMMON, "--config.train.steps=100000",
+                             "--config.train.preemption_check_every=2", f"--config.data.data_dir={data_dir}"),
+                    2, 4, sink=sink, kill_on=(1, "[p0] step      3/", signal.SIGTERM), grace=120, timeout=400)
+    log = sink.getvalue()
+    assert codes == [143, 143], log[-3000:]
+    assert "[p0] another host received SIGTERM" in log, log[-3000:]
+    steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+    assert len(steps) == 1 and steps[0] % 2 == 0 and steps[0] >= 4, (steps, log[-3000:])
+    stop = steps[0]
+    assert f"saving a checkpoint at step {stop} and stopping" in log
+    assert log.count(f"terminated (SIGTERM) after step {stop};") == 2          # both hosts, same step
+    ref = _in_process(str(tmp_path / "ref"), stop + 2, data_dir)
+    resumed = _in_process(wd, stop + 2, data_dir)
+    np.testing.assert_allclose([resumed[s] for s in (stop + 1, stop + 2)], [ref[s] for s in (stop + 1, stop + 2)],
+                               rtol=2e-6)
+
+
+def test_the_pod_simulator_forwards_signals_and_leaves_no_process_behind(tmp_path):
+    """SIGTERM to the simulator reaches every process; one that ignores it is killed after the
+    grace period, and the simulator's own exit takes no process with it alive."""
+    script = tmp_path / "child.py"
+    script.write_text("import os, signal, sys, time\n"
+                      "pid = os.environ['FOT_JAX_PROCESS_ID']\n"
+                      "if pid == '0':\n"
+                      "    signal.signal(signal.SIGTERM, lambda *a: (print('p0 got SIGTERM', flush=True), sys.exit(143)))\n"
+                      "else:\n"
+                      "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                      "print('ready', os.getpid(), flush=True)\n"
+                      "time.sleep(600)\n")
+    pod = subprocess.Popen([sys.executable, "-m", "fot_jax.parallel.local_pod", "--processes", "2", "--devices", "1",
+                            "--grace", "3", "--", sys.executable, str(script)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids, lines = [], []
+    while len(pids) < 2:
+        line = pod.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if "ready" in line:
+            pids.append(int(line.split()[-1]))
+    pod.send_signal(signal.SIGTERM)
+    out = pod.communicate(timeout=60)[0]
+    assert "[p0] p0 got SIGTERM" in out, out
+    assert "exit codes [143, -9]" in out, out         # process 1 ignored SIGTERM: killed after 3 s
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 @pytest.mark.slow

@@ -7,8 +7,11 @@ Each process gets `XLA_FLAGS=--xla_force_host_platform_device_count=M`, `JAX_PLA
 `FOT_JAX_COORDINATOR` / `FOT_JAX_NUM_PROCESSES` / `FOT_JAX_PROCESS_ID` that `fot-jax train` joins
 with (process 0 hosts the coordinator on a free local port). Output lines are prefixed `[pN]`.
 When one process fails, the others get `--grace` seconds to notice (they should stop with an
-error by themselves) and are then killed; the exit status is the first failure's. This is what a
-TPU pod runs (`launch/tpu.py` runs the same command on every worker), minus the hardware.
+error by themselves) and are then killed; the exit status is the first failure's. SIGTERM or
+SIGINT to the simulator goes to every process (as a pod's preemption reaches every host); those
+still running `--grace` seconds later are killed, and no process outlives the simulator (they
+also die with it if it is killed outright). This is what a TPU pod runs (`launch/tpu.py` runs the
+same command on every worker), minus the hardware.
 """
 from __future__ import annotations
 
@@ -38,13 +41,24 @@ def _pump(stream, prefix, sink, lock, seen):
     stream.close()
 
 
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the simulator dies (Linux), so none is left behind."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_pod(command: list[str], processes: int, devices: int, *, port: int | None = None,
             env: dict | None = None, grace: float = 60.0, timeout: float | None = None,
             kill_after: dict | None = None, kill_on: tuple | None = None, sink=None,
-            cwd: str | None = None) -> list[int]:
+            cwd: str | None = None, stop: "threading.Event | None" = None) -> list[int]:
     """Runs `command` as `processes` processes; returns their exit codes (process order).
-    Failure tests: kill_after {process_id: seconds} SIGKILLs that process after so long;
-    kill_on (process_id, text) SIGKILLs it once any process has printed a line containing text."""
+    `stop` (an Event, set by a signal handler) sends SIGTERM to every process. Failure tests:
+    kill_after {process_id: seconds} SIGKILLs that process after so long; kill_on (process_id,
+    text[, signal]) sends it SIGKILL (or the signal given) once any process has printed a line
+    containing text."""
     if processes < 1 or devices < 1:
         raise ValueError(f"a pod needs at least 1 process and 1 device each, got {processes} x {devices}")
     port = port or free_port()
@@ -61,7 +75,7 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
                  FOT_JAX_NUM_PROCESSES=str(processes), FOT_JAX_PROCESS_ID=str(pid),
                  PYTHONUNBUFFERED="1")
         p = subprocess.Popen(command, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+                             text=True, start_new_session=True, preexec_fn=_die_with_parent)
         procs.append(p)
         t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}]" if processes > 1 else "", sink, lock, seen),
                              daemon=True)
@@ -69,6 +83,26 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
         pumps.append(t)
     start = time.monotonic()
     first_failure = None
+    killed = set()
+    try:
+        return _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop)
+    finally:
+        for p in procs:          # whatever happened (an exception, KeyboardInterrupt): none is left
+            if p.poll() is None:
+                _signal(p, signal.SIGKILL)
+                p.wait()
+
+
+def _signal(p, sig):
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop):
+    first_failure = None
+    stopped_at = None
     killed = set()
     while True:
         now = time.monotonic() - start
@@ -79,13 +113,19 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
                 killed.add(pid)
         if kill_on is not None and kill_on[0] not in killed and codes[kill_on[0]] is None and \
                 any(kill_on[1] in line for line in list(seen)):
-            os.killpg(procs[kill_on[0]].pid, signal.SIGKILL)
+            _signal(procs[kill_on[0]], kill_on[2] if len(kill_on) > 2 else signal.SIGKILL)
             killed.add(kill_on[0])
+        if stop is not None and stop.is_set() and stopped_at is None:
+            stopped_at = time.monotonic()
+            for p in procs:
+                if p.poll() is None:
+                    _signal(p, signal.SIGTERM)
         if all(c is not None for c in codes):
             break
         if first_failure is None and any(c not in (None, 0) for c in codes):
             first_failure = time.monotonic()
         if (first_failure is not None and time.monotonic() - first_failure > grace) or \
+                (stopped_at is not None and time.monotonic() - stopped_at > grace) or \
                 (timeout is not None and now > timeout):
             for p in procs:
                 if p.poll() is None:
@@ -115,7 +155,10 @@ def main(argv=None):
     command = argv[split + 1:]
     if not command:
         parser.error("give the command after --")
-    codes = run_pod(command, args.processes, args.devices, port=args.port, grace=args.grace)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    codes = run_pod(command, args.processes, args.devices, port=args.port, grace=args.grace, stop=stop)
     print(f"local_pod: exit codes {codes}", file=sys.stderr)
     bad = [c for c in codes if c != 0]
     if not bad:

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -97,6 +98,73 @@ def global_batcher_state(state: dict) -> dict:
     local = np.array([[int(s), o, f] for s, (o, f) in state["streams"].items()], np.int32).reshape(-1, 3)
     everyone = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
     return {"step": state["step"], "streams": {str(s): [int(o), int(f)] for s, o, f in everyone}}
+
+
+class _TermWatch:
+    """SIGTERM handling for a run: the first signal sets `trainer._term`; a watcher thread (woken
+    at once through `signal.set_wakeup_fd`, even while the main thread is blocked inside a
+    collective) exits the process with 143 if the run has not stopped `timeout` seconds later, or
+    at a second SIGTERM. Outside the main thread (tests) it does nothing."""
+
+    def __init__(self, trainer, timeout: float):
+        self.trainer, self.timeout = trainer, timeout
+        self.previous = None
+
+    def __enter__(self):
+        import signal
+        import socket
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.done = threading.Event()
+        self.read_sock, write_sock = socket.socketpair()
+        self.write_sock = write_sock
+        write_sock.setblocking(False)
+
+        def on_term(signum, frame):
+            self.trainer._term = True
+        self.previous = signal.signal(signal.SIGTERM, on_term)
+        self.previous_fd = signal.set_wakeup_fd(write_sock.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="fot-jax-sigterm").start()
+        return self
+
+    def _watch(self):
+        import signal
+        import time as time_lib
+        first = None
+        self.read_sock.settimeout(1.0)
+        while not self.done.is_set():
+            try:
+                data = self.read_sock.recv(64)
+            except (TimeoutError, OSError):
+                data = b""
+            terms = sum(1 for b in data if b == signal.SIGTERM)
+            if terms:
+                self.trainer._term = True
+                if first is not None or terms > 1:
+                    self._exit("a second SIGTERM")
+                first = time_lib.monotonic()
+            if first is not None and time_lib.monotonic() - first > self.timeout:
+                self._exit(f"no agreed stop within train.stop_timeout={self.timeout:g} s of SIGTERM "
+                           "(a host stuck in a collective?)")
+
+    def _exit(self, why):
+        if self.done.is_set():
+            return
+        print(f"fot-jax train: {why}: exiting (143) without saving; the last complete checkpoint stays "
+              "valid", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is None:
+            return False
+        self.done.set()
+        signal.set_wakeup_fd(self.previous_fd)
+        signal.signal(signal.SIGTERM, self.previous)
+        self.read_sock.close()
+        self.write_sock.close()
+        return False
 
 
 class Trainer:
@@ -196,21 +264,27 @@ class Trainer:
 
     def run(self, until: int | None = None) -> dict:
         """Trains to `train.steps` (or stops after step `until`, saving a checkpoint there, as a
-        preemption would). SIGTERM (TPU preemption) saves a checkpoint at the current step and
-        returns with `summary["preempted"] = True`; the next run resumes from it."""
-        import signal
-        import threading
+        preemption would). SIGTERM (TPU preemption) stops the run at a step every host agrees on
+        (see `_stop_agreed`), saves a checkpoint there and returns with `summary["preempted"] =
+        True`; the next run resumes from it. A process that cannot reach that step within
+        `train.stop_timeout` seconds of the signal (stuck in a collective), or that gets a second
+        SIGTERM, exits 143 at once: checkpoints are written atomically, so nothing half-written
+        is left."""
         self._term = False
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            def on_term(signum, frame):
-                self._term = True
-            previous = signal.signal(signal.SIGTERM, on_term)
-        try:
+        with _TermWatch(self, self.cfg.train.stop_timeout) as watch:
+            self._term_watch = watch
             return self._run(until)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+
+    def _stop_agreed(self, done: int) -> bool:
+        """Whether every host stops after step `done`: each host's SIGTERM flag is all-gathered
+        every `train.preemption_check_every` steps, so hosts that got the signal at different
+        moments still save and stop at the same step."""
+        if jax.process_count() == 1:
+            return self._term
+        if done % self.cfg.train.preemption_check_every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._term))))
 
     def _save_tokenizer(self):
         """A run on text keeps the tokenizer it was trained with in <workdir>/tokenizer, so that the
@@ -340,9 +414,12 @@ class Trainer:
                             break
                 if t.checkpoint_every and done % t.checkpoint_every == 0:
                     self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index))
-                if self._term or (until is not None and done >= until and done < t.steps):
-                    preempted = self._term
-                    self.log(("SIGTERM" if self._term else f"stop requested after step {until}") +
+                stop = self._stop_agreed(done)
+                if stop or (until is not None and done >= until and done < t.steps):
+                    preempted = stop
+                    if stop and not self._term:
+                        self.log("another host received SIGTERM")
+                    self.log(("SIGTERM" if preempted else f"stop requested after step {until}") +
                              f": saving a checkpoint at step {done} and stopping; the next run resumes here")
                     self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index), force=True)
                     final_eval = final_eval or {}
