@@ -28,7 +28,7 @@ class CheckpointError(RuntimeError):
 # change them freely (inference settings, compute dtype, rematerialisation).
 # Model fields that change how the model computes, never what: a run may resume with others.
 RESUMABLE_MODEL_FIELDS = frozenset({"last_context_length", "mem_dtype", "remat", "dtype", "attention_backend",
-                                    "attention_block_q", "attention_block_kv", "scan_layers"})
+                                    "attention_block_q", "attention_block_kv", "scan_layers", "scan_unroll"})
 
 # Model fields a fine-tune (`train.init_from`) may change: they turn a pretrained model into an FoT
 # model (LongLLaMA = OpenLLaMA + memory layers + FoT training) or extend its window, and keep the

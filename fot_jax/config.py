@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.qk_temperature_init = 8.0
     m.remat = "none"                  # none | full | dots | dots_no_batch
     m.scan_layers = True              # consecutive layers of one structure run as one lax.scan (compile time flat in depth)
+    m.scan_unroll = 0                 # layers per scan loop trip; 0: 1 on TPU/GPU, all on CPU (XLA:CPU runs loops slower)
     m.attention_backend = "auto"      # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
     m.attention_block_q = 512         # splash query block (a multiple of 128; v4/v5e/v5p: 512)
     m.attention_block_kv = 512        # splash key/value block (a multiple of 128)
@@ -338,6 +339,7 @@ def validate(cfg, platform: str | None = None) -> None:
     _check(m.mem_positionals in POSITIONAL_MODES, "model.mem_positionals",
            f"'{m.mem_positionals}' is not one of {POSITIONAL_MODES}")
     _check(m.qk_norm in QK_NORM_MODES, "model.qk_norm", f"'{m.qk_norm}' is not one of {QK_NORM_MODES}")
+    _check(m.scan_unroll >= 0, "model.scan_unroll", f"must be >= 0, got {m.scan_unroll}")
     _check(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
     for name in ("param_dtype", "dtype", "mem_dtype"):
         _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")

@@ -127,6 +127,8 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
         raise config_lib.ConfigError(f"config field '{field}' (on {platform}): {message}")
     cfg = config_lib.from_dict(cfg.to_dict(), platform=platform)
     cfg.model.attention_backend = kernels.resolve(cfg.model.attention_backend, platform)
+    if platform != "cpu" and cfg.model.scan_unroll == 0:
+        cfg.model.scan_unroll = 1            # what `auto` means on the pod's chips
     if cfg.model.attention_backend == "cudnn":
         raise config_lib.ConfigError("the plan compiles on this machine's CPU, where cuDNN kernels do not "
                                      "compile; plan with --platform tpu or cpu")

@@ -32,14 +32,14 @@ def test_layer_runs_split_at_memory_layers():
     assert llama.layer_runs(_model_config(3, [])) == [(0, 3)]
 
 
-@pytest.mark.parametrize("mem_layers,remat,qk_norm", [
-    ([0], "none", "none"),            # memory layer first
-    ([3], "full", "memory"),          # in the middle, remat inside the scanned body
-    ([6], "dots_no_batch", "none"),   # last
-    ([1, 2, 5], "none", "memory"),    # two memory layers in a row
+@pytest.mark.parametrize("mem_layers,remat,qk_norm,unroll", [
+    ([0], "none", "none", 1),            # memory layer first; one layer a loop trip (as on TPU)
+    ([3], "full", "memory", 1),          # in the middle, remat inside the scanned body
+    ([6], "dots_no_batch", "none", 2),   # last; two layers a trip (a remainder too)
+    ([1, 2, 5], "none", "memory", 0),    # two memory layers in a row; this platform's default
 ])
-def test_scanned_equals_unrolled(mem_layers, remat, qk_norm):
-    m_scan = _model_config(7, mem_layers, remat, qk_norm=qk_norm)
+def test_scanned_equals_unrolled(mem_layers, remat, qk_norm, unroll):
+    m_scan = _model_config(7, mem_layers, remat, qk_norm=qk_norm, scan_unroll=unroll)
     m_unrolled = _model_config(7, mem_layers, remat, qk_norm=qk_norm, scan_layers=False)
     scanned, unrolled = llama.create(m_scan, seed=3), llama.create(m_unrolled, seed=3)
     # Same parameters, same layout: the scan stacks them at run time only.
@@ -66,7 +66,7 @@ def test_scanned_equals_unrolled(mem_layers, remat, qk_norm):
 
 
 def _dot_count(num_layers, scan):
-    m = _model_config(num_layers, [1], scan_layers=scan)
+    m = _model_config(num_layers, [1], scan_layers=scan, scan_unroll=1)   # as on TPU / GPU
     graphdef, params = nnx.split(llama.create(m))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     spec = CrossbatchSpec(range_max=1, k_packing=2, stepping=True)
