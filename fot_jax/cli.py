@@ -164,6 +164,13 @@ def cmd_plan(args, overrides):
     if args.mesh:
         for axis, size in parse_mesh(args.mesh).items():
             cfg.mesh[axis] = size
+    # Per-device memory does not depend on which links an axis crosses: a multi-slice mesh is planned
+    # as one slice with the same axis sizes (simulated CPU devices have no slices).
+    for a in ("data", "fsdp", "tensor"):
+        dcn = cfg.mesh[f"dcn_{a}"]
+        if dcn > 1:
+            cfg.mesh[a] = -1 if cfg.mesh[a] == -1 else cfg.mesh[a] * dcn
+            cfg.mesh[f"dcn_{a}"] = 1
     sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
     devices = args.devices or (0 if -1 in sizes else sizes[0] * sizes[1] * sizes[2])
     if not devices:

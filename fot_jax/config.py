@@ -148,9 +148,12 @@ def base_config() -> ml_collections.ConfigDict:
     mem.chunk = 8192                  # keys scored at once (no [queries, N] score matrix)
 
     p = c.mesh = ml_collections.ConfigDict()
-    p.data = -1
+    p.data = -1                       # sizes within a slice (ICI); one may be -1 (filled from the devices)
     p.fsdp = 1
     p.tensor = 1
+    p.dcn_data = 1                    # slices along each axis (multi-slice pods, over the data-centre network)
+    p.dcn_fsdp = 1
+    p.dcn_tensor = 1
     return c
 
 
@@ -391,6 +394,8 @@ def validate(cfg, platform: str | None = None) -> None:
     for name in ("data", "fsdp", "tensor"):
         _check(p[name] == -1 or p[name] >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {p[name]}")
     _check([p.data, p.fsdp, p.tensor].count(-1) <= 1, "mesh", "at most one axis size may be -1")
+    for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+        _check(p[name] >= 1, f"mesh.{name}", f"must be >= 1, got {p[name]}")
     if d.task == "dictionary_lookup":
         from fot_jax.data import dictionary
         dictionary.validate(cfg)

@@ -160,6 +160,12 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
         if large:
             warnings.append(f"parameter {_path(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) is "
                             f"replicated on all {mesh.size} devices (no mesh axis divides it)")
+    mb_rows = cfg.data.batch_size // cfg.train.microbatches
+    dp = mesh_lib.data_parallel_size(mesh)
+    if mb_rows % dp:
+        warnings.append(f"a microbatch of {mb_rows} rows does not divide over the data-parallel size {dp}: chips "
+                        f"repeat each other's work; use at most {cfg.data.batch_size // dp} microbatches "
+                        "(train.microbatches, a divisor of it)")
     param_bytes = sum(r.device_bytes for r in rows)
     opt_bytes = sum(_bytes_per_device(x, x.sharding) for x in jax.tree.leaves(abstract_in["opt_state"]))
     batch_bytes = sum(_bytes_per_device(x, x.sharding) for x in batch.values())

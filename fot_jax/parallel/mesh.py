@@ -35,7 +35,19 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def dcn_shape(cfg_mesh) -> tuple[int, ...]:
+    """Slices along each mesh axis (`mesh.dcn_data`, ...): the axis spans that many slices over the
+    data-centre network; within a slice its size is `mesh.<axis>` (ICI)."""
+    return tuple(int(cfg_mesh.get(f"dcn_{a}", 1)) for a in MESH_AXES)
+
+
 def mesh_shape(cfg_mesh, num_devices: int) -> tuple[int, ...]:
+    """Per-slice (ICI) axis sizes for `num_devices` devices in all, the one -1 filled."""
+    slices = math.prod(dcn_shape(cfg_mesh))
+    if num_devices % slices:
+        raise ConfigError(f"config field 'mesh': {num_devices} devices do not split into {slices} slices "
+                          f"(mesh.dcn_* sizes {dict(zip(MESH_AXES, dcn_shape(cfg_mesh)))})")
+    num_devices //= slices
     sizes = [cfg_mesh[a] for a in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -49,11 +61,27 @@ def mesh_shape(cfg_mesh, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def device_array(cfg_mesh, devices: Sequence) -> np.ndarray:
+    """The devices laid out as the mesh `[data, fsdp, tensor]` of more than one slice: each axis is
+    its DCN size (slices, outer) times its ICI size (within a slice), so collectives of an axis
+    that spans slices cross the data-centre network once, and the others stay inside a slice."""
+    from jax.experimental import mesh_utils
+    dcn = dcn_shape(cfg_mesh)
+    ici = mesh_shape(cfg_mesh, len(devices))
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) != math.prod(dcn):
+        raise ConfigError(f"config field 'mesh': the devices belong to {len(slices)} slice(s), the mesh.dcn_* "
+                          f"sizes {dict(zip(MESH_AXES, dcn))} make {math.prod(dcn)}")
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+
+
 def make_mesh(cfg_mesh, devices: Sequence | None = None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn_shape(cfg_mesh)) > 1:
+        return jax.sharding.Mesh(device_array(cfg_mesh, devices), MESH_AXES, axis_types=axis_types)
     shape = mesh_shape(cfg_mesh, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None], mesh: jax.sharding.Mesh,
