@@ -113,7 +113,7 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
 
     @jax.jit
     def context_kv(tokens):
-        _, kv = model.infer(tokens, positions[: tokens.shape[0]], last_layer=layer)
+        kv, _ = model.forward(tokens, positions[: tokens.shape[0]], inference=True, keys_through_layer=layer)
         return kv[layer]
     mem_k, _ = context_kv(defs)                                    # [need, T, Hkv, D] un-rotated
     loc_k, _ = context_kv(queries)
@@ -125,7 +125,7 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
         return (jnp.full((b, hkv, n), -jnp.inf), jnp.zeros((b, hkv, n)), jnp.zeros((b, hkv, n, d)))
     fns = [None] * m.num_layers
     fns[layer] = capture
-    model.infer(queries, positions[:num_docs], memory_fns=fns)
+    model.forward(queries, positions[:num_docs], inference=True, memory_fns=fns)
     q = np.asarray(captured["q"], np.float64)                      # [B, Hkv, G*T, D] as the layer uses it
     attn = model.layers[layer].self_attn
     lk = np.asarray(loc_k, np.float64)

@@ -157,7 +157,8 @@ class MemoryRuntime:
         if not return_logits and not self.mem_layers:  # nothing of this window is ever seen again
             return dataclasses.replace(state, doc_pos=state.doc_pos + n_valid), None
         last = None if return_logits else max(self.mem_layers)
-        logits, new_kv = model.infer(tokens, positions, memory_fns=self._memory_fns(state.stores), last_layer=last)
+        new_kv, logits = model.forward(tokens, positions, inference=True, memory_fns=self._memory_fns(state.stores),
+                                       keys_through_layer=last)
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
         doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))
@@ -172,8 +173,8 @@ class MemoryRuntime:
         positions = state.cache_len[:, None] + offsets
         cache = list(zip(state.cache_k, state.cache_v))
         cache_valid = jnp.arange(self.window)[None, :] < state.cache_len[:, None]
-        logits, new_kv = model.infer(tokens, positions, cache=cache, cache_valid=cache_valid,
-                                     memory_fns=self._memory_fns(state.stores))
+        new_kv, logits = model.forward(tokens, positions, inference=True, cache=cache, cache_valid=cache_valid,
+                                       memory_fns=self._memory_fns(state.stores))
         slots = jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window)  # window: dropped
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         cache_k = tuple(ck.at[rows, slots].set(k.astype(ck.dtype), mode="drop")

@@ -206,6 +206,26 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, *, positions=None, segment_ids=None,
                  crossbatch: CrossbatchSpec | None = None, crossbatch_range=None):
+        """Training forward: logits [B,T,V_padded] (float32)."""
+        return self.forward(tokens, positions, segment_ids=segment_ids, crossbatch=crossbatch,
+                            crossbatch_range=crossbatch_range)[1]
+
+    def forward(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
+                crossbatch_range=None, inference: bool = False, cache=None, cache_valid=None, memory_fns=None,
+                keys_through_layer: int | None = None):
+        """The decoder, for training and for inference: `(kv, logits)`.
+
+        tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (`inference=False`): each
+        layer attends within its row (document mask: segment_ids [B,T]) and memory layers across the
+        batch (`crossbatch`, range `crossbatch_range`); layer runs are scanned; kv is None.
+        Inference: cache per layer (k, v) [B,S,Hkv,D] or None, slot j holding position j (keys
+        un-rotated in memory layers, rotated in the others), cache_valid [B,S]; memory_fns per layer
+        q [B,Hkv,G*T,D] -> memory partial sums (memory layers) or None; a new token sees the valid
+        cache slots and the new tokens up to itself; kv holds per layer the (k, v) [B,T,Hkv,D] of the
+        new tokens as the cache stores them. With `keys_through_layer` L, the pass stops once layer
+        L's keys and values are known (what memory stores depends on nothing above) and logits is
+        None. Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's padding rows.
+        """
         m = self.config
         b, t = tokens.shape
         if positions is None:
@@ -213,27 +233,57 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(positions, config_lib.head_dim(m), m.rope_theta)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
+        if inference:
+            x, kv = self._inference_layers(x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer)
+            if x is None:
+                return kv, None
+        else:
+            x, kv = self._training_layers(x, cos, sin, segment_ids, crossbatch, crossbatch_range), None
+        x = self.norm(x)
+        head = self.embed_tokens[...].astype(self.dtype).T if m.tie_embeddings else self.lm_head[...].astype(self.dtype)
+        logits = constrain(_dense(x, head, jnp.float32), ("batch", "length", "vocab"))
+        vocab_ids = jnp.arange(logits.shape[-1])
+        return kv, jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
 
+    def _training_layers(self, x, cos, sin, segment_ids, crossbatch, r):
         def run_layer(layer, x, cos, sin, segment_ids, r):
             return layer(x, cos, sin, segment_ids, crossbatch, r)
 
         if self.remat != "none":
             run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
-        for start, end in layer_runs(m):
-            if m.scan_layers and end - start > 1:
-                x = self._scan(self.layers[start:end], x, cos, sin, segment_ids, crossbatch, crossbatch_range)
+        for start, end in layer_runs(self.config):
+            if self.config.scan_layers and end - start > 1:
+                x = self._scan(self.layers[start:end], x, cos, sin, segment_ids, crossbatch, r)
             else:
                 for layer in self.layers[start:end]:
-                    x = run_layer(layer, x, cos, sin, segment_ids, crossbatch_range)
-        x = self.norm(x)
-        if m.tie_embeddings:
-            head = self.embed_tokens[...].astype(self.dtype).T
+                    x = run_layer(layer, x, cos, sin, segment_ids, r)
+        return x
+
+    def _inference_layers(self, x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer):
+        m = self.config
+        b, t = x.shape[:2]
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        if cache is not None and cache[0] is not None:
+            s = cache[0][0].shape[1]
+            cache_cos, cache_sin = rope_cos_sin(jnp.arange(s), config_lib.head_dim(m), m.rope_theta)
+            mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal], axis=2)
         else:
-            head = self.lm_head[...].astype(self.dtype)
-        logits = _dense(x, head, jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
-        vocab_ids = jnp.arange(logits.shape[-1])
-        return jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
+            cache_cos = cache_sin = None
+            mask = causal
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            h_in = layer.input_layernorm(x)
+            if keys_through_layer is not None and i == keys_through_layer:
+                _, _, k_raw, v = layer.self_attn.project(h_in, cos, sin)
+                new_kv.append((k_raw, v))
+                return None, new_kv
+            layer_cache = None if cache is None else cache[i]
+            fn = None if memory_fns is None else memory_fns[i]
+            attn, k_raw, v = layer.self_attn.infer(h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn)
+            h = x + attn
+            x = h + layer.mlp(layer.post_attention_layernorm(h))
+            new_kv.append((k_raw, v))
+        return x, new_kv
 
     def _scan(self, layers, x, cos, sin, segment_ids, crossbatch, r):
         """Layers of one structure as one `lax.scan` over their parameters stacked along a leading
@@ -253,49 +303,6 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x, _ = jax.lax.scan(body, x, stacked, unroll=min(self.scan_unroll, len(layers)))
         return x
-
-    def infer(self, tokens, positions, cache=None, cache_valid=None, memory_fns=None, last_layer=None):
-        """Inference forward of new tokens with a local cache and memory (DESIGN "Memory attention").
-
-        tokens, positions [B,T] (RoPE positions of the new tokens); cache: per layer (k, v)
-        [B,S,Hkv,D] or None, cache slot j holding position j (keys un-rotated in memory layers,
-        rotated in the others), cache_valid [B,S]; memory_fns: per layer a
-        function q [B,Hkv,G*T,D] -> memory partial sums (memory layers only) or None.
-        A new token sees the valid cache slots and the new tokens up to itself.
-        Returns logits [B,T,V_padded] (float32) and per layer (k, v) [B,T,Hkv,D] of the new tokens,
-        keys as the cache stores them.
-        """
-        m = self.config
-        b, t = tokens.shape
-        hd = config_lib.head_dim(m)
-        cos, sin = rope_cos_sin(positions, hd, m.rope_theta)
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-        if cache is not None and cache[0] is not None:
-            s = cache[0][0].shape[1]
-            cache_cos, cache_sin = rope_cos_sin(jnp.arange(s), hd, m.rope_theta)
-            mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal], axis=2)
-        else:
-            cache_cos = cache_sin = None
-            mask = causal
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            h_in = layer.input_layernorm(x)
-            if last_layer is not None and i == last_layer:
-                _, _, k_raw, v = layer.self_attn.project(h_in, cos, sin)
-                new_kv.append((k_raw, v))
-                return None, new_kv
-            layer_cache = None if cache is None else cache[i]
-            fn = None if memory_fns is None else memory_fns[i]
-            attn, k_raw, v = layer.self_attn.infer(h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn)
-            h = x + attn
-            x = h + layer.mlp(layer.post_attention_layernorm(h))
-            new_kv.append((k_raw, v))
-        x = self.norm(x)
-        head = self.embed_tokens[...].astype(self.dtype).T if m.tie_embeddings else self.lm_head[...].astype(self.dtype)
-        logits = _dense(x, head, jnp.float32)
-        vocab_ids = jnp.arange(logits.shape[-1])
-        return jnp.where(vocab_ids < self.vocab_size, logits, -1e9), new_kv
 
 
 def layer_runs(m) -> list[tuple[int, int]]:
