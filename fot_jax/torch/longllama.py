@@ -102,17 +102,17 @@ class LongLlama(torch.nn.Module):
             mem = memory.get(i) if (memory is not None and is_mem) else None
             if mem is not None and mem[0].shape[1] > 0:
                 mk, mv = mem
-                sm = torch.einsum("hgtd,hnd->hgtn", qg, mk.float())
-                if top_k is not None and top_k < sm.shape[-1]:
+                sm = torch.einsum("hgtd,hnd->hgtn", qg, mk)          # the store is float32 already
+                s_all = torch.cat([sm, s], -1) if top_k is None or top_k >= sm.shape[-1] else None
+                if s_all is None:       # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
                     sm, idx = torch.topk(sm, top_k, dim=-1)
-                    mvals = torch.gather(mv.float()[:, None, None].expand(-1, g, t, -1, -1), 3,
-                                         idx[..., None].expand(-1, -1, -1, -1, d))
-                else:
-                    mvals = mv.float()[:, None, None].expand(-1, g, t, -1, -1)
-                s_all = torch.cat([sm, s], -1)
-                p = torch.softmax(s_all, -1)
-                out = torch.einsum("hgtn,hgtnd->hgtd", p[..., : sm.shape[-1]], mvals) + \
-                    torch.einsum("hgts,hsd->hgtd", p[..., sm.shape[-1]:], vv)
+                    mvals = mv[torch.arange(hkv)[:, None, None, None], idx]
+                    p = torch.softmax(torch.cat([sm, s], -1), -1)
+                    out = torch.einsum("hgtn,hgtnd->hgtd", p[..., :top_k], mvals)
+                else:                   # dense: every entry, values read in place (no per-query copy)
+                    p = torch.softmax(s_all, -1)
+                    out = torch.einsum("hgtn,hnd->hgtd", p[..., : sm.shape[-1]], mv)
+                out = out + torch.einsum("hgts,hsd->hgtd", p[..., sm.shape[-1]:], vv)
             else:
                 out = torch.einsum("hgts,hsd->hgtd", torch.softmax(s, -1), vv)
             out = out.permute(2, 0, 1, 3).reshape(t, h * d).to(x.dtype)
@@ -150,22 +150,24 @@ class MemoryGenerator:
 
     def reset(self):
         m = self.model
-        self.memory = {l: (torch.zeros(m.kv_heads, 0, m.head_dim, dtype=self.mem_dtype),
-                           torch.zeros(m.kv_heads, 0, m.head_dim, dtype=self.mem_dtype)) for l in m.mem_layers}
+        self.memory = {l: (torch.zeros(m.kv_heads, 0, m.head_dim), torch.zeros(m.kv_heads, 0, m.head_dim))
+                       for l in m.mem_layers}
         self.cache = None
         self.cache_len = 0
 
     def _write(self, layer, k, v):
-        """k, v [T, Hkv, D] -> appended to the layer's store (the oldest dropped beyond capacity)."""
+        """k, v [T, Hkv, D] -> appended to the layer's store (the oldest dropped beyond capacity).
+        Entries are rounded to `mem_dtype` (the store's precision) and kept as float32, so that no
+        step converts the whole store again."""
         mk, mv = self.memory[layer]
-        mk = torch.cat([mk, k.transpose(0, 1).to(self.mem_dtype)], 1)
-        mv = torch.cat([mv, v.transpose(0, 1).to(self.mem_dtype)], 1)
+        mk = torch.cat([mk, k.transpose(0, 1).to(self.mem_dtype).float()], 1)
+        mv = torch.cat([mv, v.transpose(0, 1).to(self.mem_dtype).float()], 1)
         if self.capacity is not None and mk.shape[1] > self.capacity:
-            mk, mv = mk[:, -self.capacity:], mv[:, -self.capacity:]
+            mk, mv = mk[:, -self.capacity:].contiguous(), mv[:, -self.capacity:].contiguous()
         self.memory[layer] = (mk, mv)
 
     def _memory_view(self):
-        return {l: (k.float(), v.float()) for l, (k, v) in self.memory.items()}
+        return self.memory
 
     @torch.no_grad()
     def ingest(self, tokens, return_logits: bool = False):
