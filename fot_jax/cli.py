@@ -44,24 +44,102 @@ def _parse_tokens(text: str):
         raise SystemExit(f"fot-jax: --tokens wants integer token ids separated by spaces or commas, got {text[:40]!r}")
 
 
+def _workdir_tokenizer(args, cfg):
+    """--tokenizer, else the workdir's own (an import's or a text run's), else its training data's."""
+    from fot_jax.data.text import TEXT_TASKS, tokenizer_path
+    from fot_jax.data.tokenizer import load_tokenizer, tokenizer_file
+    own = tokenizer_file(args.workdir) is not None
+    source = args.tokenizer or (args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
+    return load_tokenizer(source), source
+
+
+def _text_prompts(args, cfg):
+    """Token ids of --prompt / --prompt-file texts (with --chat, through the model's chat template)."""
+    from fot_jax.data.tokenizer import apply_chat_template, chat_template, check_vocab
+    tok, source = _workdir_tokenizer(args, cfg)
+    check_vocab(tok, cfg.model)
+    texts = list(args.prompt or []) + [open(path, encoding="utf-8").read() for path in args.prompt_file or []]
+    template = chat_template(tok.path) if args.chat else None
+    if args.chat and template is None:
+        raise SystemExit(f"fot-jax generate: --chat, but the tokenizer in {source} has no chat template "
+                         "(tokenizer_config.json); leave out --chat")
+    ids = []
+    for text in texts:
+        if template is not None:
+            # the template writes bos (and any eos) where the model wants them
+            ids.append(tok.encode_with_special_tokens(apply_chat_template(template, tok, text)))
+        else:
+            ids.append(tok.encode(text, bos=True))
+    return tok, ids
+
+
+def _compilation_cache():
+    """JAX's persistent compilation cache ($FOT_JAX_COMPILATION_CACHE, default ~/.cache/fot_jax/xla;
+    "" turns it off): a second `fot-jax generate` with the same shapes skips compiling."""
+    import os
+    path = os.environ.get("FOT_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fot_jax", "xla"))
+    if not path:
+        return
+    import jax
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def cmd_generate(args, overrides):
+    import time
     import numpy as np
     from fot_jax.checkpoint import load_model
     from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
-    cfg, model = load_model(args.workdir, overrides=overrides)
     prompts = []
     for item in args.tokens or []:
         prompts.append(_parse_tokens(item))
     for path in args.tokens_file or []:
         prompts.append(np.load(path).astype(np.int32).reshape(-1) if path.endswith(".npy")
                        else _parse_tokens(open(path).read()))
+    if not prompts and not (args.prompt or args.prompt_file):
+        raise SystemExit("fot-jax generate: give a prompt: --prompt TEXT, --prompt-file FILE, or token ids with "
+                         "--tokens '1 3 7 ...' / --tokens-file")
+    if prompts and (args.prompt or args.prompt_file):
+        raise SystemExit("fot-jax generate: give either text prompts (--prompt, --prompt-file) or token ids "
+                         "(--tokens, --tokens-file), not both")
+    cfg, model = load_model(args.workdir, overrides=overrides)
+    tok = None
     if not prompts:
-        raise SystemExit("fot-jax generate: give a prompt with --tokens '1 3 7 ...' or --tokens-file")
+        tok, ids = _text_prompts(args, cfg)
+        prompts = [np.asarray(i, np.int32) for i in ids]
     rt = MemoryRuntime(model, len(prompts), MemorySettings.from_config(cfg))
+    start = time.perf_counter()
+    first = []
+    stream = tok is not None and len(prompts) == 1
+    shown = {"ids": [], "text": ""}
+
+    def on_token(row, token):
+        if not first:
+            first.append(time.perf_counter() - start)
+        if stream:                        # print the decoded text as it grows
+            shown["ids"].append(token)
+            text = tok.decode([t for t in shown["ids"] if t != cfg.model.eos_token_id])
+            print(text[len(shown["text"]):], end="", flush=True)
+            shown["text"] = text
+
     outs = rt.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed)
-    for prompt, out in zip(prompts, outs):
-        print(json.dumps({"prompt_tokens": int(prompt.size), "generated": out.tolist()}))
+                       seed=args.seed, on_token=on_token)
+    total = time.perf_counter() - start
+    n = sum(len(o) for o in outs)
+    if stream:
+        print()
+    elif tok is not None:
+        for out in outs:
+            print(json.dumps({"generated_text": tok.decode([t for t in out if t != cfg.model.eos_token_id])}))
+    else:
+        for prompt, out in zip(prompts, outs):
+            print(json.dumps({"prompt_tokens": int(prompt.size), "generated": out.tolist()}))
+    if first:
+        after = total - first[0]
+        rate = f", then {(n - len(outs)) / after:.1f} tokens/s" if n > len(outs) and after > 0 else ""
+        print(f"fot-jax generate: {n} tokens in {total:.2f} s; first token after {first[0]:.2f} s "
+              f"(prompt ingest and compilation){rate}", file=sys.stderr)
     return 0
 
 
@@ -90,14 +168,10 @@ def cmd_eval(args, overrides):
                                  f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
         memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
     elif args.task == "passkey":
-        from fot_jax.data.text import TEXT_TASKS, tokenizer_path
-        from fot_jax.data.tokenizer import check_vocab, load_tokenizer, tokenizer_file
+        from fot_jax.data.tokenizer import check_vocab
         from fot_jax.evals import passkey
         from fot_jax.infer.runtime import MemorySettings
-        # --tokenizer, else the workdir's own (an import's), else the one its training data used
-        own = tokenizer_file(args.workdir) is not None
-        source = args.tokenizer or (args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
-        tok = load_tokenizer(source)
+        tok, _ = _workdir_tokenizer(args, cfg)
         check_vocab(tok, cfg.model)
         lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
         rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
@@ -280,6 +354,10 @@ def main(argv=None):
     _distributed_flags(p)
     p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
+    p.add_argument("--prompt", action="append", help="a text prompt, through the workdir's tokenizer (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", help="a text file as the prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the workdir's)")
     p.add_argument("--tokens", action="append", help="a prompt as token ids '1 5 9 ...' (repeat for a batch)")
     p.add_argument("--tokens-file", action="append", help="a prompt file: token ids as text, or .npy")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -359,6 +437,7 @@ def main(argv=None):
         if args.command == "train":
             return _multi_process_guard(cmd_train, args, overrides)
         if args.command == "generate":
+            _compilation_cache()
             return cmd_generate(args, overrides)
         if args.command == "eval":
             return cmd_eval(args, overrides)

@@ -41,6 +41,27 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def token_text(self, i: int) -> str:
+        """How token `i` is written in text (e.g. "<s>", "<|im_start|>")."""
+        raise NotImplementedError
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Text in which bos / eos are written out (a rendered chat template) -> ids, those written
+        tokens becoming their ids rather than the characters of their names."""
+        specials = {self.token_text(i): i for i in (self.bos_id, self.eos_id) if i >= 0}
+        ids, rest = [], text
+        while rest:
+            hits = [(rest.find(t), t) for t in specials if t and rest.find(t) >= 0]
+            if not hits:
+                ids += self._encode(rest)
+                break
+            at, token = min(hits)
+            if at:
+                ids += self._encode(rest[:at])
+            ids.append(specials[token])
+            rest = rest[at + len(token):]
+        return ids
+
     def __repr__(self):
         return (f"{type(self).__name__}({self.path!r}, vocab {self.vocab_size}, bos {self.bos_id}, "
                 f"eos {self.eos_id}, pad {self.pad_id})")
@@ -73,6 +94,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
 
+    def token_text(self, i):
+        return self.sp.id_to_piece(int(i))
+
 
 class HFTokenizer(Tokenizer):
     """A `tokenizer.json` (the `tokenizers` library); bos / eos from `tokenizer_config.json` or
@@ -103,6 +127,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_text(self, i):
+        return self.tok.id_to_token(int(i))
 
 
 def _special_ids(directory, tok):
@@ -143,6 +170,33 @@ def load_tokenizer(path: str) -> Tokenizer:
     if path.endswith(".json"):
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
+
+
+def chat_template(path: str) -> str | None:
+    """The chat template (Jinja) in the `tokenizer_config.json` beside a tokenizer file or in its
+    directory, or None."""
+    import json
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    for candidate in (directory, os.path.join(directory, "tokenizer")):
+        cfg = os.path.join(candidate, "tokenizer_config.json")
+        if os.path.exists(cfg):
+            return json.load(open(cfg)).get("chat_template")
+    return None
+
+
+def apply_chat_template(template: str, tokenizer: Tokenizer, user_text: str) -> str:
+    """One user turn rendered with the model's chat template, ready for the assistant's answer."""
+    try:
+        import jinja2
+    except ImportError:
+        raise TokenizerError("chat templates need jinja2: pip install jinja2") from None
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    specials = {}
+    for name in ("bos", "eos"):
+        i = getattr(tokenizer, f"{name}_id")
+        specials[f"{name}_token"] = tokenizer.token_text(i) if i >= 0 else ""
+    return env.from_string(template).render(messages=[{"role": "user", "content": user_text}],
+                                            add_generation_prompt=True, **specials)
 
 
 def check_vocab(tokenizer: Tokenizer, model_cfg) -> None:

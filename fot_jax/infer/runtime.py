@@ -310,9 +310,10 @@ class MemoryRuntime:
         return self._extend_all(self._check_tokens(tokens), False)[0]
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token: int | None = None):
+                 seed: int = 0, stop_token: int | None = None, on_token=None):
         """Ingests the prompts, then samples (greedy at temperature 0) up to max_new_tokens per row;
-        a row stops after `stop_token` (default: the model's eos). Returns a list of token arrays."""
+        a row stops after `stop_token` (default: the model's eos). `on_token(row, token)` is called
+        for each token as it is sampled (streaming). Returns a list of token arrays."""
         if max_new_tokens < 0:
             raise MemoryRuntimeError("max_new_tokens must be >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -329,6 +330,8 @@ class MemoryRuntime:
                 if not finished[b]:
                     out[b].append(int(nxt[b]))
                     finished[b] = nxt[b] == stop
+                    if on_token is not None:
+                        on_token(b, int(nxt[b]))
             if finished.all():
                 break
             logits = self.extend([[int(t)] for t in nxt])
