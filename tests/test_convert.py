@@ -102,8 +102,11 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     model = llama.create(m, seed=5)
     save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
     out = tmp_path / "export"
-    api.export_model(str(tmp_path / "run"), str(out), max_shard_size="40KB", log=lambda *_: None)
+    logged = []
+    api.export_model(str(tmp_path / "run"), str(out), max_shard_size="40KB", log=logged.append)
+    assert any("grouped-query" in line and "fot_jax.torch" in line for line in logged)   # 4 / 2 heads
     c = json.load(open(out / "config.json"))
+    assert c["fot_jax_memory"] == {"search": "exact", "top_k": 32}                        # how it ran here
     assert c["model_type"] == "longllama" and c["architectures"] == ["LongLlamaForCausalLM"]
     assert c["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
     assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == ([1, 2], True, 32, 1e6)
@@ -124,6 +127,13 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     # the import carries the LongLLaMA fields back
     cfg2 = api.import_model(str(out), str(tmp_path / "back"), log=lambda *_: None)
     assert (list(cfg2.model.mem_layers), cfg2.model.mem_positionals, cfg2.model.last_context_length) == ([1, 2], "as_first", 32)
+    assert (cfg2.memory.search, cfg2.memory.top_k) == ("exact", 32)
+    # a LongLLaMA checkpoint from elsewhere (no fot_jax record) runs dense memory, as the original code
+    del c["fot_jax_memory"]
+    json.dump(c, open(out / "config.json", "w"))
+    logged = []
+    cfg3 = api.import_model(str(out), str(tmp_path / "longllama"), log=logged.append)
+    assert cfg3.memory.search == "dense" and any("as the original LongLLaMA code" in line for line in logged)
 
 
 def test_import_pytorch_bin_sharded(tmp_path):

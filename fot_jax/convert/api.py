@@ -47,6 +47,14 @@ def model_config_from_hf(hf_config: dict, overrides=()):
         cfg.model[k] = v
     cfg.memory.capacity = max(cfg.memory.capacity, cfg.model.max_position_embeddings)
     cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_position_embeddings)
+    recorded = hf_config.get("fot_jax_memory") or {}
+    if recorded:                                   # exported by fot_jax: memory as it ran there
+        cfg.memory.search = recorded.get("search", cfg.memory.search)
+        cfg.memory.top_k = int(recorded.get("top_k", cfg.memory.top_k))
+    elif hf_config.get("model_type") == "longllama":
+        # LongLLaMA checkpoints were evaluated with dense attention over all memory: reproduce that;
+        # top-k is an explicit choice (--config.memory.search=exact)
+        cfg.memory.search = "dense"
     cfg.name = "imported"
     cfg = config_lib.from_dict(json.loads(cfg.to_json()), overrides)
     return cfg
@@ -98,6 +106,10 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     log(f"imported {source}: {n / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, "
         f"{cfg.model.num_heads}/{cfg.model.num_kv_heads} heads -> {target}")
+    if cfg.model.mem_layers:
+        how = ("dense attention over all memory, as the original LongLLaMA code" if cfg.memory.search == "dense"
+               else f"memory search {cfg.memory.search}, top-k {cfg.memory.top_k}")
+        log(f"memory layers {list(cfg.model.mem_layers)}: {how} (change with --config.memory.search / top_k)")
     return cfg
 
 
@@ -178,7 +190,7 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf.longllama_config(m, dtype, fot_extensions), f, indent=1)
+            json.dump(hf.longllama_config(m, dtype, fot_extensions, memory=cfg.memory), f, indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": m.bos_token_id, "eos_token_id": m.eos_token_id,
                        "pad_token_id": m.pad_token_id}, f, indent=1)
@@ -195,4 +207,8 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
         raise
     log(f"exported {workdir} (step {step if step is not None else 'latest'}) -> {target} "
         f"({len(shards)} safetensors file(s), {dtype})")
+    if m.mem_layers and m.num_kv_heads < m.num_heads:
+        log(f"warning: grouped-query attention ({m.num_heads} query / {m.num_kv_heads} key-value heads): the "
+            "original LongLLaMA code is multi-head only and cannot load this model with its memory; run it "
+            "with fot_jax.torch (memory included) or stock transformers (LlamaForCausalLM, no memory)")
     return target
