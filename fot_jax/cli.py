@@ -62,7 +62,7 @@ def _text_prompts(args, cfg):
     template = chat_template(tok.path) if args.chat else None
     if args.chat and template is None:
         raise SystemExit(f"fot-jax generate: --chat, but the tokenizer in {source} has no chat template "
-                         "(tokenizer_config.json); leave out --chat")
+                         "(chat_template.jinja or tokenizer_config.json); leave out --chat")
     ids = []
     for text in texts:
         if template is not None:

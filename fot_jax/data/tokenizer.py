@@ -173,14 +173,17 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def chat_template(path: str) -> str | None:
-    """The chat template (Jinja) in the `tokenizer_config.json` beside a tokenizer file or in its
-    directory, or None."""
+    """The chat template (Jinja) beside a tokenizer file or in its directory: `chat_template.jinja`
+    (how transformers 5 saves it) or the `chat_template` of `tokenizer_config.json`; or None."""
     import json
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     for candidate in (directory, os.path.join(directory, "tokenizer")):
+        jinja = os.path.join(candidate, "chat_template.jinja")
+        if os.path.exists(jinja):
+            return open(jinja, encoding="utf-8").read()
         cfg = os.path.join(candidate, "tokenizer_config.json")
-        if os.path.exists(cfg):
-            return json.load(open(cfg)).get("chat_template")
+        if os.path.exists(cfg) and json.load(open(cfg)).get("chat_template"):
+            return json.load(open(cfg))["chat_template"]
     return None
 
 

@@ -285,8 +285,10 @@ class MemoryRuntime:
         lengths = np.array([p.size for p in pieces])
         last = np.zeros((self.batch, self.model_config.vocab_size), np.float32)
         collected = [[] for _ in range(self.batch)]
-        t = self.tail if lengths.max() > 1 else 1
         while (done < lengths).any():
+            # pieces of at most `tail` tokens, padded to a power of two: a short prompt runs a short
+            # program (one compiled shape per power of two), not a whole `tail`-token forward
+            t = min(self.tail, 1 << int(max(lengths - done) - 1).bit_length())
             n_valid = np.minimum(lengths - done, t)
             self._flush((n_valid > 0) & (self.cache_len + n_valid > self.window))
             tokens = np.zeros((self.batch, t), np.int32)
@@ -294,10 +296,15 @@ class MemoryRuntime:
                 tokens[b, :n_valid[b]] = p[done[b]: done[b] + n_valid[b]]
             self.state, logits = self._extend_fn(self.params, self.state, jnp.asarray(tokens),
                                                  jnp.asarray(n_valid, jnp.int32))
-            logits = np.asarray(logits)[:, :, :self.model_config.vocab_size]
+            if keep_logits:
+                logits = np.asarray(logits)[:, :, :self.model_config.vocab_size]
+            else:   # only each row's last logits leave the device
+                logits = np.asarray(jnp.take_along_axis(
+                    logits, jnp.asarray(np.maximum(n_valid - 1, 0))[:, None, None], axis=1))
+                logits = logits[:, :, :self.model_config.vocab_size]
             for b in range(self.batch):
                 if n_valid[b]:
-                    last[b] = logits[b, n_valid[b] - 1]
+                    last[b] = logits[b, n_valid[b] - 1 if keep_logits else 0]
                     if keep_logits:
                         collected[b].append(logits[b, :n_valid[b]])
             self.cache_len += n_valid
