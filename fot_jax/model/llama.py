@@ -136,9 +136,10 @@ class Attention(nnx.Module):
     def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn):
         """Inference: x [B,T,E] new tokens; cache (k_raw, v) [B,S,Hkv,D] or None (slot j at position j,
         rotated here with cache_cos/sin in memory layers, stored rotated in the others); mask
-        [B,T,S+T]; memory_fn(q [B,Hkv,G*T,D]) -> partial sums or None. Returns (out [B,T,E], k, v)
-        with k the new keys as the cache stores them: un-rotated in memory layers (what memory
-        stores), rotated at their positions in the others."""
+        `(cache_mask [B,T,S], causal [B,T,T])`, or `(causal,)` without a cache; memory_fn(q
+        [B,Hkv,G*T,D]) -> partial sums or None. Returns (out [B,T,E], k, v) with k the new keys as
+        the cache stores them: un-rotated in memory layers (what memory stores), rotated at their
+        positions in the others."""
         q, k_own, k_raw, v = self.project(x, cos, sin)
         # A memory layer caches un-rotated keys (its cache moves to memory, where `as_first` wants
         # them un-rotated) and rotates them at use; other layers cache rotated keys (slot j holds
@@ -147,10 +148,9 @@ class Attention(nnx.Module):
         if cache is not None:
             ck, cv = cache
             ck_own = apply_rope(ck, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else ck
-            keys = jnp.concatenate([ck_own.astype(k_own.dtype), k_own], axis=1)
-            vals = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
+            keys, vals = (ck_own.astype(k_own.dtype), k_own), (cv, v)
         else:
-            keys, vals = k_own, v
+            keys, vals = (k_own,), (v,)
         memory = gate = None
         if self.is_memory and memory_fn is not None:
             b, t, h, d = q.shape
@@ -266,10 +266,10 @@ class Llama(nnx.Module):
         if cache is not None and cache[0] is not None:
             s = cache[0][0].shape[1]
             cache_cos, cache_sin = rope_cos_sin(jnp.arange(s), config_lib.head_dim(m), m.rope_theta)
-            mask = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal], axis=2)
+            mask = (jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal)
         else:
             cache_cos = cache_sin = None
-            mask = causal
+            mask = (causal,)
         new_kv = []
         for i, layer in enumerate(self.layers):
             h_in = layer.input_layernorm(x)
