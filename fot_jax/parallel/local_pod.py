@@ -41,13 +41,16 @@ def _pump(stream, prefix, sink, lock, seen):
     stream.close()
 
 
-def _die_with_parent():
-    """In the child before exec: SIGKILL when the simulator dies (Linux), so none is left behind."""
+def _death_signal():
+    """A function for the child to run before exec: SIGKILL when the simulator dies (Linux's
+    PR_SET_PDEATHSIG), so none is left behind; resolved here, in the parent, so that the child
+    imports nothing between fork and exec. None where prctl is not available."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGKILL)
 
 
 def run_pod(command: list[str], processes: int, devices: int, *, port: int | None = None,
@@ -66,6 +69,7 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
     lock = threading.Lock()
     procs, pumps = [], []
     seen = [] if kill_on is not None else None
+    on_parent_death = _death_signal()
     for pid in range(processes):
         e = dict(os.environ, **(env or {}))
         flags = " ".join(f for f in e.get("XLA_FLAGS", "").split()
@@ -75,7 +79,7 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
                  FOT_JAX_NUM_PROCESSES=str(processes), FOT_JAX_PROCESS_ID=str(pid),
                  PYTHONUNBUFFERED="1")
         p = subprocess.Popen(command, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True, preexec_fn=_die_with_parent)
+                             text=True, start_new_session=True, preexec_fn=on_parent_death)
         procs.append(p)
         t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}]" if processes > 1 else "", sink, lock, seen),
                              daemon=True)
