@@ -66,9 +66,11 @@ class LongLlama(torch.nn.Module):
         return self.w[f"model.layers.{i}.{name}"]
 
     def forward_tokens(self, tokens, pos0, cache, memory, top_k):
-        """One document's new tokens [T] at positions pos0.. ; cache: per layer (k_raw, v) [S,Hkv,D]
-        with slot j at position j (S == pos0); memory: per memory layer (k [Hkv,N,D], v) or None.
-        Returns logits [T, V] (float32) and per layer (k_raw, v) of the new tokens."""
+        """One document's new tokens [T] at positions pos0.. ; cache: per layer (k, v) [S,Hkv,D]
+        with slot j at position j (S == pos0), keys as the layer attends to them (rotated at their
+        positions where it uses RoPE: the cache is never rotated again); memory: per memory layer
+        (k [Hkv,N,D], v) or None. Returns logits [T, V] (float32) and per layer (k_raw, k, v) of the
+        new tokens: raw keys (what memory stores) and keys as the cache keeps them."""
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
         g = h // hkv
         t = tokens.shape[0]
@@ -87,12 +89,13 @@ class LongLlama(torch.nn.Module):
                 k = k * torch.rsqrt(k.float().pow(2).sum(-1, keepdim=True) + 1e-6).to(k.dtype)
             else:
                 q = q * d ** -0.5
-            new_kv.append((k, v))
-            ck, cv = cache[i] if cache is not None else (k[:0], v[:0])
-            keys, vals = torch.cat([ck, k]), torch.cat([cv, v])
+            k_raw = k
             if not (is_mem and not self.mem_positionals):
                 q = _rope(q, pos, self.theta)
-                keys = _rope(keys, torch.arange(keys.shape[0]), self.theta)
+                k = _rope(k, pos, self.theta)
+            new_kv.append((k_raw, k, v))
+            ck, cv = cache[i] if cache is not None else (k[:0], v[:0])
+            keys, vals = torch.cat([ck, k]), torch.cat([cv, v])
             # scores [Hkv, G, T, S] with the causal mask over cache + new tokens
             qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3).float()
             s = torch.einsum("hgtd,shd->hgts", qg, keys.float())
@@ -152,7 +155,8 @@ class MemoryGenerator:
         m = self.model
         self.memory = {l: (torch.zeros(m.kv_heads, 0, m.head_dim), torch.zeros(m.kv_heads, 0, m.head_dim))
                        for l in m.mem_layers}
-        self.cache = None
+        self.cache = None      # per layer (k, v): keys as the layer attends to them (rotated where RoPE)
+        self.cache_raw = {}    # per memory layer: the cache's raw keys, which move to memory
         self.cache_len = 0
 
     def _write(self, layer, k, v):
@@ -183,7 +187,7 @@ class MemoryGenerator:
                                                    self._memory_view(), self.top_k)
             outs.append(logits)
             for l in self.model.mem_layers:
-                self._write(l, *kv[l])
+                self._write(l, kv[l][0], kv[l][2])
         logits = self.extend(tokens[n_prefix:])
         outs.append(logits)
         return torch.cat(outs) if return_logits else outs[-1][-1]
@@ -195,15 +199,19 @@ class MemoryGenerator:
         outs = []
         i = 0
         while i < len(tokens):
-            if self.cache_len == self.model.window:  # the whole cache moves to memory
+            if self.cache_len == self.model.window:  # the whole cache moves to memory (raw keys)
                 for l in self.model.mem_layers:
-                    self._write(l, *self.cache[l])
-                self.cache, self.cache_len = None, 0
+                    self._write(l, self.cache_raw[l], self.cache[l][1])
+                self.cache, self.cache_raw, self.cache_len = None, {}, 0
             n = min(len(tokens) - i, self.model.window - self.cache_len)
             logits, kv = self.model.forward_tokens(tokens[i: i + n], self.cache_len, self.cache,
                                                    self._memory_view(), self.top_k)
-            self.cache = kv if self.cache is None else [
-                (torch.cat([ck, k]), torch.cat([cv, v])) for (ck, cv), (k, v) in zip(self.cache, kv)]
+            new = [(k, v) for _, k, v in kv]
+            self.cache = new if self.cache is None else [
+                (torch.cat([ck, k]), torch.cat([cv, v])) for (ck, cv), (k, v) in zip(self.cache, new)]
+            for l in self.model.mem_layers:
+                raw = kv[l][0]
+                self.cache_raw[l] = raw if l not in self.cache_raw else torch.cat([self.cache_raw[l], raw])
             self.cache_len += n
             outs.append(logits)
             i += n
