@@ -86,8 +86,6 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
         t.start()
         pumps.append(t)
     start = time.monotonic()
-    first_failure = None
-    killed = set()
     try:
         return _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop)
     finally:
