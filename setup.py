@@ -23,6 +23,7 @@ setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tokenizers>=0.15",
+        "jinja2>=3",
     ],
     extras_require={
         "tpu": ["jax[tpu]"],

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Iterable
 
+import jax
 import ml_collections
 
 from fot_jax.model import kernels
@@ -290,8 +291,11 @@ def from_dict(stored: dict, overrides: Iterable[str] = (), platform: str | None 
 def check_platform(cfg, platform: str | None = None) -> None:
     """The attention backend runs on `platform` (default: this process's; starts JAX's backend,
     so in a multi-host run only after `jax.distributed.initialize`)."""
-    import jax
-    for field, message in kernels.check(cfg.model, cfg.data.seq_len, platform or jax.default_backend()):
+    _check_attention(cfg, platform or jax.default_backend())
+
+
+def _check_attention(cfg, platform: str | None) -> None:
+    for field, message in kernels.check(cfg.model, cfg.data.seq_len, platform):
         raise ConfigError(f"config field '{field}': {message}")
 
 
@@ -348,8 +352,7 @@ def validate(cfg, platform: str | None = None) -> None:
         _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")
     _check(m.mem_attention in MEM_ATTENTION, "model.mem_attention",
            f"'{m.mem_attention}' is not one of {MEM_ATTENTION}")
-    for field, message in kernels.check(m, d.seq_len, platform):
-        raise ConfigError(f"config field '{field}': {message}")
+    _check_attention(cfg, platform)
     mem = cfg.memory
     _check(t.checkpoint_best in ("", "accuracy", "loss"), "train.checkpoint_best",
            f"'{t.checkpoint_best}' is not one of '', 'accuracy', 'loss'")

@@ -6,7 +6,10 @@ import functools
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 
 import jax
@@ -111,9 +114,6 @@ class _TermWatch:
         self.previous = None
 
     def __enter__(self):
-        import signal
-        import socket
-        import threading
         if threading.current_thread() is not threading.main_thread():
             return self
         self.done = threading.Event()
@@ -129,8 +129,6 @@ class _TermWatch:
         return self
 
     def _watch(self):
-        import signal
-        import time as time_lib
         first = None
         self.read_sock.settimeout(1.0)
         while not self.done.is_set():
@@ -143,8 +141,8 @@ class _TermWatch:
                 self.trainer._term = True
                 if first is not None or terms > 1:
                     self._exit("a second SIGTERM")
-                first = time_lib.monotonic()
-            if first is not None and time_lib.monotonic() - first > self.timeout:
+                first = time.monotonic()
+            if first is not None and time.monotonic() - first > self.timeout:
                 self._exit(f"no agreed stop within train.stop_timeout={self.timeout:g} s of SIGTERM "
                            "(a host stuck in a collective?)")
 
@@ -156,7 +154,6 @@ class _TermWatch:
         os._exit(143)
 
     def __exit__(self, *exc):
-        import signal
         if self.previous is None:
             return False
         self.done.set()
