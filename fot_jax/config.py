@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
     mem.overflow = "fifo"             # fifo (drop the oldest) | strict (a document longer than N is an error)
     mem.search = "exact"              # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
     mem.recall_target = 0.95          # approx search only
-    mem.chunk = 8192                  # keys scored at once (no [queries, N] score matrix)
+    mem.chunk = 0                     # keys scored at once (0 = auto: a cache-sized score tile)
 
     p = c.mesh = ml_collections.ConfigDict()
     p.data = -1                       # sizes within a slice (ICI); one may be -1 (filled from the devices)
@@ -367,7 +367,7 @@ def validate(cfg, platform: str | None = None) -> None:
            f"'{mem.overflow}' is not one of {OVERFLOW_POLICIES}")
     _check(mem.search in SEARCH_MODES, "memory.search", f"'{mem.search}' is not one of {SEARCH_MODES}")
     _check(0 < mem.recall_target <= 1, "memory.recall_target", "must lie in (0, 1]")
-    _check(mem.chunk > 0, "memory.chunk", "must be positive")
+    _check(mem.chunk >= 0, "memory.chunk", "must be 0 (auto) or positive")
     _check(0 < m.last_context_length, "model.last_context_length", "must be positive")
     _check(x.range >= 0, "crossbatch.range", "must be >= 0")
     _check(x.k_packing >= 1, "crossbatch.k_packing", "must be >= 1")

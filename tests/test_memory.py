@@ -115,6 +115,49 @@ def test_sharded_lookup_breaks_ties_like_unsharded():
                                np.asarray(a0) / np.asarray(l0)[..., None], rtol=1e-6)
 
 
+def _np_topk_lexi(scores, valid, k):
+    """Reference top-k: score descending, then index ascending (NumPy stable sort)."""
+    s = np.where(valid, scores, -np.inf)
+    order = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(s, order, -1), order
+
+
+@pytest.mark.parametrize("chunk", [256, 1024, 4096])
+def test_exact_topk_ties_across_groups_and_query_blocks(chunk, monkeypatch):
+    """Scores quantised to a few levels, so most are tied across groups, supergroups and chunks;
+    more query rows than one block (with a padded last block) and masked slots."""
+    monkeypatch.setattr(knn, "ROW_BLOCK", 64)
+    rng = np.random.default_rng(11)
+    b, h, nq, n, d, k = 2, 2, 40, 4096, 4, 24
+    keys = np.round(rng.standard_normal((b, h, n, d)) * 2).astype(np.float32)
+    q = np.zeros((b, h, nq, d), np.float32)
+    q[..., 0] = rng.integers(1, 3, (b, h, nq))
+    valid = rng.random((b, n)) < 0.9
+    s, i = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), k, chunk=chunk)
+    scores = np.einsum("bhqd,bhnd->bhqn", q, keys)
+    ref_s, ref_i = _np_topk_lexi(scores, valid[:, None, None, :], k)
+    np.testing.assert_array_equal(np.asarray(s), ref_s)
+    np.testing.assert_array_equal(np.asarray(i), ref_i)
+
+
+def test_bfloat16_store_selects_by_store_precision_and_returns_float32_scores():
+    """Selection scores: bfloat16 queries x bfloat16 keys (float32 accumulation); the scores
+    returned are the float32 queries' products with the selected keys."""
+    rng = np.random.default_rng(12)
+    n, d, nq, k = 8192, 64, 48, 32
+    keys = np.asarray(jnp.asarray(rng.standard_normal((1, 1, n, d)), jnp.bfloat16), np.float32)
+    q = rng.standard_normal((1, 1, nq, d)).astype(np.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(keys, jnp.bfloat16), jnp.uint16)
+    s, i = knn.topk(jnp.asarray(q), bits, jnp.ones((1, n), bool), k, dtype="bfloat16")
+    q_bf = np.asarray(jnp.asarray(q, jnp.bfloat16), np.float64)
+    sel_scores = np.einsum("bhqd,bhnd->bhqn", q_bf, keys.astype(np.float64))
+    _, ref_i = _np_topk_lexi(sel_scores, np.ones((1, 1, 1, n), bool), k)
+    np.testing.assert_array_equal(np.sort(np.asarray(i), -1), np.sort(ref_i, -1))
+    exact = np.einsum("bhqd,bhqkd->bhqk", q.astype(np.float64), keys[0, 0][np.asarray(i)[0, 0]][None, None])
+    np.testing.assert_allclose(np.asarray(s), exact, rtol=1e-5, atol=1e-5)
+    assert (np.diff(np.asarray(s), axis=-1) <= 0).all()
+
+
 def test_approx_search_recall():
     q, keys, values, valid = _random(3, b=1, h=1, nq=32, n=2048, d=16, valid_frac=1.0)
     _, exact = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), 16, chunk=512)

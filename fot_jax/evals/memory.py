@@ -64,7 +64,7 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
         unit = w * (mesh.shape["memory"] if mesh is not None else 1)
         capacity = -(-max(size, w) // unit) * unit
         settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
-                                  last_context_length=q, chunk=min(8192, capacity))
+                                  last_context_length=q)
         rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)
         _, tails = rt.ingest([t for t, _ in docs], return_logits="tail")
         hits = total = 0

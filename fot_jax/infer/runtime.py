@@ -54,7 +54,7 @@ class MemorySettings:
     overflow: str = "fifo"
     search: str = "exact"
     recall_target: float = 0.95
-    chunk: int = 8192
+    chunk: int = 0
     dtype: str = "bfloat16"
     last_context_length: int = 1024
 

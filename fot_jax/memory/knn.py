@@ -4,12 +4,14 @@
 Shapes: queries `[B, Hkv, Q, D]` (the queries of one kv-head group share one scan: Q = G * T),
 keys/values `[B, Hkv, N, D]`, valid `[B, N]`.
 
-Scoring is chunked over N (`chunk` keys at a time, float32 accumulation), so no `[Q, N]` score
-matrix is ever held: a running top-k is merged with each chunk's. Exact top-k of a chunk uses
-the group-maximum reduction: split the chunk into groups of `group` keys; the k groups with the
-largest maxima contain all of the chunk's top-k entries (an entry outside them would be beaten by
-k group maxima), so an exact top-k runs over k*group candidates instead of the whole chunk.
-`search="approx"` uses `jax.lax.approx_max_k` (TPU-fast, recall target) per chunk instead.
+Scoring is chunked over N and blocked over queries (a score tile of about TILE float32 values,
+which stays in cache), so no `[Q, N]` score matrix is ever held. Selection scores are computed in
+the keys' own precision (bfloat16 x bfloat16 with float32 accumulation for the default store: the
+fast matmul of CPUs and TPUs); the scores returned are the selected entries' float32 products.
+Exact top-k reads each tile once, for its group maxima, and merges into a running top-k by
+moving entries in best first while some group beats a row's k-th score (see `_merge_chunk`): the
+cost is the score matmul plus that read, not a top-k over each chunk. `search="approx"` uses
+`jax.lax.approx_max_k` (TPU-fast, recall target) per chunk instead.
 
 The result of a lookup is the triple of partial softmax sums over the retrieved entries,
 `(m [B,Hkv,Q] max score, l [B,Hkv,Q] sum of exp(s - m), acc [B,Hkv,Q,D] sum of exp(s - m) v)`,
@@ -31,21 +33,104 @@ SEARCH_MODES = ("exact", "approx", "dense")
 GROUP = 16
 
 
-def _chunk_topk(s, k, search, recall_target, group):
-    """s [..., C] -> (values, indices) [..., k] of the chunk."""
-    c = s.shape[-1]
-    if search == "approx":
-        return jax.lax.approx_max_k(s, k, recall_target=recall_target)
-    if group > 1 and c % group == 0 and c // group >= 2 * k:
-        lead = s.shape[:-1]
-        grouped = s.reshape(*lead, c // group, group)
-        _, best_groups = jax.lax.top_k(jnp.max(grouped, axis=-1), k)                # [..., k]
-        best_groups = jnp.sort(best_groups, axis=-1)  # keep index order: ties go to the lower index
-        cand = jnp.take_along_axis(grouped, best_groups[..., None], axis=-2).reshape(*lead, k * group)
-        cand_idx = (best_groups[..., None] * group + jnp.arange(group)).reshape(*lead, k * group)
-        v, j = jax.lax.top_k(cand, k)
-        return v, jnp.take_along_axis(cand_idx, j, axis=-1)
-    return jax.lax.top_k(s, k)
+ROW_BLOCK = 256      # queries scanned together (kv-head rows x positions)
+TILE = 1 << 20       # float32 scores per chunk: a tile that stays in cache
+
+
+def auto_chunk(rows: int, n: int, group: int = GROUP) -> int:
+    """Keys scored at once for `rows` queries: a score tile of about TILE float32 values stays in
+    cache, which keeps the score matmul at full speed and its one read cheap; at least 256 keys."""
+    c = max(256, group, TILE // max(rows, 1))
+    c = 1 << (c.bit_length() - 1)
+    return min(c, n)
+
+
+def _first(mask, size):
+    """Index of the first True along the last axis (`size` where none): a min-reduction, which
+    XLA's CPU backend vectorizes, unlike argmax's (value, index) reduction."""
+    pos = jnp.arange(size, dtype=jnp.float32)
+    return jnp.min(jnp.where(mask, pos, float(size)), axis=-1).astype(jnp.int32)
+
+
+def _insert(vals, idx, x, xi, act):
+    """Insert (x, xi) into each row's descending list (vals, idx) [R, k] where `act`; equal
+    scores already listed stay first (they have lower indices)."""
+    k = vals.shape[-1]
+    pos = jnp.sum(vals >= x[:, None], axis=-1)
+    ar = jnp.arange(k)
+    at, after = ar == pos[:, None], ar > pos[:, None]
+    shift_v = jnp.concatenate([vals[:, :1], vals[:, :-1]], axis=-1)
+    shift_i = jnp.concatenate([idx[:, :1], idx[:, :-1]], axis=-1)
+    new_v = jnp.where(at, x[:, None], jnp.where(after, shift_v, vals))
+    new_i = jnp.where(at, xi[:, None], jnp.where(after, shift_i, idx))
+    return jnp.where(act[:, None], new_v, vals), jnp.where(act[:, None], new_i, idx)
+
+
+def _merge_chunk(vals, idx, s, ok, start, group):
+    """Merge one chunk's scores into the running top-k (vals, idx) [R, k].
+
+    s [B, R/B, C] are the raw scores, ok [B, C] the candidates. The whole chunk is read once, for
+    its group maxima (groups of `group` consecutive keys, masked), and those once more for the
+    maxima of `group` consecutive groups. Then entries move into the list one per row per
+    iteration, best first, while some row has a maximum above its k-th score; an iteration
+    touches one supergroup, one group and the list of each row: the next entry of a group is
+    found by ranking its few scores, so the scores are never rewritten. Once the list has filled,
+    a chunk takes a few iterations: the cost is the score matmul plus one read of its output, not
+    a top-k over the chunk."""
+    nb, per_b, c = s.shape
+    r, n_groups = nb * per_b, c // group
+    sup = group if n_groups % group == 0 else n_groups                   # groups per supergroup
+    grouped = s.reshape(r, n_groups, group)
+    ok_grouped = ok.reshape(nb, n_groups, group)
+    rows, row_b, ar = jnp.arange(r), jnp.arange(r) // per_b, jnp.arange(group)
+    gm = jax.lax.cond(jnp.all(ok), lambda: jnp.max(grouped, axis=-1),
+                      lambda: jnp.max(jnp.where(ok[:, None, :], s, -jnp.inf).reshape(grouped.shape), axis=-1))
+    gm2 = jnp.max(gm.reshape(r, n_groups // sup, sup), axis=-1)
+
+    def cond(carry):
+        vals, _, _, gm2, _ = carry
+        return jnp.any(jnp.max(gm2, axis=-1) > vals[:, -1])
+
+    def body(carry):
+        vals, idx, gm, gm2, taken = carry
+        x = jnp.max(gm2, axis=-1)
+        si = _first(gm2 == x[:, None], gm2.shape[-1])
+        sub = gm.reshape(r, -1, sup)[rows, si]                                      # [R, sup]
+        gi = si * sup + _first(sub == x[:, None], sup)
+        t = taken[rows, gi]
+        grp = jnp.where(ok_grouped[row_b, gi], grouped[rows, gi], -jnp.inf)        # [R, group]
+        better = (grp[:, None, :] > grp[:, :, None]) | ((grp[:, None, :] == grp[:, :, None])
+                                                        & (ar[None, None, :] < ar[None, :, None]))
+        rank = jnp.sum(better, axis=-1)                                             # 0 = best
+        ej = _first(rank == t[:, None], group)
+        nxt = jnp.max(jnp.where(rank == t[:, None] + 1, grp, -jnp.inf), axis=-1)
+        act = x > vals[:, -1]
+        vals, idx = _insert(vals, idx, x, (start + gi * group + ej).astype(jnp.int32), act)
+        new_g = jnp.where(act, nxt, x)
+        sub = jnp.where(jnp.arange(sup) == (gi - si * sup)[:, None], new_g[:, None], sub)
+        return (vals, idx, gm.at[rows, gi].set(new_g), gm2.at[rows, si].set(jnp.max(sub, axis=-1)),
+                taken.at[rows, gi].set(t + act.astype(taken.dtype)))
+
+    init = (vals, idx, gm, gm2, jnp.zeros((r, n_groups), jnp.int32))
+    vals, idx, *_ = jax.lax.while_loop(cond, body, init)
+    return vals, idx
+
+
+def _approx_merge(vals, idx, s, start, recall_target):
+    k = vals.shape[-1]
+    v, j = jax.lax.approx_max_k(s, min(k, s.shape[-1]), recall_target=recall_target)
+    all_v = jnp.concatenate([vals, v], axis=-1)
+    all_i = jnp.concatenate([idx, (j + start).astype(jnp.int32)], axis=-1)
+    v2, sel = jax.lax.top_k(all_v, k)
+    return v2, jnp.take_along_axis(all_i, sel, axis=-1)
+
+
+def _as_bits(keys, dtype):
+    """bfloat16 keys as their uint16 bits (what a store holds): slicing bits inside the scan keeps
+    XLA from converting the whole array to float32 outside the loop."""
+    if keys.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(keys, jnp.uint16), "bfloat16"
+    return keys, dtype
 
 
 def _active_chunks(valid, chunk, n_chunks):
@@ -56,44 +141,80 @@ def _active_chunks(valid, chunk, n_chunks):
     return jnp.minimum((last + chunk) // chunk, n_chunks)
 
 
-def topk(q, keys, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
+def _rescore(q, keys, indices, scores, dtype):
+    """Exact float32 scores of the selected entries, best first (selection may have scored in the
+    store's bfloat16); -inf stays -inf."""
+    b, hkv, nq, k = indices.shape
+    kg = jnp.take_along_axis(keys, indices.reshape(b, hkv, nq * k, 1), axis=2)
+    kg = as_float(kg, dtype).astype(jnp.float32).reshape(b, hkv, nq, k, -1)
+    exact = jnp.einsum("bhqd,bhqkd->bhqk", q.astype(jnp.float32), kg, precision=jax.lax.Precision.HIGHEST)
+    exact = jnp.where(scores > -jnp.inf, exact, -jnp.inf)
+    v, sel = jax.lax.top_k(exact, k)
+    return v, jnp.take_along_axis(indices, sel, axis=-1)
+
+
+def _scan_block(qs, keys, valid, top_k, chunk, search, recall_target, group, dtype):
+    """Top-k (selection scores, indices) [B*Hkv*Q, k] of one block of queries qs [B,Hkv,Q,D]."""
+    b, hkv, nq, _ = qs.shape
+    n = keys.shape[2]
+    grp = group if chunk % group == 0 else 1
+    n_chunks = -(-n // chunk)
+
+    def body(i, carry):
+        start = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before
+        kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype)
+        ok = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
+        ok = ok & (start + jnp.arange(chunk) >= i * chunk)  # not seen in an earlier chunk
+        s = jnp.einsum("bhqd,bhcd->bhqc", qs, kc, preferred_element_type=jnp.float32)
+        if search == "approx":
+            s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(-1, chunk)
+            return _approx_merge(*carry, s, start, recall_target)
+        return _merge_chunk(*carry, s.reshape(b, hkv * nq, chunk), ok, start, grp)
+
+    rows = b * hkv * nq
+    init = (jnp.full((rows, top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, top_k), jnp.int32))
+    if n_chunks == 1:
+        return body(0, init)
+    return jax.lax.fori_loop(0, _active_chunks(valid, chunk, n_chunks), body, init)
+
+
+def topk(q, keys, valid, top_k: int, *, chunk: int = 0, search: str = "exact",
          recall_target: float = 0.95, group: int = GROUP, dtype: str = "bfloat16"):
     """Top-k memory entries per query: (scores [B,Hkv,Q,k] float32, descending, -inf where fewer
-    than k entries are valid; indices [B,Hkv,Q,k] int32 into N). Keys stored as uint16 bits hold
-    `dtype` (see `fot_jax.memory.store`)."""
+    than k entries are valid; indices [B,Hkv,Q,k] int32 into N, ties to the lower index). Keys
+    stored as uint16 bits hold `dtype` (see `fot_jax.memory.store`).
+
+    Entries are selected by scores in the keys' own precision (a bfloat16 store: bfloat16 queries
+    against bfloat16 keys, float32 accumulation, the CPU's and TPU's fast matmul); the scores
+    returned are the selected entries' float32 products. Queries are scanned in blocks of about
+    ROW_BLOCK rows; `chunk` (0 = auto) keys are scored at once."""
     if top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
     if search not in SEARCH_MODES:
         raise ValueError(f"search '{search}' is not one of {SEARCH_MODES}")
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
-    chunk = min(chunk, n)
-    n_chunks = -(-n // chunk)
-    k_chunk = min(top_k, chunk)
-    ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
-    qc = q.astype(ct)
-
-    def body(carry, i):
-        start = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before
-        kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype).astype(ct)
-        vc = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
-        ids = start + jnp.arange(chunk, dtype=jnp.int32)
-        ok = vc[:, None, None, :] & (ids >= i * chunk)  # not seen in an earlier chunk
-        s = jnp.einsum("bhqd,bhcd->bhqc", qc, kc, preferred_element_type=jnp.float32)
-        s = jnp.where(ok, s, -jnp.inf)
-        v, j = _chunk_topk(s, k_chunk, search, recall_target, group)
-        best_v, best_i = carry
-        all_v = jnp.concatenate([best_v, v], axis=-1)
-        all_i = jnp.concatenate([best_i, (j + start).astype(jnp.int32)], axis=-1)
-        v2, sel = jax.lax.top_k(all_v, top_k)
-        return (v2, jnp.take_along_axis(all_i, sel, axis=-1)), None
-
-    init = (jnp.full((b, hkv, nq, top_k), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, nq, top_k), jnp.int32))
-    if n_chunks == 1:
-        (v, i), _ = body(init, 0)
-        return v, i
-    active = _active_chunks(valid, chunk, n_chunks)
-    return jax.lax.fori_loop(0, active, lambda i, c: body(c, i)[0], init)
+    keys, dtype = _as_bits(keys, dtype)
+    key_dtype = as_float(keys[:0], dtype).dtype
+    per_block = max(1, ROW_BLOCK // (b * hkv))
+    qb = min(nq, 1 << (per_block.bit_length() - 1))
+    n_blocks = -(-nq // qb)
+    chunk = min(chunk or auto_chunk(b * hkv * qb, n, group), n)
+    qs = q.astype(key_dtype)
+    args = (keys, valid, top_k, chunk, search, recall_target, group, dtype)
+    if n_blocks == 1:
+        v, i = _scan_block(qs, *args)
+    else:
+        qs = jnp.pad(qs, ((0, 0), (0, 0), (0, n_blocks * qb - nq), (0, 0)))
+        qs = jnp.moveaxis(qs.reshape(b, hkv, n_blocks, qb, d), 2, 0)
+        v, i = jax.lax.map(lambda x: _scan_block(x, *args), qs)              # [blocks, rows, k]
+        v = jnp.moveaxis(v.reshape(n_blocks, b, hkv, qb, top_k), 0, 2)
+        i = jnp.moveaxis(i.reshape(n_blocks, b, hkv, qb, top_k), 0, 2)
+    v = v.reshape(b, hkv, n_blocks * qb, top_k)[:, :, :nq]
+    i = i.reshape(b, hkv, n_blocks * qb, top_k)[:, :, :nq]
+    if key_dtype != jnp.float32 or q.dtype != jnp.float32:
+        v, i = _rescore(q, keys, i, v, dtype)
+    return v, i
 
 
 def partial_sums(scores, indices, values, keep=None, dtype: str = "bfloat16"):
@@ -119,11 +240,13 @@ def _combine(m, l, acc, axis):
     return m_all, jax.lax.psum(l * scale, axis), jax.lax.psum(acc * scale[..., None], axis)
 
 
-def dense_sums(q, keys, values, valid, *, chunk: int = 8192, dtype: str = "bfloat16"):
+def dense_sums(q, keys, values, valid, *, chunk: int = 0, dtype: str = "bfloat16"):
     """Partial sums over every valid entry (no top-k): an online softmax over chunks of N."""
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
-    chunk = min(chunk, n)
+    chunk = min(chunk or auto_chunk(b * hkv * nq, n), n)
+    keys, dtype = _as_bits(keys, dtype)
+    values, _ = _as_bits(values, dtype)
     ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
 
     def body(carry, i):
@@ -148,7 +271,7 @@ def dense_sums(q, keys, values, valid, *, chunk: int = 8192, dtype: str = "bfloa
     return jax.lax.fori_loop(0, active, lambda i, c: body(c, i)[0], init)
 
 
-def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 8192, search: str = "exact",
+def lookup(q, keys, values, valid, top_k: int, *, chunk: int = 0, search: str = "exact",
            recall_target: float = 0.95, mesh=None, memory_axis: str = "memory",
            return_indices: bool = False, dtype: str = "bfloat16"):
     """Partial sums (m, l, acc) of the top-k memory entries of each query; with a mesh whose
