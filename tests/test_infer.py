@@ -189,6 +189,50 @@ def test_generation_moves_cache_to_memory_and_matches_reference():
     assert int(rt.cache_len[0]) == (10 + 20) - 16   # 10 tail + 20 generated tokens fed back; one flush at 16
 
 
+def test_device_decode_loop_equals_host_loop_with_stops_streaming_and_sampling():
+    """The on-device decode loop against a host loop of `sample` + `extend` with the same keys:
+    two rows stopping at different steps, past the window (cache moved to memory), streamed."""
+    from fot_jax.infer.runtime import sample
+    c = _cfg()
+    model = llama.create(c.model, seed=6)
+    settings = MemorySettings(top_k=6, capacity=64, dtype="float32", last_context_length=10, chunk=32)
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(3, 50, 40), rng.integers(3, 50, 23)]
+
+    def host_loop(stop, n, temperature):
+        rt = MemoryRuntime(model, batch=2, settings=settings)
+        logits, key = rt.ingest(docs), jax.random.key(3)
+        out, finished = [[], []], np.zeros(2, bool)
+        for _ in range(n):
+            key, sub = jax.random.split(key)
+            tok = np.asarray(sample(jnp.asarray(logits), sub, temperature, 0.9))
+            for b in range(2):
+                if not finished[b]:
+                    out[b].append(int(tok[b]))
+                    finished[b] = tok[b] == stop
+            if finished.all():
+                break
+            logits = rt.extend([[int(t)] for t in tok])
+        return out, rt.cache_len.copy()
+
+    free, _ = host_loop(-1, 30, 0.8)
+    stop = free[0][4]                       # row 0 stops at its 5th token; row 1 wherever it meets it
+    want, want_len = host_loop(stop, 30, 0.8)
+    assert len(want[0]) == 5
+    rt = MemoryRuntime(model, batch=2, settings=settings)
+    streamed = []
+    got = rt.generate(docs, 30, temperature=0.8, top_p=0.9, seed=3, stop_token=stop,
+                      on_token=lambda b, t: streamed.append((b, t)))
+    assert [g.tolist() for g in got] == want
+    assert sorted(streamed) == sorted((b, t) for b in range(2) for t in want[b])
+    assert [t for b, t in streamed if b == 1] == want[1]
+    np.testing.assert_array_equal(rt.cache_len, want_len)
+    # and without streaming (one device call for all tokens): the same tokens
+    rt = MemoryRuntime(model, batch=2, settings=settings)
+    got = rt.generate(docs, 30, temperature=0.8, top_p=0.9, seed=3, stop_token=stop)
+    assert [g.tolist() for g in got] == want
+
+
 def test_sharded_runtime_equals_unsharded():
     c = _cfg()
     model = llama.create(c.model, seed=5)

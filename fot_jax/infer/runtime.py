@@ -83,6 +83,9 @@ class MemorySettings:
             raise MemoryRuntimeError("last_context_length must be positive")
 
 
+DECODE_BLOCK = 64   # tokens decoded on the device per call
+
+
 class MemoryRuntime:
     """Ingest, extend and generate for a batch of `batch` rows with a model's memory layers."""
 
@@ -110,6 +113,7 @@ class MemoryRuntime:
         self._extend_fn = jax.jit(self._extend_step, donate_argnums=1)
         self._flush_fn = jax.jit(self._flush_step, donate_argnums=0)
         self._reset_fn = jax.jit(self._reset_step, donate_argnums=0)
+        self._decode_fn = jax.jit(self._decode_step, donate_argnums=1, static_argnums=(7, 8))
 
     # -- state --------------------------------------------------------------------------------
     def _empty_state(self) -> RuntimeState:
@@ -316,32 +320,75 @@ class MemoryRuntime:
         """Appends tokens (one list per row) to the current documents; returns the last logits [B, V]."""
         return self._extend_all(self._check_tokens(tokens), False)[0]
 
+    def _decode_step(self, params, state: RuntimeState, logits, key, finished, n, stop, temperature, top_p):
+        """Up to `n` tokens per row on the device: sample, record, and (unless every row has
+        stopped) extend the cache with the sampled token, moving a full cache to memory first.
+        Returns the state, the next logits, key and finished flags, tokens [B, DECODE_BLOCK]
+        (-1 after a row's stop) and the number of steps taken."""
+        b = logits.shape[0]
+        vocab = self.model_config.vocab_size
+        ones = jnp.ones(b, jnp.int32)
+
+        def cond(c):
+            i, _, _, _, finished, _ = c
+            return (i < n) & ~jnp.all(finished)
+
+        def extend(state, tok):
+            full = state.cache_len + 1 > self.window
+            state = jax.lax.cond(jnp.any(full), lambda s: self._flush_step(s, full), lambda s: s, state)
+            state, logits = self._extend_step(params, state, tok[:, None], ones)
+            return state, logits[:, 0, :vocab].astype(jnp.float32)
+
+        def body(c):
+            i, state, logits, key, finished, out = c
+            key, sub = jax.random.split(key)
+            tok = sample(logits, sub, temperature, top_p)
+            out = out.at[:, i].set(jnp.where(finished, -1, tok))
+            finished = finished | (tok == stop)
+            state, logits = jax.lax.cond(jnp.all(finished), lambda s, t: (s, logits), extend, state, tok)
+            return i + 1, state, logits, key, finished, out
+
+        out = jnp.full((b, DECODE_BLOCK), -1, jnp.int32)
+        i, state, logits, key, finished, out = jax.lax.while_loop(
+            cond, body, (jnp.int32(0), state, logits, key, finished, out))
+        return state, logits, key, finished, out, i
+
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_token: int | None = None, on_token=None):
         """Ingests the prompts, then samples (greedy at temperature 0) up to max_new_tokens per row;
-        a row stops after `stop_token` (default: the model's eos). `on_token(row, token)` is called
-        for each token as it is sampled (streaming). Returns a list of token arrays."""
+        a row stops after `stop_token` (default: the model's eos; -1: never). `on_token(row, token)`
+        is called for each token as it is sampled (streaming). Returns a list of token arrays.
+
+        Decoding runs on the device, DECODE_BLOCK tokens per call (sampling, stop tokens, the
+        cache update and its move to memory included); when streaming, the first calls are
+        shorter (1, 2, 4, ... tokens), so the first token shows as soon as it exists."""
         if max_new_tokens < 0:
             raise MemoryRuntimeError("max_new_tokens must be >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
             raise MemoryRuntimeError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         stop = self.model_config.eos_token_id if stop_token is None else stop_token
-        logits = self.ingest(prompts)
-        key = jax.random.key(seed)
+        logits = jnp.asarray(self.ingest(prompts))
+        key, finished = jax.random.key(seed), jnp.zeros(self.batch, bool)
         out = [[] for _ in range(self.batch)]
-        finished = np.zeros(self.batch, bool)
-        for _ in range(max_new_tokens):
-            key, sub = jax.random.split(key)
-            nxt = np.asarray(sample(jnp.asarray(logits), sub, temperature, top_p))
-            for b in range(self.batch):
-                if not finished[b]:
-                    out[b].append(int(nxt[b]))
-                    finished[b] = nxt[b] == stop
-                    if on_token is not None:
-                        on_token(b, int(nxt[b]))
-            if finished.all():
+        produced, block = 0, (1 if on_token is not None else DECODE_BLOCK)
+        stop = jnp.int32(-1 if stop is None else stop)
+        while produced < max_new_tokens:
+            n = jnp.int32(min(block, max_new_tokens - produced))
+            self.state, logits, key, finished, toks, steps = self._decode_fn(
+                self.params, self.state, logits, key, finished, n, stop, float(temperature), float(top_p))
+            toks, steps = np.asarray(toks), int(steps)
+            for j in range(steps):
+                for b in range(self.batch):
+                    if toks[b, j] >= 0:
+                        out[b].append(int(toks[b, j]))
+                        if on_token is not None:
+                            on_token(b, int(toks[b, j]))
+            produced += steps
+            if steps < int(n) or bool(np.asarray(finished).all()):
                 break
-            logits = self.extend([[int(t)] for t in nxt])
+            block = min(2 * block, DECODE_BLOCK)
+        self.cache_len = np.asarray(self.state.cache_len).astype(np.int64)
+        self.doc_pos = np.asarray(self.state.doc_pos).astype(np.int64)
         return [np.array(o, np.int32) for o in out]
 
 
