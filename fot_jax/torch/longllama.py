@@ -66,13 +66,13 @@ class LongLlama(torch.nn.Module):
         return self.w[f"model.layers.{i}.{name}"]
 
     def forward_tokens(self, tokens, pos0, cache, memory, top_k):
-        """One document's new tokens [T] at positions pos0.. ; cache: per layer (k, v) [S,Hkv,D]
-        with slot j at position j (S == pos0), keys as the layer attends to them (rotated at their
-        positions where it uses RoPE: the cache is never rotated again); memory: per memory layer
-        (k [Hkv,N,D], v) or None. Returns logits [T, V] (float32) and per layer (k_raw, k, v) of the
-        new tokens: raw keys (what memory stores) and keys as the cache keeps them."""
+        """One document's new tokens [T] at positions pos0.. ; cache: per layer (k, v) buffers
+        [W, Hkv, D] whose first pos0 slots hold the earlier tokens (slot j at position j), keys as
+        the layer attends to them (rotated at their positions where it uses RoPE: the cache is
+        never rotated again); the new tokens' keys and values are written into slots pos0.. in
+        place. memory: per memory layer (k [Hkv,N,D], v) or None. Returns logits [T, V] (float32)
+        and per layer the new tokens' raw keys [T, Hkv, D] (what memory stores) and values."""
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
-        g = h // hkv
         t = tokens.shape[0]
         pos = pos0 + torch.arange(t)
         x = self.w["model.embed_tokens.weight"][tokens]
@@ -89,42 +89,57 @@ class LongLlama(torch.nn.Module):
                 k = k * torch.rsqrt(k.float().pow(2).sum(-1, keepdim=True) + 1e-6).to(k.dtype)
             else:
                 q = q * d ** -0.5
-            k_raw = k
+            new_kv.append((k, v))
             if not (is_mem and not self.mem_positionals):
-                q = _rope(q, pos, self.theta)
-                k = _rope(k, pos, self.theta)
-            new_kv.append((k_raw, k, v))
-            ck, cv = cache[i] if cache is not None else (k[:0], v[:0])
-            keys, vals = torch.cat([ck, k]), torch.cat([cv, v])
-            # scores [Hkv, G, T, S] with the causal mask over cache + new tokens
-            qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3).float()
-            s = torch.einsum("hgtd,shd->hgts", qg, keys.float())
-            causal = torch.arange(keys.shape[0])[None, :] <= (pos[:, None])
-            s = s.masked_fill(~causal, float("-inf"))
-            vv = vals.float().transpose(0, 1)                                  # [Hkv, S, D]
+                q, k = _rope(q, pos, self.theta), _rope(k, pos, self.theta)
+            ck, cv = cache[i]
+            ck[pos0: pos0 + t], cv[pos0: pos0 + t] = k, v
+            keys, vals = ck[: pos0 + t].transpose(0, 1).float(), cv[: pos0 + t].transpose(0, 1).float()
             mem = memory.get(i) if (memory is not None and is_mem) else None
-            if mem is not None and mem[0].shape[1] > 0:
-                mk, mv = mem
-                sm = torch.einsum("hgtd,hnd->hgtn", qg, mk)          # the store is float32 already
-                s_all = torch.cat([sm, s], -1) if top_k is None or top_k >= sm.shape[-1] else None
-                if s_all is None:       # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
-                    sm, idx = torch.topk(sm, top_k, dim=-1)
-                    mvals = mv[torch.arange(hkv)[:, None, None, None], idx]
-                    p = torch.softmax(torch.cat([sm, s], -1), -1)
-                    out = torch.einsum("hgtn,hgtnd->hgtd", p[..., :top_k], mvals)
-                else:                   # dense: every entry, values read in place (no per-query copy)
-                    p = torch.softmax(s_all, -1)
-                    out = torch.einsum("hgtn,hnd->hgtd", p[..., : sm.shape[-1]], mv)
-                out = out + torch.einsum("hgts,hsd->hgtd", p[..., sm.shape[-1]:], vv)
-            else:
-                out = torch.einsum("hgts,hsd->hgtd", torch.softmax(s, -1), vv)
-            out = out.permute(2, 0, 1, 3).reshape(t, h * d).to(x.dtype)
+            if mem is not None and mem[0].shape[1] == 0:
+                mem = None
+            out = _attend(q.transpose(0, 1).float(), keys, vals, pos0, mem, top_k)    # [H, T, D]
+            out = out.transpose(0, 1).reshape(t, h * d).to(x.dtype)
             x = x + out @ self._p(i, "self_attn.o_proj.weight").T
             hm = _rms(x, self._p(i, "post_attention_layernorm.weight"), self.eps)
             x = x + (F.silu(hm @ self._p(i, "mlp.gate_proj.weight").T) * (hm @ self._p(i, "mlp.up_proj.weight").T)) \
                 @ self._p(i, "mlp.down_proj.weight").T
         x = _rms(x, self.w["model.norm.weight"], self.eps)
         return (x @ self.w["lm_head.weight"].T).float(), new_kv
+
+
+def _attend(q, keys, vals, pos0, mem, top_k):
+    """Attention of q [H, T, D] (scaled, float32) over the local keys/values [Hkv, S+T, D]
+    (causal: query j sees slots up to pos0 + j) and, with mem = (k, v) [Hkv, N, D], over memory
+    in the same softmax: every entry (top_k None or >= N) or each query's top_k entries.
+    Dense and memory-free attention run through `scaled_dot_product_attention`; a decode step
+    (T = 1) scores memory in place rather than copy it beside the cache."""
+    h, t, d = q.shape
+    hkv = keys.shape[0]
+    g = h // hkv
+    n_local = keys.shape[1]
+    causal = torch.arange(n_local)[None, :] <= pos0 + torch.arange(t)[:, None]          # [T, S+T]
+    dense = mem is not None and (top_k is None or top_k >= mem[0].shape[1])
+    if mem is None or (dense and t > 1):
+        if mem is not None:      # one softmax over [memory; local]: memory is visible to every query
+            keys, vals = torch.cat([mem[0], keys], 1), torch.cat([mem[1], vals], 1)
+            causal = torch.cat([torch.ones(t, mem[0].shape[1], dtype=torch.bool), causal], 1)
+        return F.scaled_dot_product_attention(q[None], keys[None], vals[None], attn_mask=causal, scale=1.0,
+                                              enable_gqa=g > 1)[0]
+    qg = q.view(hkv, g, t, d)
+    s = torch.einsum("hgtd,hsd->hgts", qg, keys).masked_fill(~causal, float("-inf"))
+    mk, mv = mem
+    sm = torch.einsum("hgtd,hnd->hgtn", qg, mk)
+    if dense:
+        p = torch.softmax(torch.cat([sm, s], -1), -1)
+        out = torch.einsum("hgtn,hnd->hgtd", p[..., : sm.shape[-1]], mv)
+    else:                        # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
+        sm, idx = torch.topk(sm, top_k, dim=-1)
+        mvals = mv[torch.arange(hkv)[:, None, None, None], idx]
+        p = torch.softmax(torch.cat([sm, s], -1), -1)
+        out = torch.einsum("hgtn,hgtnd->hgtd", p[..., :top_k], mvals)
+    out = out + torch.einsum("hgts,hsd->hgtd", p[..., -n_local:], vals)
+    return out.reshape(h, t, d)
 
 
 def load(directory: str, dtype=torch.float32) -> LongLlama:
@@ -155,8 +170,11 @@ class MemoryGenerator:
         m = self.model
         self.memory = {l: (torch.zeros(m.kv_heads, 0, m.head_dim), torch.zeros(m.kv_heads, 0, m.head_dim))
                        for l in m.mem_layers}
-        self.cache = None      # per layer (k, v): keys as the layer attends to them (rotated where RoPE)
-        self.cache_raw = {}    # per memory layer: the cache's raw keys, which move to memory
+        dt = m.w["model.embed_tokens.weight"].dtype
+        # per layer (k, v) [W, Hkv, D]: keys as the layer attends to them (rotated where RoPE)
+        self.cache = [(torch.zeros(m.window, m.kv_heads, m.head_dim, dtype=dt),
+                       torch.zeros(m.window, m.kv_heads, m.head_dim, dtype=dt)) for _ in range(m.layers)]
+        self.cache_raw = {l: torch.zeros(m.window, m.kv_heads, m.head_dim, dtype=dt) for l in m.mem_layers}
         self.cache_len = 0
 
     def _write(self, layer, k, v):
@@ -170,8 +188,11 @@ class MemoryGenerator:
             mk, mv = mk[:, -self.capacity:].contiguous(), mv[:, -self.capacity:].contiguous()
         self.memory[layer] = (mk, mv)
 
-    def _memory_view(self):
-        return self.memory
+    def _window_cache(self):
+        m = self.model
+        dt = m.w["model.embed_tokens.weight"].dtype
+        return [(torch.empty(m.window, m.kv_heads, m.head_dim, dtype=dt),
+                 torch.empty(m.window, m.kv_heads, m.head_dim, dtype=dt)) for _ in range(m.layers)]
 
     @torch.no_grad()
     def ingest(self, tokens, return_logits: bool = False):
@@ -182,12 +203,13 @@ class MemoryGenerator:
         w = self.model.window
         n_prefix = max(len(tokens) - self.c, 0)
         outs = []
+        scratch = self._window_cache() if n_prefix else None   # a window's own keys, dropped after it
         for s in range(0, n_prefix, w):
-            logits, kv = self.model.forward_tokens(tokens[s: min(s + w, n_prefix)], 0, None,
-                                                   self._memory_view(), self.top_k)
+            logits, kv = self.model.forward_tokens(tokens[s: min(s + w, n_prefix)], 0, scratch, self.memory,
+                                                   self.top_k)
             outs.append(logits)
             for l in self.model.mem_layers:
-                self._write(l, kv[l][0], kv[l][2])
+                self._write(l, *kv[l])
         logits = self.extend(tokens[n_prefix:])
         outs.append(logits)
         return torch.cat(outs) if return_logits else outs[-1][-1]
@@ -202,16 +224,12 @@ class MemoryGenerator:
             if self.cache_len == self.model.window:  # the whole cache moves to memory (raw keys)
                 for l in self.model.mem_layers:
                     self._write(l, self.cache_raw[l], self.cache[l][1])
-                self.cache, self.cache_raw, self.cache_len = None, {}, 0
+                self.cache_len = 0
             n = min(len(tokens) - i, self.model.window - self.cache_len)
             logits, kv = self.model.forward_tokens(tokens[i: i + n], self.cache_len, self.cache,
-                                                   self._memory_view(), self.top_k)
-            new = [(k, v) for _, k, v in kv]
-            self.cache = new if self.cache is None else [
-                (torch.cat([ck, k]), torch.cat([cv, v])) for (ck, cv), (k, v) in zip(self.cache, new)]
+                                                   self.memory, self.top_k)
             for l in self.model.mem_layers:
-                raw = kv[l][0]
-                self.cache_raw[l] = raw if l not in self.cache_raw else torch.cat([self.cache_raw[l], raw])
+                self.cache_raw[l][self.cache_len: self.cache_len + n] = kv[l][0]
             self.cache_len += n
             outs.append(logits)
             i += n

@@ -1,0 +1,208 @@
+"""Long-prompt ingest and generation speed, one exported model, every runtime in one run.
+
+A model of 4 layers x 256 (window 512, memory layers 1 and 3, vocabulary 32,000) reads a prompt of
+L tokens (LongLLaMA windowing: memory holds all but the last context) and generates N tokens
+greedily with dense memory attention (every entry, as the original LongLLaMA code does) and with
+top-k 32. Rows:
+
+- `fot_jax`: `MemoryRuntime` (JAX): jitted windows, generation decoded on the device;
+- `fot_jax host loop`: the same runtime driven one token per call from Python (sample, extend),
+  what generation costs with a host round trip per token;
+- `fot_jax, no memory`: the same model with no memory layers (local cache only): the baseline
+  that memory's cost is measured against;
+- `fot_jax.torch`: the PyTorch runtime on the exported weights (HF layout);
+- `original LongLLaMA`: with `--longllama DIR`, the original PyTorch code (a directory holding
+  `modeling_longllama.py` and `configuration_longllama.py`, never part of this project) on the
+  same exported weights.
+
+Printed: ingest tokens/s, generation tokens/s and time to first token, each also as a ratio to
+the first row, and the ingest's achieved GFLOP/s against a matmul measured in the same run.
+
+    python benchmarks/generate.py                          # L = 8192, N = 128
+    python benchmarks/generate.py --length 2048 --new 32   # quick
+    python benchmarks/generate.py --longllama ~/src/long_llama/src
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fot_jax import config as config_lib
+from fot_jax.checkpoint import save_params
+from fot_jax.convert import api
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings, sample
+from fot_jax.model import llama
+
+
+def make_config(args, mem_layers):
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size = 32000, args.width, 4 * args.width
+    m.num_layers, m.num_heads, m.num_kv_heads = 4, args.width // 64, args.width // 64
+    m.max_position_embeddings, m.last_context_length = args.window, args.window
+    m.mem_layers = mem_layers
+    c.data.seq_len = args.window
+    c.data.doc_length = 2 * args.window
+    config_lib.validate(c)
+    return c
+
+
+def best_of(fn, repeats):
+    out, best = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def jax_rows(model, args, prompt, capacity):
+    """(name, ingest s, generation s, time to first token s, tokens) per JAX runtime row."""
+    rows = []
+    for search in ("dense", "exact"):
+        settings = MemorySettings(top_k=args.top_k, capacity=capacity, search=search, dtype="bfloat16",
+                                  last_context_length=args.window)
+        rt = MemoryRuntime(model, 1, settings)
+        rt.generate([prompt], 2, stop_token=-1)        # compile ingest, extend and decode programs
+        t_ingest, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
+        t_first, _ = best_of(lambda: rt.generate([prompt], 1, stop_token=-1), args.repeats)
+        t_gen, out = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1), args.repeats)
+        rows.append((f"fot_jax ({search})", t_ingest, t_gen - t_ingest, t_first, out[0].tolist()))
+
+        def host_loop():
+            logits, key, toks = rt.ingest([prompt]), jax.random.key(0), []
+            for _ in range(args.new):
+                key, sub = jax.random.split(key)
+                tok = int(np.asarray(sample(jnp.asarray(logits), sub, 0.0, 1.0))[0])
+                toks.append(tok)
+                logits = rt.extend([[tok]])
+            return toks
+        t_host, toks = best_of(host_loop, args.repeats)
+        rows.append((f"fot_jax host loop ({search})", t_ingest, t_host - t_ingest, None, toks))
+    return rows
+
+
+def torch_row(directory, args, prompt, top_k, name):
+    import torch
+    from fot_jax.torch import MemoryGenerator, load
+    torch.set_num_threads(args.threads)
+    gen = MemoryGenerator(load(directory), top_k=top_k, last_context_length=args.window, mem_dtype="bfloat16")
+    gen.generate(prompt[:args.window * 2], 2, eos_token_id=-1)
+    t_ingest, _ = best_of(lambda: gen.ingest(prompt), args.repeats)
+    t_gen, out = best_of(lambda: gen.generate(prompt, args.new, eos_token_id=-1), args.repeats)
+    return (name, t_ingest, t_gen - t_ingest, None, list(out))
+
+
+def original_row(directory, src, args, prompt):
+    """The original LongLLaMA code on the same weights (dense memory, its default)."""
+    import torch
+    sys.path.insert(0, os.path.abspath(src))
+    for needed in ("modeling_longllama", "configuration_longllama"):
+        if importlib.util.find_spec(needed) is None:
+            raise SystemExit(f"--longllama {src}: no {needed}.py there (give the directory that holds the "
+                             "original LongLLaMA modeling code)")
+    from configuration_longllama import LongLlamaConfig
+    from modeling_longllama import LongLlamaForCausalLM
+    torch.set_num_threads(args.threads)
+    cfg = LongLlamaConfig.from_pretrained(directory)
+    cfg.last_context_length = args.window
+    model = LongLlamaForCausalLM.from_pretrained(directory, config=cfg, torch_dtype=torch.float32).eval()
+    ids = torch.as_tensor(prompt[None], dtype=torch.long)
+
+    @torch.no_grad()
+    def ingest():
+        return model(input_ids=ids, last_context_length=args.window)
+
+    @torch.no_grad()
+    def gen():
+        return model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                              last_context_length=args.window)
+    ingest()
+    t_ingest, _ = best_of(ingest, args.repeats)
+    t_gen, out = best_of(gen, args.repeats)
+    return ("original LongLLaMA (dense)", t_ingest, t_gen - t_ingest, None, out[0, len(prompt):].tolist())
+
+
+def matmul_gflops(width):
+    """Float32 GFLOP/s of a [512, width] x [width, 4 width] matmul, the model's MLP shape."""
+    a, b = jnp.ones((512, width), jnp.float32), jnp.ones((width, 4 * width), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    reps = 200
+    start = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(f(a, b))
+    return 2 * 512 * width * 4 * width * reps / (time.perf_counter() - start) / 1e9
+
+
+def ingest_flops(m, length, window):
+    """Forward FLOPs of LongLLaMA windowing over `length` tokens: weights plus local attention;
+    memory attention (queries x stored entries) on the memory layers."""
+    d, h = m.hidden_size, m.intermediate_size
+    per_token = m.num_layers * (2 * 4 * d * d + 2 * 3 * d * h) + 2 * d * m.vocab_size / window
+    attn = m.num_layers * 2 * 2 * d * (window / 2)
+    mem = len(m.mem_layers) * 2 * 2 * d * (length / 2)
+    return length * (per_token + attn + mem)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--longllama", default=None, help="directory of the original LongLLaMA modeling code")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    c = make_config(args, [1, 3])
+    model = llama.create(c.model, seed=0)
+    prompt = np.random.default_rng(0).integers(3, c.model.vocab_size, args.length).astype(np.int32)
+    capacity = -(-args.length // args.window) * args.window
+    rows = jax_rows(model, args, prompt, capacity)
+    plain = llama.create(make_config(args, []).model, seed=0)
+    rt = MemoryRuntime(plain, 1, MemorySettings(capacity=capacity, last_context_length=args.window))
+    rt.generate([prompt], 2, stop_token=-1)
+    t_ingest, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
+    t_gen, _ = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1), args.repeats)
+    rows.append(("fot_jax, no memory", t_ingest, t_gen - t_ingest, None, None))
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.no_torch or args.longllama:
+            save_params(os.path.join(tmp, "run"), c, nnx.state(model, nnx.Param))
+            api.export_model(os.path.join(tmp, "run"), os.path.join(tmp, "hf"), log=lambda *_: None)
+        if not args.no_torch:
+            rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, None, "fot_jax.torch (dense)"))
+            rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, args.top_k, "fot_jax.torch (exact)"))
+        if args.longllama:
+            rows.append(original_row(os.path.join(tmp, "hf"), args.longllama, args, prompt))
+    mm = matmul_gflops(args.width)
+    flops = ingest_flops(c.model, args.length, args.window)
+    print(f"model: 4 x {args.width}, window {args.window}, memory layers [1, 3], vocab 32000; prompt "
+          f"{args.length:,} tokens, {args.new} generated (greedy); store bfloat16; top-k {args.top_k}; "
+          f"best of {args.repeats}; float32 matmul {mm:.0f} GFLOP/s in this run")
+    print(f"{'runtime':<30} {'ingest tok/s':>12} {'GFLOP/s':>8} {'gen tok/s':>10} {'TTFT s':>7} "
+          f"{'ingest vs 1st':>13} {'gen vs 1st':>10} {'same tokens':>11}")
+    print("(same tokens: greedy output equal to fot_jax's with the same memory search)")
+    ref = rows[0]
+    by_mode = {r[0].split("(")[-1]: r[4] for r in rows if r[0].startswith("fot_jax (")}
+    for name, ti, tg, ttft, toks in rows:
+        want = by_mode.get(name.split("(")[-1])          # fot_jax's tokens with the same memory search
+        same = "" if toks is None or want is None else (
+            "yes" if toks == want else f"{np.mean(np.array(toks) == np.array(want)):.0%}")
+        print(f"{name:<30} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
+              f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x {same:>11}")
+
+
+if __name__ == "__main__":
+    main()
