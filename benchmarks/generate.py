@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +78,7 @@ def jax_rows(model, args, prompt, capacity):
         t_ingest, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
         t_first, _ = best_of(lambda: rt.generate([prompt], 1, stop_token=-1), args.repeats)
         t_gen, out = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1), args.repeats)
-        rows.append((f"fot_jax ({search})", t_ingest, t_gen - t_ingest, t_first, out[0].tolist()))
+        rows.append((f"fot_jax ({search})", t_ingest, t_gen - t_ingest, t_first, out[0].tolist(), None))
 
         def host_loop():
             logits, key, toks = rt.ingest([prompt]), jax.random.key(0), []
@@ -87,19 +89,38 @@ def jax_rows(model, args, prompt, capacity):
                 logits = rt.extend([[tok]])
             return toks
         t_host, toks = best_of(host_loop, args.repeats)
-        rows.append((f"fot_jax host loop ({search})", t_ingest, t_host - t_ingest, None, toks))
+        rows.append((f"fot_jax host loop ({search})", t_ingest, t_host - t_ingest, None, toks, None))
     return rows
 
 
+TORCH_CHILD = """
+import json, resource, sys, time
+import torch
+from fot_jax.torch import MemoryGenerator, load
+directory, top_k, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+gen = MemoryGenerator(load(directory), top_k=top_k, last_context_length=window, mem_dtype="bfloat16")
+gen.generate(prompt[:2 * window], 2, eos_token_id=-1)
+def best(fn):
+    out, t = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
+    return t, out
+t_ingest, _ = best(lambda: gen.ingest(prompt))
+t_gen, out = best(lambda: gen.generate(prompt, new, eos_token_id=-1))
+print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+"""
+
+
 def torch_row(directory, args, prompt, top_k, name):
-    import torch
-    from fot_jax.torch import MemoryGenerator, load
-    torch.set_num_threads(args.threads)
-    gen = MemoryGenerator(load(directory), top_k=top_k, last_context_length=args.window, mem_dtype="bfloat16")
-    gen.generate(prompt[:args.window * 2], 2, eos_token_id=-1)
-    t_ingest, _ = best_of(lambda: gen.ingest(prompt), args.repeats)
-    t_gen, out = best_of(lambda: gen.generate(prompt, args.new, eos_token_id=-1), args.repeats)
-    return (name, t_ingest, t_gen - t_ingest, None, list(out))
+    """fot_jax.torch in a process of its own (torch and fot_jax.torch only), so that its peak
+    resident memory is its own."""
+    spec = json.dumps([directory, top_k, args.window, args.new, args.repeats, args.threads, prompt.tolist()])
+    done = subprocess.run([sys.executable, "-c", TORCH_CHILD, spec], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+    t_ingest, t_gen, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    return (name, t_ingest, t_gen - t_ingest, None, out, rss)
 
 
 def original_row(directory, src, args, prompt):
@@ -129,7 +150,7 @@ def original_row(directory, src, args, prompt):
     ingest()
     t_ingest, _ = best_of(ingest, args.repeats)
     t_gen, out = best_of(gen, args.repeats)
-    return ("original LongLLaMA (dense)", t_ingest, t_gen - t_ingest, None, out[0, len(prompt):].tolist())
+    return ("original LongLLaMA (dense)", t_ingest, t_gen - t_ingest, None, out[0, len(prompt):].tolist(), None)
 
 
 def matmul_gflops(width):
@@ -172,11 +193,16 @@ def main():
     capacity = -(-args.length // args.window) * args.window
     rows = jax_rows(model, args, prompt, capacity)
     plain = llama.create(make_config(args, []).model, seed=0)
+    graphdef, params = nnx.split(plain)
+    windows = jnp.asarray(prompt[: args.length // args.window * args.window].reshape(-1, args.window))
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[:, -1])
+    jax.block_until_ready(forward(params, windows))
+    t_ingest, _ = best_of(lambda: jax.block_until_ready(forward(params, windows)), args.repeats)
     rt = MemoryRuntime(plain, 1, MemorySettings(capacity=capacity, last_context_length=args.window))
     rt.generate([prompt], 2, stop_token=-1)
-    t_ingest, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
-    t_gen, _ = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1), args.repeats)
-    rows.append(("fot_jax, no memory", t_ingest, t_gen - t_ingest, None, None))
+    t_gen, _ = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1) and None, args.repeats)
+    t_tail, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
+    rows.append(("fot_jax, no memory", t_ingest, t_gen - t_tail, None, None, None))
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_torch or args.longllama:
             save_params(os.path.join(tmp, "run"), c, nnx.state(model, nnx.Param))
@@ -192,16 +218,18 @@ def main():
           f"{args.length:,} tokens, {args.new} generated (greedy); store bfloat16; top-k {args.top_k}; "
           f"best of {args.repeats}; float32 matmul {mm:.0f} GFLOP/s in this run")
     print(f"{'runtime':<30} {'ingest tok/s':>12} {'GFLOP/s':>8} {'gen tok/s':>10} {'TTFT s':>7} "
-          f"{'ingest vs 1st':>13} {'gen vs 1st':>10} {'same tokens':>11}")
-    print("(same tokens: greedy output equal to fot_jax's with the same memory search)")
+          f"{'ingest vs 1st':>13} {'gen vs 1st':>10} {'same tokens':>11} {'peak RSS':>9}")
     ref = rows[0]
     by_mode = {r[0].split("(")[-1]: r[4] for r in rows if r[0].startswith("fot_jax (")}
-    for name, ti, tg, ttft, toks in rows:
+    for name, ti, tg, ttft, toks, rss in rows:
         want = by_mode.get(name.split("(")[-1])          # fot_jax's tokens with the same memory search
         same = "" if toks is None or want is None else (
             "yes" if toks == want else f"{np.mean(np.array(toks) == np.array(want)):.0%}")
         print(f"{name:<30} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
-              f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x {same:>11}")
+              f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x {same:>11} "
+              f"{'' if rss is None else f'{rss / 2**30:.2f} GiB':>9}")
+    print("same tokens: greedy output equal to fot_jax's with the same memory search; no-memory ingest: "
+          "the same windows through the model without memory, full logits; peak RSS: of a process running only that runtime")
 
 
 if __name__ == "__main__":

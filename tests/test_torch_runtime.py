@@ -33,12 +33,14 @@ CASES = {
     "as_first_dense": (dict(), None, 64),
     "as_first_topk_fifo": (dict(), 5, 32),                      # 75 tokens > capacity 32: FIFO drops
     "none_qknorm_topk_tied": (dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True), 7, 64),
+    "as_first_topk_bfloat16_store": (dict(), 5, 64, "bfloat16"),  # selection in the store's precision
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
-    overrides, top_k, capacity = CASES[case]
+    overrides, top_k, capacity, *store_dtype = CASES[case]
+    store_dtype = store_dtype[0] if store_dtype else "float32"
     c = _cfg(**overrides)
     config_lib.validate(c)
     model = llama.create(c.model, seed=3)
@@ -47,13 +49,14 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
                      log=lambda *_: None)
     tm = load(str(tmp_path / "hf"))
     doc = np.random.default_rng(0).integers(3, 64, 75)          # 4 windows of 16 + a tail of 6
-    settings = MemorySettings(top_k=top_k or 10_000, capacity=capacity, dtype="float32", last_context_length=6,
+    settings = MemorySettings(top_k=top_k or 10_000, capacity=capacity, dtype=store_dtype, last_context_length=6,
                               chunk=16, search="dense" if top_k is None else "exact")
     _, (expected,) = MemoryRuntime(model, 1, settings).ingest([doc], return_logits=True)
-    gen = MemoryGenerator(tm, top_k=top_k, capacity=capacity, mem_dtype="float32")
+    gen = MemoryGenerator(tm, top_k=top_k, capacity=capacity, mem_dtype=store_dtype)
     got = gen.ingest(doc, return_logits=True).numpy()
     assert got.shape == (75, 64)
-    np.testing.assert_allclose(got, expected[:, :64], atol=1e-4, rtol=0)
+    # a bfloat16 store: the same rounding on both sides, float32 sums in different orders
+    np.testing.assert_allclose(got, expected[:, :64], atol=1e-4 if store_dtype == "float32" else 1e-3, rtol=0)
     # greedy generation past the window (the cache moves to memory) gives the same tokens
     want = MemoryRuntime(model, 1, settings).generate([doc], 14, stop_token=-1)[0]
     assert gen.generate(doc, 14, eos_token_id=-1) == want.tolist()

@@ -65,13 +65,15 @@ class LongLlama(torch.nn.Module):
     def _p(self, i, name):
         return self.w[f"model.layers.{i}.{name}"]
 
-    def forward_tokens(self, tokens, pos0, cache, memory, top_k):
+    def forward_tokens(self, tokens, pos0, cache, memory, top_k, select_dtype=torch.float32):
         """One document's new tokens [T] at positions pos0.. ; cache: per layer (k, v) buffers
         [W, Hkv, D] whose first pos0 slots hold the earlier tokens (slot j at position j), keys as
         the layer attends to them (rotated at their positions where it uses RoPE: the cache is
         never rotated again); the new tokens' keys and values are written into slots pos0.. in
         place. memory: per memory layer (k [Hkv,N,D], v) or None. Returns logits [T, V] (float32)
-        and per layer the new tokens' raw keys [T, Hkv, D] (what memory stores) and values."""
+        and per layer the new tokens' raw keys [T, Hkv, D] (what memory stores) and values.
+        `select_dtype`: the precision top-k selection scores queries in (the store's dtype, as
+        fot_jax's exact search does); the selected entries' scores are float32."""
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
         t = tokens.shape[0]
         pos = pos0 + torch.arange(t)
@@ -98,7 +100,7 @@ class LongLlama(torch.nn.Module):
             mem = memory.get(i) if (memory is not None and is_mem) else None
             if mem is not None and mem[0].shape[1] == 0:
                 mem = None
-            out = _attend(q.transpose(0, 1).float(), keys, vals, pos0, mem, top_k)    # [H, T, D]
+            out = _attend(q.transpose(0, 1).float(), keys, vals, pos0, mem, top_k, select_dtype)  # [H, T, D]
             out = out.transpose(0, 1).reshape(t, h * d).to(x.dtype)
             x = x + out @ self._p(i, "self_attn.o_proj.weight").T
             hm = _rms(x, self._p(i, "post_attention_layernorm.weight"), self.eps)
@@ -108,7 +110,7 @@ class LongLlama(torch.nn.Module):
         return (x @ self.w["lm_head.weight"].T).float(), new_kv
 
 
-def _attend(q, keys, vals, pos0, mem, top_k):
+def _attend(q, keys, vals, pos0, mem, top_k, select_dtype=torch.float32):
     """Attention of q [H, T, D] (scaled, float32) over the local keys/values [Hkv, S+T, D]
     (causal: query j sees slots up to pos0 + j) and, with mem = (k, v) [Hkv, N, D], over memory
     in the same softmax: every entry (top_k None or >= N) or each query's top_k entries.
@@ -134,7 +136,9 @@ def _attend(q, keys, vals, pos0, mem, top_k):
         p = torch.softmax(torch.cat([sm, s], -1), -1)
         out = torch.einsum("hgtn,hnd->hgtd", p[..., : sm.shape[-1]], mv)
     else:                        # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
-        sm, idx = torch.topk(sm, top_k, dim=-1)
+        sel = sm if select_dtype == torch.float32 else torch.einsum("hgtd,hnd->hgtn", qg.to(select_dtype).float(), mk)
+        idx = torch.topk(sel, top_k, dim=-1).indices
+        sm = torch.gather(sm, -1, idx)
         mvals = mv[torch.arange(hkv)[:, None, None, None], idx]
         p = torch.softmax(torch.cat([sm, s], -1), -1)
         out = torch.einsum("hgtn,hgtnd->hgtd", p[..., :top_k], mvals)
@@ -206,7 +210,7 @@ class MemoryGenerator:
         scratch = self._window_cache() if n_prefix else None   # a window's own keys, dropped after it
         for s in range(0, n_prefix, w):
             logits, kv = self.model.forward_tokens(tokens[s: min(s + w, n_prefix)], 0, scratch, self.memory,
-                                                   self.top_k)
+                                                   self.top_k, self.mem_dtype)
             outs.append(logits)
             for l in self.model.mem_layers:
                 self._write(l, *kv[l])
@@ -227,7 +231,7 @@ class MemoryGenerator:
                 self.cache_len = 0
             n = min(len(tokens) - i, self.model.window - self.cache_len)
             logits, kv = self.model.forward_tokens(tokens[i: i + n], self.cache_len, self.cache,
-                                                   self.memory, self.top_k)
+                                                   self.memory, self.top_k, self.mem_dtype)
             for l in self.model.mem_layers:
                 self.cache_raw[l][self.cache_len: self.cache_len + n] = kv[l][0]
             self.cache_len += n
