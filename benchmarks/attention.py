@@ -56,7 +56,9 @@ def main():
     p.add_argument("--backends", default="")
     p.add_argument("--seq", default="512,2048,8192")
     p.add_argument("--ranges", default="0,3,7")
-    p.add_argument("--rows", type=int, default=0, help="batch rows (default: r + 1, so every row sees r others)")
+    p.add_argument(
+        "--rows", type=int, default=0, help="batch rows (default: r + 1, so every row sees r others)"
+    )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -72,8 +74,10 @@ def main():
     peak = metrics_lib.measure_matmul_flops(dtype=dtype)
     print(f"device: {jax.devices()[0].device_kind} ({platform}), {args.dtype} matmul measured now: "
           f"{peak / 1e9:,.1f} GFLOP/s; {args.heads} heads x {args.head_dim}, forward + backward")
-    print(f"{'T':>6} {'r':>3} {'backend':>10} {'temp MiB':>10} {'x ref mem':>10} {'ms':>9} {'x ref time':>11} "
-          f"{'of matmul':>10}")
+    print(
+        f"{'T':>6} {'r':>3} {'backend':>10} {'temp MiB':>10} {'x ref mem':>10} {'ms':>9} {'x ref time':>11} "
+        f"{'of matmul':>10}"
+    )
     for t in [int(x) for x in args.seq.split(",")]:
         for r in [int(x) for x in args.ranges.split(",")]:
             rows = args.rows or r + 1
@@ -87,7 +91,11 @@ def main():
                 secs = time_case(compiled, rows, t, args.heads, args.head_dim, dtype) if timed else None
                 results[backend] = (mib, secs)
                 ref_mib, ref_s = results["reference"]
-                share = f"{100 * flops(t, r, rows, args.heads, args.head_dim) / secs / peak:9.1f}%" if secs else ""
+                share = (
+                    f"{100 * flops(t, r, rows, args.heads, args.head_dim) / secs / peak:9.1f}%"
+                    if secs
+                    else ""
+                )
                 print(f"{t:>6} {r:>3} {backend:>10} {mib:>10.1f} {mib / ref_mib:>10.3f} "
                       f"{(f'{secs * 1e3:9.1f}' if secs else 'not timed'):>9} "
                       f"{(f'{ref_s / secs:11.2f}' if secs and ref_s else ''):>11} {share:>10}", flush=True)

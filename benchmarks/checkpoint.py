@@ -121,9 +121,13 @@ def main():
           "save | plain write | restore | plain read |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['config']} | {r['state_mb']:.1f} MB | {r['step_ms']:.0f} ms | {r['blocked_ms']:.1f} ms | "
-              f"{100 * r['blocked_share']:.1f}% | {r['step_with_saves_ms']:.0f} ms | {r['save_mb_s']:.0f} MB/s | "
-              f"{r['plain_write_mb_s']:.0f} MB/s | {r['restore_mb_s']:.0f} MB/s | {r['plain_read_mb_s']:.0f} MB/s |")
+        print(
+            f"| {r['config']} | {r['state_mb']:.1f} MB | {r['step_ms']:.0f} ms | {r['blocked_ms']:.1f} ms | "
+            f"{100 * r['blocked_share']:.1f}% | {r['step_with_saves_ms']:.0f} ms | "
+            f"{r['save_mb_s']:.0f} MB/s | "
+            f"{r['plain_write_mb_s']:.0f} MB/s | {r['restore_mb_s']:.0f} MB/s | "
+            f"{r['plain_read_mb_s']:.0f} MB/s |"
+        )
 
 
 if __name__ == "__main__":

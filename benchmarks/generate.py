@@ -145,12 +145,24 @@ def original_row(directory, src, args, prompt):
 
     @torch.no_grad()
     def gen():
-        return model.generate(input_ids=ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                              last_context_length=args.window)
+        return model.generate(
+            input_ids=ids,
+            max_new_tokens=args.new,
+            min_new_tokens=args.new,
+            do_sample=False,
+            last_context_length=args.window,
+        )
     ingest()
     t_ingest, _ = best_of(ingest, args.repeats)
     t_gen, out = best_of(gen, args.repeats)
-    return ("original LongLLaMA (dense)", t_ingest, t_gen - t_ingest, None, out[0, len(prompt):].tolist(), None)
+    return (
+        "original LongLLaMA (dense)",
+        t_ingest,
+        t_gen - t_ingest,
+        None,
+        out[0, len(prompt) :].tolist(),
+        None,
+    )
 
 
 def matmul_gflops(width):
@@ -176,7 +188,9 @@ def ingest_flops(m, length, window):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
@@ -225,11 +239,17 @@ def main():
         want = by_mode.get(name.split("(")[-1])          # fot_jax's tokens with the same memory search
         same = "" if toks is None or want is None else (
             "yes" if toks == want else f"{np.mean(np.array(toks) == np.array(want)):.0%}")
-        print(f"{name:<30} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
-              f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x {same:>11} "
-              f"{'' if rss is None else f'{rss / 2**30:.2f} GiB':>9}")
-    print("same tokens: greedy output equal to fot_jax's with the same memory search; no-memory ingest: "
-          "the same windows through the model without memory, full logits; peak RSS: of a process running only that runtime")
+        print(
+            f"{name:<30} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
+            f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x "
+            f"{same:>11} "
+            f"{'' if rss is None else f'{rss / 2**30:.2f} GiB':>9}"
+        )
+    print(
+        "same tokens: greedy output equal to fot_jax's with the same memory search; no-memory ingest: "
+        "the same windows through the model without memory, full logits; "
+        "peak RSS: of a process running only that runtime"
+    )
 
 
 if __name__ == "__main__":

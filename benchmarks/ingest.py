@@ -40,7 +40,9 @@ def model_config(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", default="8192,16384,32768,65536")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--window", type=int, default=512)
@@ -70,10 +72,13 @@ def main():
 
     runtimes = {mode: MemoryRuntime(model, 1, MemorySettings(
         top_k=args.top_k, capacity=capacity, search=mode, dtype="float32",
-        last_context_length=args.window, chunk=8192)) for mode in ("exact", "dense")}
+        last_context_length=args.window)) for mode in ("exact", "dense")}
     print(f"model: 4 layers, width {args.width}, window {args.window}, memory layers {list(m.mem_layers)}; "
           f"store float32, capacity {capacity:,}; best of {args.repeats}")
-    print(f"{'L':>7} {'plain tok/s':>12} {'top-k tok/s':>12} {'dense tok/s':>12} {'top-k/plain':>12} {'dense/plain':>12}")
+    print(
+        f"{'L':>7} {'plain tok/s':>12} {'top-k tok/s':>12} {'dense tok/s':>12} "
+        f"{'top-k/plain':>12} {'dense/plain':>12}"
+    )
     rows = []
     for length in lengths:
         doc = rng.integers(3, m.vocab_size, length).astype(np.int32)
@@ -81,8 +86,11 @@ def main():
         t_plain = timed(lambda: jax.block_until_ready(plain(params, windows)), ("plain", length))
         t = {mode: timed(lambda rt=rt: rt.ingest([doc]), mode) for mode, rt in runtimes.items()}
         rows.append((length, t_plain, t["exact"], t["dense"]))
-        print(f"{length:>7} {length / t_plain:>12,.0f} {length / t['exact']:>12,.0f} {length / t['dense']:>12,.0f} "
-              f"{t['exact'] / t_plain:>11.2f}x {t['dense'] / t_plain:>11.2f}x")
+        print(
+            f"{length:>7} {length / t_plain:>12,.0f} {length / t['exact']:>12,.0f} "
+            f"{length / t['dense']:>12,.0f} "
+            f"{t['exact'] / t_plain:>11.2f}x {t['dense'] / t_plain:>11.2f}x"
+        )
     first = rows[0]
     print(f"growth from {first[0]:,} to {rows[-1][0]:,} tokens ({rows[-1][0] / first[0]:.0f}x the tokens): "
           f"plain {rows[-1][1] / first[1]:.1f}x, top-k {rows[-1][2] / first[2]:.1f}x, "

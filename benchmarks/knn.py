@@ -35,7 +35,9 @@ def best_of(fn, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keys", type=int, default=1 << 20)
     parser.add_argument("--queries", default="256,2048")
     parser.add_argument("--dims", default="64,128")

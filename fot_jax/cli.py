@@ -22,9 +22,48 @@ def _join(args):
     distributed.initialize(settings)
 
 
+class UsageError(Exception):
+    """A command-line mistake: one line naming the problem and the fix, exit 2."""
+
+
+def _writable_dir(path: str, flag: str = "--workdir"):
+    """A directory this run may create or write into; checked before any work."""
+    import os
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(
+            f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)"
+        )
+    if "://" in path:       # a bucket: checked when it is written
+        return
+    parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UsageError(
+            f"{flag} {path} cannot be written ({parent} is not writable); choose another directory"
+        )
+
+
+def _existing_workdir(path: str, flag: str):
+    """A workdir given as input (a model to compare with): it must hold a checkpoint."""
+    import os
+    if "://" in path:       # a bucket: checked when it is read
+        return
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"{flag} {path} is not a directory; give a training workdir (fot-jax train --workdir ...)"
+        )
+    ckpt = os.path.join(path, "checkpoints")
+    if not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+        raise UsageError(
+            f"{flag} {path} holds no checkpoint; train it first (fot-jax train --workdir {path} ...)"
+        )
+
+
 def cmd_train(args, overrides):
     from fot_jax import config as config_lib
     from fot_jax.train.loop import train
+    _writable_dir(args.workdir)
     cfg = config_lib.load_config(args.config, overrides)
     _join(args)
     summary = train(cfg, args.workdir)
@@ -41,7 +80,9 @@ def _parse_tokens(text: str):
     try:
         return np.array([int(t) for t in text.replace(",", " ").split()], np.int32)
     except ValueError:
-        raise SystemExit(f"fot-jax: --tokens wants integer token ids separated by spaces or commas, got {text[:40]!r}")
+        raise SystemExit(
+            f"fot-jax: --tokens wants integer token ids separated by spaces or commas, got {text[:40]!r}"
+        )
 
 
 def _workdir_tokenizer(args, cfg):
@@ -49,7 +90,9 @@ def _workdir_tokenizer(args, cfg):
     from fot_jax.data.text import TEXT_TASKS, tokenizer_path
     from fot_jax.data.tokenizer import load_tokenizer, tokenizer_file
     own = tokenizer_file(args.workdir) is not None
-    source = args.tokenizer or (args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
+    source = args.tokenizer or (
+        args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg)
+    )
     return load_tokenizer(source), source
 
 
@@ -77,7 +120,10 @@ def _compilation_cache():
     """JAX's persistent compilation cache ($FOT_JAX_COMPILATION_CACHE, default ~/.cache/fot_jax/xla;
     "" turns it off): a second `fot-jax generate` with the same shapes skips compiling."""
     import os
-    path = os.environ.get("FOT_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fot_jax", "xla"))
+
+    path = os.environ.get(
+        "FOT_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fot_jax", "xla")
+    )
     if not path:
         return
     import jax
@@ -88,7 +134,9 @@ def _compilation_cache():
 
 def cmd_generate(args, overrides):
     import time
+
     import numpy as np
+
     from fot_jax.checkpoint import load_model
     from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
     prompts = []
@@ -98,8 +146,10 @@ def cmd_generate(args, overrides):
         prompts.append(np.load(path).astype(np.int32).reshape(-1) if path.endswith(".npy")
                        else _parse_tokens(open(path).read()))
     if not prompts and not (args.prompt or args.prompt_file):
-        raise SystemExit("fot-jax generate: give a prompt: --prompt TEXT, --prompt-file FILE, or token ids with "
-                         "--tokens '1 3 7 ...' / --tokens-file")
+        raise SystemExit(
+            "fot-jax generate: give a prompt: --prompt TEXT, --prompt-file FILE, or token ids with "
+            "--tokens '1 3 7 ...' / --tokens-file"
+        )
     if prompts and (args.prompt or args.prompt_file):
         raise SystemExit("fot-jax generate: give either text prompts (--prompt, --prompt-file) or token ids "
                          "(--tokens, --tokens-file), not both")
@@ -145,10 +195,21 @@ def cmd_generate(args, overrides):
 
 def cmd_eval(args, overrides):
     import os
+
     import numpy as np
+
     from fot_jax.checkpoint import load_model
     from fot_jax.data import dictionary
     from fot_jax.evals import memory
+
+    for flag, paths in (
+        ("--baseline", [args.baseline] if args.baseline else []),
+        ("--compare", args.compare or []),
+    ):
+        for path in paths:
+            _existing_workdir(path, flag)
+    if args.out:
+        _writable_dir(args.out, "--out")
     cfg, model = load_model(args.workdir, overrides=overrides)
     out_dir = args.out or os.path.join(args.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
@@ -161,12 +222,27 @@ def cmd_eval(args, overrides):
             from jax.sharding import AxisType
             mesh = jax.make_mesh((args.memory_shards,), ("memory",), axis_types=(AxisType.Auto,),
                                  devices=jax.devices()[: args.memory_shards])
-        rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
-                                     baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype,
-                                     mesh=mesh)
-        print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"),
-                                 f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"))
-        memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
+        rows = memory.memory_scaling(
+            cfg,
+            model,
+            sizes,
+            num_docs=args.num_docs,
+            top_k=cfg.memory.top_k,
+            baseline=baseline,
+            search=cfg.memory.search,
+            mem_dtype=cfg.model.mem_dtype,
+            mesh=mesh,
+        )
+        print(
+            memory.write_table(
+                rows,
+                os.path.join(out_dir, "memory_scaling"),
+                f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})",
+            )
+        )
+        memory.plot_scaling(
+            rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS
+        )
     elif args.task == "passkey":
         from fot_jax.data.tokenizer import check_vocab
         from fot_jax.evals import passkey
@@ -175,8 +251,11 @@ def cmd_eval(args, overrides):
         check_vocab(tok, cfg.model)
         lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
         rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
-        label = args.label or (f"mem_layers {list(cfg.model.mem_layers)}, W={cfg.model.max_position_embeddings}"
-                               if cfg.model.mem_layers else f"no memory, W={cfg.model.max_position_embeddings}")
+        label = args.label or (
+            f"mem_layers {list(cfg.model.mem_layers)}, W={cfg.model.max_position_embeddings}"
+            if cfg.model.mem_layers
+            else f"no memory, W={cfg.model.max_position_embeddings}"
+        )
         base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
         print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
         import glob
@@ -190,7 +269,9 @@ def cmd_eval(args, overrides):
         from fot_jax.evals import perplexity
         src = document_source(cfg, "validation")
         docs = [np.asarray(src[i]["tokens"]) for i in range(len(src))]
-        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
+        sizes = (
+            [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
+        )
         results = {}
         for mode in ([args.mode] if args.mode != "both" else ["single_doc", "multi_doc"]):
             rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode,
@@ -203,7 +284,9 @@ def cmd_eval(args, overrides):
         results = {}
         for label, workdir in [("this model", args.workdir)] + [(w, w) for w in args.compare or []]:
             c, mdl = (cfg, model) if workdir == args.workdir else load_model(workdir)
-            label = f"trained r={c.crossbatch.range}" + ("" if workdir == args.workdir else f" ({os.path.basename(workdir.rstrip('/'))})")
+            label = f"trained r={c.crossbatch.range}" + (
+                "" if workdir == args.workdir else f" ({os.path.basename(workdir.rstrip('/'))})"
+            )
             rows = memory.distraction(c, mdl, num_docs=args.num_docs)
             results[label] = rows
             print(memory.write_table(rows, os.path.join(out_dir, f"distraction_r{c.crossbatch.range}"),
@@ -232,6 +315,7 @@ def cmd_sweep(args, overrides):
 
 def cmd_plan(args, overrides):
     import os
+
     from fot_jax import config as config_lib
     from fot_jax.plan import format_plan, make_plan, parse_mesh
     cfg = config_lib.load_config(args.config, overrides, platform=args.platform)
@@ -248,8 +332,9 @@ def cmd_plan(args, overrides):
     sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
     devices = args.devices or (0 if -1 in sizes else sizes[0] * sizes[1] * sizes[2])
     if not devices:
-        raise config_lib.ConfigError("config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) "
-                                     "or a full --mesh")
+        raise config_lib.ConfigError(
+            "config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) or a full --mesh"
+        )
     # Simulated CPU devices for the pod's shape; must be set before JAX starts its backend.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -262,7 +347,9 @@ def cmd_plan(args, overrides):
     if args.tokens_per_s and args.chip:
         from fot_jax.train.metrics import chip_peak_flops
         if chip_peak_flops(args.chip) is None:
-            raise config_lib.ConfigError(f"--chip: unknown chip {args.chip!r} (v4, v5e, v5p, v6e, a100, h100, h200)")
+            raise config_lib.ConfigError(
+                f"--chip: unknown chip {args.chip!r} (v4, v5e, v5p, v6e, a100, h100, h200)"
+            )
     plan = make_plan(cfg, jax.devices()[:devices], platform=args.platform)
     print(format_plan(plan, os.path.basename(args.config), args.device_memory, args.all_params,
                       args.tokens_per_s, args.chip))
@@ -286,7 +373,9 @@ def cmd_import(args, overrides):
 def cmd_export(args, overrides):
     from fot_jax.convert.api import export_model
     if overrides:
-        raise SystemExit("fot-jax export: --config.* overrides do not apply (the checkpoint's config is exported)")
+        raise SystemExit(
+            "fot-jax export: --config.* overrides do not apply (the checkpoint's config is exported)"
+        )
     export_model(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
                  fot_extensions=args.fot_extensions, max_shard_size=args.max_shard_size,
                  tokenizer=args.tokenizer)
@@ -343,18 +432,32 @@ def _distributed_flags(p):
                    help="seconds without a heartbeat before a process counts as dead")
 
 
+OVERRIDES_HELP = """config overrides: any config field, after the flags, as --config.SECTION.FIELD=VALUE
+  (VALUE is read as a Python literal: numbers, True/False, lists; anything else is a string), e.g.
+  fot-jax train --config configs/dictionary_lookup.py --workdir runs/x \\
+      --config.train.steps=200 --config.model.mem_layers=[1,3] --config.crossbatch.range=3
+The same overrides work for generate, eval and plan."""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
+    from fot_jax import __version__
     parser = argparse.ArgumentParser(prog="fot-jax", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fot-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (and evaluate) a model from a config file")
+    p = sub.add_parser("train", help="train (and evaluate) a model from a config file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OVERRIDES_HELP)
     p.add_argument("--config", required=True, help="a config file in configs/")
     p.add_argument("--workdir", required=True, help="where metrics, plots and checkpoints go")
     _distributed_flags(p)
     p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
-    p.add_argument("--prompt", action="append", help="a text prompt, through the workdir's tokenizer (repeat for a batch)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a text prompt, through the workdir's tokenizer (repeat for a batch)",
+    )
     p.add_argument("--prompt-file", action="append", help="a text file as the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the workdir's)")
@@ -385,11 +488,19 @@ def main(argv=None):
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
     p = sub.add_parser("sweep", help="run a config's sweep points (get_sweep()), each in its own workdir")
-    p.add_argument("--config", required=True, help="a config file with get_sweep(), e.g. configs/ablations/*.py")
-    p.add_argument("--workdir", required=True, help="points go to WORKDIR/<point>; summary in WORKDIR/sweep.md")
-    p.add_argument("--launcher", help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)")
+    p.add_argument(
+        "--config", required=True, help="a config file with get_sweep(), e.g. configs/ablations/*.py"
+    )
+    p.add_argument(
+        "--workdir", required=True, help="points go to WORKDIR/<point>; summary in WORKDIR/sweep.md"
+    )
+    p.add_argument(
+        "--launcher", help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)"
+    )
     p.add_argument("--list", action="store_true", help="only list the points")
-    p = sub.add_parser("plan", help="compile the train step on a simulated pod mesh: per-device memory, shardings")
+    p = sub.add_parser(
+        "plan", help="compile the train step on a simulated pod mesh: per-device memory, shardings"
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--mesh", help="e.g. fsdp=32 or data=2,fsdp=16 (default: the config's mesh)")
     p.add_argument("--devices", type=int, help="pod size when the mesh has a -1 axis")
@@ -397,14 +508,18 @@ def main(argv=None):
                    "exit 1 when the plan does not fit")
     p.add_argument("--all-params", action="store_true", help="list every parameter, not one per shape")
     p.add_argument("--json", help="also write the plan as JSON here")
-    p.add_argument("--tokens-per-s", type=float, help="a global throughput target: with --chip, the MFU it needs")
+    p.add_argument(
+        "--tokens-per-s", type=float, help="a global throughput target: with --chip, the MFU it needs"
+    )
     p.add_argument("--chip", help="the pod's chip for --tokens-per-s (v4, v5e, v5p, v6e, h100, h200, ...)")
     p.add_argument("--platform", choices=("tpu", "cpu"), default="tpu",
                    help="the chips the plan is for: picks the attention backend that `auto` means there "
                         "(tpu: splash attention; default)")
     p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
     p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
-    p.add_argument("--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)")
+    p.add_argument(
+        "--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("export", help="a fot_jax checkpoint -> an HF directory in the LongLLaMA format")
@@ -412,7 +527,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the HF directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="split the weights into files of at most this size"
+    )
     p.add_argument("--tokenizer", help="tokenizer file or directory to include (default <workdir>/tokenizer)")
     p.add_argument("--fot-extensions", action="store_true",
                    help="allow qk_norm / gated models (readable by fot_jax.torch, not by stock LLaMA code)")
@@ -429,9 +546,9 @@ def main(argv=None):
     args = parser.parse_args(known)
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.config import ConfigError
-    from fot_jax.infer.runtime import MemoryRuntimeError
     from fot_jax.convert.hf import ConversionError
     from fot_jax.data.tokenizer import TokenizerError
+    from fot_jax.infer.runtime import MemoryRuntimeError
     from fot_jax.parallel.distributed import DistributedError
     try:
         if args.command == "train":
@@ -453,6 +570,9 @@ def main(argv=None):
             return cmd_tokenizer(args, overrides)
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"fot-jax {args.command}: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:
         print(f"fot-jax: {e}", file=sys.stderr)

@@ -57,18 +57,22 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.dtype = "float32"               # compute dtype (bfloat16 on TPU)
     m.mem_layers = [1]                # 0-based indices of memory layers
-    m.mem_positionals = "as_first"    # as_first (LongLLaMA) | none (the paper's small models)
-    m.qk_norm = "none"                # none | memory | all: L2-normalised q, k, learnable per-head temperature
+    m.mem_positionals = "as_first"  # as_first (LongLLaMA) | none (the paper's small models)
+    m.qk_norm = "none"  # none | memory | all: L2-normalised q, k, learnable per-head temperature
     m.qk_temperature_init = 8.0
-    m.remat = "none"                  # none | full | dots | dots_no_batch
-    m.scan_layers = True              # consecutive layers of one structure run as one lax.scan (compile time flat in depth)
-    m.scan_unroll = 0                 # layers per scan loop trip; 0: 1 on TPU/GPU, all on CPU (XLA:CPU runs loops slower)
-    m.attention_backend = "auto"      # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
+    m.remat = "none"  # none | full | dots | dots_no_batch
+    m.scan_layers = True
+    m.scan_unroll = 0  # layers per scan loop trip; 0: 1 on TPU/GPU, all on CPU (XLA:CPU runs loops slower)
+    m.attention_backend = (
+        "auto"  # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
+    )
     m.attention_block_q = 512         # splash query block (a multiple of 128; v4/v5e/v5p: 512)
     m.attention_block_kv = 512        # splash key/value block (a multiple of 128)
     m.last_context_length = 1024      # inference: tokens kept as local cache (LongLLaMA)
-    m.mem_dtype = "bfloat16"          # inference memory store dtype
-    m.mem_attention = "joint"         # joint (FoT: memory top-k in the local softmax) | gated (Memorizing Transformer)
+    m.mem_dtype = "bfloat16"  # inference memory store dtype
+    m.mem_attention = (
+        "joint"  # joint (FoT: memory top-k in the local softmax) | gated (Memorizing Transformer)
+    )
     m.bos_token_id = 1
     m.eos_token_id = 2
     m.pad_token_id = 0
@@ -99,8 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.key_length = 4                  # dictionary lookup: tokens per key
     d.value_length = 4                # dictionary lookup: tokens per value
     # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
-    d.source = ""                     # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
-    d.tokenizer = "open_llama_v2"     # .model / tokenizer.json / directory, a built-in name, or "": train.init_from's
+    d.source = ""  # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
+    d.tokenizer = (
+        "open_llama_v2"  # .model / tokenizer.json / directory, a built-in name, or "": train.init_from's
+    )
     d.file_patterns = ["*.py"]        # text_files / stdlib: file globs
     d.exclude = ["__pycache__", "test", "tests", "idlelib", "site-packages"]   # dirs/files skipped
     d.concat_by_directory = True      # one document per directory, files in a seeded random order
@@ -134,8 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
     t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
-    t.init_from = ""                  # a workdir or `fot-jax import` output: start from its parameters
-    t.preemption_check_every = 10     # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
+    t.init_from = ""  # a workdir or `fot-jax import` output: start from its parameters
+    t.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
     t.stop_timeout = 300.0            # s after SIGTERM before a process that cannot stop cleanly exits 143
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
 
@@ -143,8 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
     mem.top_k = 32                    # memory entries each query retrieves
     mem.capacity = 65536              # N: tokens a store holds per row (FIFO ring buffer)
     mem.mode = "single_doc"           # single_doc (reset per document) | multi_doc (never reset)
-    mem.overflow = "fifo"             # fifo (drop the oldest) | strict (a document longer than N is an error)
-    mem.search = "exact"              # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
+    mem.overflow = "fifo"  # fifo (drop the oldest) | strict (a document longer than N is an error)
+    mem.search = "exact"  # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
     mem.recall_target = 0.95          # approx search only
     mem.chunk = 0                     # keys scored at once (0 = auto: a cache-sized score tile)
 
@@ -152,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     p.data = -1                       # sizes within a slice (ICI); one may be -1 (filled from the devices)
     p.fsdp = 1
     p.tensor = 1
-    p.dcn_data = 1                    # slices along each axis (multi-slice pods, over the data-centre network)
+    p.dcn_data = 1  # slices along each axis (multi-slice pods, over the data-centre network)
     p.dcn_fsdp = 1
     p.dcn_tensor = 1
     return c
@@ -244,7 +250,9 @@ def load_module(path: str):
     return module
 
 
-def load_config(path: str, overrides: Iterable[str] = (), platform: str | None = None) -> ml_collections.ConfigDict:
+def load_config(
+    path: str, overrides: Iterable[str] = (), platform: str | None = None
+) -> ml_collections.ConfigDict:
     """Loads a config file (a Python file with `get_config()`), applies overrides, validates (for
     `platform`'s attention backends; default: this process's)."""
     try:
@@ -266,7 +274,9 @@ def load_config(path: str, overrides: Iterable[str] = (), platform: str | None =
     return cfg
 
 
-def from_dict(stored: dict, overrides: Iterable[str] = (), platform: str | None = None) -> ml_collections.ConfigDict:
+def from_dict(
+    stored: dict, overrides: Iterable[str] = (), platform: str | None = None
+) -> ml_collections.ConfigDict:
     """A config stored as a dict (a checkpoint's `config` item) on top of today's schema: fields the
     schema has gained since keep their defaults; a field it does not know is an error."""
     cfg = base_config()
@@ -338,7 +348,9 @@ def validate(cfg, platform: str | None = None) -> None:
            f"{m.num_kv_heads} does not divide num_heads={m.num_heads}")
     _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0, "model.head_dim",
            f"0 needs hidden_size ({m.hidden_size}) divisible by num_heads ({m.num_heads})")
-    _check(head_dim(m) % 2 == 0, "model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim(m)}")
+    _check(
+        head_dim(m) % 2 == 0, "model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim(m)}"
+    )
     for i in m.mem_layers:
         _check(isinstance(i, int) and 0 <= i < m.num_layers, "model.mem_layers",
                f"index {i} out of range for num_layers={m.num_layers} (0-based)")
@@ -406,8 +418,10 @@ def validate(cfg, platform: str | None = None) -> None:
         from fot_jax.data import text
         text.validate(cfg)
     else:
-        raise ConfigError(f"config field 'data.task': unknown task '{d.task}' (dictionary_lookup, text_files, "
-                          "stdlib, jsonl, tfds)")
+        raise ConfigError(
+            f"config field 'data.task': unknown task '{d.task}' (dictionary_lookup, text_files, "
+            "stdlib, jsonl, tfds)"
+        )
     if d.curriculum:
         for stage in parse_curriculum(d.curriculum):
             stage_config(cfg, stage)
@@ -428,8 +442,10 @@ def parse_curriculum(text: str) -> list[tuple[int, int, int, int, int, int]]:
                 raise ValueError
             stages.append(tuple(fields))
     except ValueError:
-        raise ConfigError(f"config field 'data.curriculum': cannot parse '{text}' (expected "
-                          "'end_step:definitions[:key_length:value_length[:doc_length:batch_size]],...')") from None
+        raise ConfigError(
+            f"config field 'data.curriculum': cannot parse '{text}' (expected "
+            "'end_step:definitions[:key_length:value_length[:doc_length:batch_size]],...')"
+        ) from None
     steps = [s[0] for s in stages]
     if steps != sorted(steps):
         raise ConfigError("config field 'data.curriculum': stage end steps must increase")
@@ -452,5 +468,7 @@ def stage_config(cfg, stage) -> ml_collections.ConfigDict:
     try:
         validate(out)
     except ConfigError as e:
-        raise ConfigError(f"config field 'data.curriculum': stage {stage} gives an invalid config: {e}") from None
+        raise ConfigError(
+            f"config field 'data.curriculum': stage {stage} gives an invalid config: {e}"
+        ) from None
     return out

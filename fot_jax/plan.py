@@ -39,10 +39,14 @@ def parse_mesh(text: str) -> dict:
     out = {a: 1 for a in mesh_lib.MESH_AXES}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
-            raise config_lib.ConfigError(f"--mesh: {part!r} is not AXIS=SIZE (axes: {', '.join(mesh_lib.MESH_AXES)})")
+            raise config_lib.ConfigError(
+                f"--mesh: {part!r} is not AXIS=SIZE (axes: {', '.join(mesh_lib.MESH_AXES)})"
+            )
         axis, size = part.split("=", 1)
         if axis not in out:
-            raise config_lib.ConfigError(f"--mesh: unknown axis {axis!r} (axes: {', '.join(mesh_lib.MESH_AXES)})")
+            raise config_lib.ConfigError(
+                f"--mesh: unknown axis {axis!r} (axes: {', '.join(mesh_lib.MESH_AXES)})"
+            )
         try:
             out[axis] = int(size)
         except ValueError:
@@ -133,8 +137,15 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
         abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    abstract, shardings)
         b, t = cfg.data.batch_size, cfg.data.seq_len
-        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32}
-        batch = {k: jax.ShapeDtypeStruct((b, t), dtypes[k], sharding=s) for k, s in batch_shardings(mesh).items()}
+        dtypes = {
+            "inputs": jnp.int32,
+            "targets": jnp.int32,
+            "loss_mask": jnp.float32,
+            "segment_ids": jnp.int32,
+        }
+        batch = {
+            k: jax.ShapeDtypeStruct((b, t), dtypes[k], sharding=s) for k, s in batch_shardings(mesh).items()
+        }
         jitted = jit_train_step(cfg, graphdef, tx, mesh, shardings, cfg.crossbatch.range)
         t0 = time.perf_counter()
         compiled = jitted.lower(abstract_in, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
@@ -156,20 +167,32 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     mb_rows = cfg.data.batch_size // cfg.train.microbatches
     dp = mesh_lib.data_parallel_size(mesh)
     if mb_rows % dp:
-        warnings.append(f"a microbatch of {mb_rows} rows does not divide over the data-parallel size {dp}: chips "
-                        f"repeat each other's work; use at most {cfg.data.batch_size // dp} microbatches "
-                        "(train.microbatches, a divisor of it)")
+        warnings.append(
+            f"a microbatch of {mb_rows} rows does not divide over the data-parallel size {dp}: chips "
+            f"repeat each other's work; use at most {cfg.data.batch_size // dp} microbatches "
+            "(train.microbatches, a divisor of it)"
+        )
     param_bytes = sum(r.device_bytes for r in rows)
     opt_bytes = sum(_bytes_per_device(x, x.sharding) for x in jax.tree.leaves(abstract_in["opt_state"]))
     batch_bytes = sum(_bytes_per_device(x, x.sharding) for x in batch.values())
-    return Plan(mesh=dict(mesh.shape), num_devices=mesh.size, attention_backend=cfg.model.attention_backend,
-                num_params=sum(int(math.prod(r.shape)) for r in rows),
-                param_bytes=param_bytes, opt_bytes=opt_bytes, batch_bytes=batch_bytes,
-                argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-                alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-                compile_s=compile_s,
-                flops_per_token=metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, cfg.crossbatch.range),
-                tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, params=rows, warnings=warnings)
+    return Plan(
+        mesh=dict(mesh.shape),
+        num_devices=mesh.size,
+        attention_backend=cfg.model.attention_backend,
+        num_params=sum(int(math.prod(r.shape)) for r in rows),
+        param_bytes=param_bytes,
+        opt_bytes=opt_bytes,
+        batch_bytes=batch_bytes,
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        compile_s=compile_s,
+        flops_per_token=metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, cfg.crossbatch.range),
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
+        params=rows,
+        warnings=warnings,
+    )
 
 
 def _gib(x) -> str:
@@ -187,17 +210,21 @@ def required_mfu(plan: Plan, tokens_per_s: float, chip: str) -> float:
 
 def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, all_params: bool = False,
                 tokens_per_s: float | None = None, chip: str | None = None) -> str:
-    lines = [f"plan for {name}: {plan.num_params / 1e6:,.1f}M parameters on mesh {plan.mesh} "
-             f"({plan.num_devices} devices), compiled in {plan.compile_s:.0f} s",
-             f"attention backend: {plan.attention_backend}",
-             "", "per device:",
-             f"  parameters          {_gib(plan.param_bytes)}",
-             f"  optimizer state     {_gib(plan.opt_bytes)}",
-             f"  batch               {_gib(plan.batch_bytes)}",
-             f"  step arguments      {_gib(plan.argument_bytes)}   (XLA; parameters + optimizer state + batch)",
-             f"  temporaries         {_gib(plan.temp_bytes)}   (XLA; activations, gradients, buffers)",
-             f"  outputs not aliased {_gib(max(plan.output_bytes - plan.alias_bytes, 0))}   (the state is donated)",
-             f"  peak                {_gib(plan.peak_bytes)}"]
+    lines = [
+        f"plan for {name}: {plan.num_params / 1e6:,.1f}M parameters on mesh {plan.mesh} "
+        f"({plan.num_devices} devices), compiled in {plan.compile_s:.0f} s",
+        f"attention backend: {plan.attention_backend}",
+        "",
+        "per device:",
+        f"  parameters          {_gib(plan.param_bytes)}",
+        f"  optimizer state     {_gib(plan.opt_bytes)}",
+        f"  batch               {_gib(plan.batch_bytes)}",
+        f"  step arguments      {_gib(plan.argument_bytes)}   (XLA; parameters + optimizer state + batch)",
+        f"  temporaries         {_gib(plan.temp_bytes)}   (XLA; activations, gradients, buffers)",
+        f"  outputs not aliased {_gib(max(plan.output_bytes - plan.alias_bytes, 0))}"
+        "   (the state is donated)",
+        f"  peak                {_gib(plan.peak_bytes)}",
+    ]
     if device_memory_gib:
         lines.append(f"  device memory       {device_memory_gib:8.3f} GiB: "
                      + ("fits" if plan.peak_bytes <= device_memory_gib * GiB else "DOES NOT FIT"))
@@ -206,9 +233,14 @@ def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, a
     if tokens_per_s and chip:
         need = required_mfu(plan, tokens_per_s, chip)
         step_s = plan.tokens_per_step / tokens_per_s
-        lines.append(f"  {tokens_per_s:,.0f} tokens/s on {plan.num_devices} x {chip} ({step_s:.2f} s a step) needs "
-                     f"MFU {100 * need:.1f}% on every chip" + ("  (more than the chips' peak)" if need > 1 else ""))
-    lines += ["", "parameter shardings" + ("" if all_params else " (one row per distinct shape and sharding)") + ":"]
+        lines.append(
+            f"  {tokens_per_s:,.0f} tokens/s on {plan.num_devices} x {chip} ({step_s:.2f} s a step) needs "
+            f"MFU {100 * need:.1f}% on every chip" + ("  (more than the chips' peak)" if need > 1 else "")
+        )
+    lines += [
+        "",
+        "parameter shardings" + ("" if all_params else " (one row per distinct shape and sharding)") + ":",
+    ]
     seen = set()
     width = max(len(r.path) for r in plan.params)
     for r in plan.params:
@@ -216,8 +248,10 @@ def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, a
         if not all_params and key in seen:
             continue
         seen.add(key)
-        lines.append(f"  {r.path:<{width}}  {str(r.shape):<18} {r.dtype:<9} {r.spec:<28} "
-                     f"{r.device_bytes / 2**20:10.2f} MiB/device" + ("  REPLICATED" if r.replicated_large else ""))
+        lines.append(
+            f"  {r.path:<{width}}  {str(r.shape):<18} {r.dtype:<9} {r.spec:<28} "
+            f"{r.device_bytes / 2**20:10.2f} MiB/device" + ("  REPLICATED" if r.replicated_large else "")
+        )
     for w in plan.warnings:
         lines.append("warning: " + w)
     return "\n".join(lines)

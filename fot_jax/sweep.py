@@ -89,8 +89,18 @@ def run_sweep(path: str, workdir: str, extra_overrides=(), launcher: str = "", l
             log(f"sweep [{i + 1}/{len(points)}] {point['name']}: finished before, skipped")
             results.append(row)
             continue
-        cmd = [python or sys.executable, "-m", "fot_jax.cli", "train", "--config", path, "--workdir", point_dir,
-               *override_args(point["overrides"]), *extra_overrides]
+        cmd = [
+            python or sys.executable,
+            "-m",
+            "fot_jax.cli",
+            "train",
+            "--config",
+            path,
+            "--workdir",
+            point_dir,
+            *override_args(point["overrides"]),
+            *extra_overrides,
+        ]
         if launcher:  # e.g. "python launch/tpu.py run --tpu NAME --": the same command on every worker
             cmd = shlex.split(launcher) + ["fot-jax"] + cmd[3:]
         log(f"sweep [{i + 1}/{len(points)}] {point['name']}: " + " ".join(shlex.quote(c) for c in cmd))

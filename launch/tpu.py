@@ -63,7 +63,9 @@ def create(args) -> list[list[str]]:
 
 def _source_tarball(root: str) -> str:
     """The checkout's tracked files (git ls-files) as a tarball to copy to every worker."""
-    files = subprocess.run(["git", "-C", root, "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "-C", root, "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.split()
     path = os.path.join(tempfile.mkdtemp(), "fot_jax_src.tar.gz")
     with tarfile.open(path, "w:gz") as tar:
         for f in files:

@@ -111,16 +111,24 @@ def test_resolve_auto_per_platform():
     assert kernels.options_from_config(config_lib.base_config().model).backend == "reference"  # this CPU
 
 
-@pytest.mark.parametrize("override,platform,field,words", [
-    ("model.attention_backend=flash", "cpu", "model.attention_backend", "not one of"),
-    ("model.attention_backend=splash", "gpu", "model.attention_backend", "does not run on gpu"),
-    ("model.attention_backend=cudnn", "cpu", "model.attention_backend", "does not run on cpu"),
-    ("model.attention_backend=cudnn", "tpu", "model.attention_backend", "auto, reference, xla, splash"),
-    ("model.attention_block_q=100", "tpu", "model.attention_block_q", "multiples of 128"),
-    ("model.attention_block_kv=384", "cpu", "model.attention_block_kv", "does not divide the sequence length 1024"),
-    ("model.attention_block_q=0", "tpu", "model.attention_block_q", "must be positive"),
-    ("model.head_dim=12", "gpu", "model.head_dim", "multiple of 8"),
-])
+@pytest.mark.parametrize(
+    "override,platform,field,words",
+    [
+        ("model.attention_backend=flash", "cpu", "model.attention_backend", "not one of"),
+        ("model.attention_backend=splash", "gpu", "model.attention_backend", "does not run on gpu"),
+        ("model.attention_backend=cudnn", "cpu", "model.attention_backend", "does not run on cpu"),
+        ("model.attention_backend=cudnn", "tpu", "model.attention_backend", "auto, reference, xla, splash"),
+        ("model.attention_block_q=100", "tpu", "model.attention_block_q", "multiples of 128"),
+        (
+            "model.attention_block_kv=384",
+            "cpu",
+            "model.attention_block_kv",
+            "does not divide the sequence length 1024",
+        ),
+        ("model.attention_block_q=0", "tpu", "model.attention_block_q", "must be positive"),
+        ("model.head_dim=12", "gpu", "model.head_dim", "multiple of 8"),
+    ],
+)
 def test_bad_backend_settings_are_config_errors(override, platform, field, words):
     cfg = config_lib.base_config()
     cfg.model.max_position_embeddings = 1024
@@ -131,7 +139,7 @@ def test_bad_backend_settings_are_config_errors(override, platform, field, words
         cfg.model.attention_backend = "splash"
     if "head_dim" in override:
         cfg.model.attention_backend = "cudnn"
-    config_lib.validate(cfg)           # valid before the override (no platform: nothing platform-bound checked)
+    config_lib.validate(cfg)  # valid before the override (no platform: nothing platform-bound checked)
     config_lib.apply_overrides(cfg, ["--config." + override])
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(cfg, platform)

@@ -21,13 +21,17 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 def tiny(*overrides):
     # one eval range and batch: these tests are about checkpoints, and each eval program costs a compile
-    return config_lib.load_config(TINY, ["--config.crossbatch.eval_ranges=[1]", "--config.train.eval_batches=1",
-                                         *overrides])
+    return config_lib.load_config(
+        TINY, ["--config.crossbatch.eval_ranges=[1]", "--config.train.eval_batches=1", *overrides]
+    )
 
 
 def _train_losses(workdir):
-    return [(json.loads(l)["step"], json.loads(l)["loss"]) for l in open(os.path.join(workdir, "metrics.jsonl"))
-            if json.loads(l)["split"] == "train"]
+    return [
+        (json.loads(l)["step"], json.loads(l)["loss"])
+        for l in open(os.path.join(workdir, "metrics.jsonl"))
+        if json.loads(l)["split"] == "train"
+    ]
 
 
 def _host(tree):
@@ -92,7 +96,9 @@ def test_scanned_and_unrolled_runs_share_checkpoints(tmp_path, data_dir, saved_s
 def test_model_config_change_is_refused_with_the_fields(tmp_path, data_dir):
     wd = str(tmp_path)
     Trainer(tiny("--config.train.steps=1"), wd, quiet=True).run()
-    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 32, run 64.*model.intermediate_size"):
+    with pytest.raises(
+        CheckpointError, match=r"model.hidden_size: checkpoint 32, run 64.*model.intermediate_size"
+    ):
         Trainer(tiny("--config.train.steps=2", "--config.model.hidden_size=64",
                      "--config.model.intermediate_size=128"), wd, quiet=True).run()
     # inference-only fields and training settings may change on resume
@@ -137,11 +143,19 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, data_dir):
 
 def test_keep_best_by_eval_accuracy(tmp_path, data_dir):
     wd = str(tmp_path)
-    cfg = tiny("--config.train.steps=6", "--config.train.eval_every=2", "--config.train.checkpoint_best=accuracy",
-               "--config.train.checkpoint_keep=1", "--config.train.learning_rate=0.01")
+    cfg = tiny(
+        "--config.train.steps=6",
+        "--config.train.eval_every=2",
+        "--config.train.checkpoint_best=accuracy",
+        "--config.train.checkpoint_keep=1",
+        "--config.train.learning_rate=0.01",
+    )
     Trainer(cfg, wd, quiet=True).run()
-    evals = [(json.loads(l)["step"], json.loads(l)["accuracy"]) for l in open(os.path.join(wd, "metrics.jsonl"))
-             if json.loads(l)["split"] == "eval_r1"]
+    evals = [
+        (json.loads(l)["step"], json.loads(l)["accuracy"])
+        for l in open(os.path.join(wd, "metrics.jsonl"))
+        if json.loads(l)["split"] == "eval_r1"
+    ]
     best_step = max(evals, key=lambda e: (e[1], -e[0]))[0]
     assert sorted(int(p) for p in os.listdir(os.path.join(wd, "best")) if p.isdigit()) == [best_step]
     assert sorted(int(p) for p in os.listdir(os.path.join(wd, "checkpoints")) if p.isdigit()) == [6]
@@ -193,7 +207,9 @@ def test_sigkill_during_async_save_loses_nothing(tmp_path, data_dir):
                 break
         time.sleep(0.005)
     proc.wait(timeout=60)
-    assert partial is not None, "never caught a save in flight: " + (proc.stdout.read() if proc.stdout else "")
+    assert partial is not None, "never caught a save in flight: " + (
+        proc.stdout.read() if proc.stdout else ""
+    )
     assert proc.returncode == -signal.SIGKILL
     partial_step = int(partial.split(".")[0])
     cfg = tiny(*over)

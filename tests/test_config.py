@@ -39,7 +39,9 @@ def test_unknown_field_names_close_matches():
 
 
 def test_memory_layer_out_of_range():
-    with pytest.raises(config_lib.ConfigError, match=r"model.mem_layers.*index 2 out of range for num_layers=2"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"model.mem_layers.*index 2 out of range for num_layers=2"
+    ):
         load("--config.model.mem_layers=[2]")
 
 

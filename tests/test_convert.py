@@ -7,22 +7,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
 
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import load_model, save_params
-from fot_jax.convert import api, hf
+from fot_jax.convert import api
 from fot_jax.convert.hf import ConversionError
 from fot_jax.model import llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
+try:                      # the torch-dependent tests skip one by one (with the reason) without them
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
+needs_torch = pytest.mark.skipif(
+    transformers is None, reason="needs torch and transformers: pip install 'fot_jax[torch]'"
+)
 
 
 def _hf_config(heads=4, kv=4, tie=False, vocab=200, theta=10000.0, **extra):
-    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                    num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tie,
-                                    max_position_embeddings=64, rope_theta=theta, rms_norm_eps=1e-6, **extra)
+    return transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        rope_theta=theta,
+        rms_norm_eps=1e-6,
+        **extra,
+    )
 
 
 def _hf_model(tmp_path, name="hf", seed=0, **kw):
@@ -54,6 +70,7 @@ CASES = [
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("case", CASES, ids=["mha", "gqa", "gqa-tied", "codellama"])
 def test_import_export_logits_and_round_trips(tmp_path, case):
     ref, src = _hf_model(tmp_path, **case)
@@ -89,6 +106,7 @@ def jax_leaves(model):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
+@needs_torch
 def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     """A fot_jax model with memory layers: config.json carries the LongLLaMA fields, bfloat16 and
     sharded output load in transformers, and the float32 export matches fot_jax's logits."""
@@ -109,7 +127,12 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     assert c["fot_jax_memory"] == {"search": "exact", "top_k": 32}                        # how it ran here
     assert c["model_type"] == "longllama" and c["architectures"] == ["LongLlamaForCausalLM"]
     assert c["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
-    assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == ([1, 2], True, 32, 1e6)
+    assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == (
+        [1, 2],
+        True,
+        32,
+        1e6,
+    )
     assert (c["vocab_size"], c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (100, 1, 2, 0)
     assert c["torch_dtype"] == "float32" and c["mem_dtype"] == "bfloat16"
     index = json.load(open(out / "model.safetensors.index.json"))
@@ -126,7 +149,11 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     np.testing.assert_allclose(_logits_hf(bf, tokens), _logits_fot(model, m, tokens), atol=0.1)
     # the import carries the LongLLaMA fields back
     cfg2 = api.import_model(str(out), str(tmp_path / "back"), log=lambda *_: None)
-    assert (list(cfg2.model.mem_layers), cfg2.model.mem_positionals, cfg2.model.last_context_length) == ([1, 2], "as_first", 32)
+    assert (list(cfg2.model.mem_layers), cfg2.model.mem_positionals, cfg2.model.last_context_length) == (
+        [1, 2],
+        "as_first",
+        32,
+    )
     assert (cfg2.memory.search, cfg2.memory.top_k) == ("exact", 32)
     # a LongLLaMA checkpoint from elsewhere (no fot_jax record) runs dense memory, as the original code
     del c["fot_jax_memory"]
@@ -136,6 +163,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     assert cfg3.memory.search == "dense" and any("as the original LongLLaMA code" in line for line in logged)
 
 
+@needs_torch
 def test_import_pytorch_bin_sharded(tmp_path):
     ref, src = _hf_model(tmp_path, heads=4, kv=2)
     bindir = tmp_path / "bin"
@@ -153,7 +181,9 @@ def test_import_pytorch_bin_sharded(tmp_path):
     cfg = api.import_model(str(bindir), str(tmp_path / "imp"), log=lambda *_: None)
     _, model = load_model(str(tmp_path / "imp"))
     tokens = np.random.default_rng(0).integers(0, 200, (1, 32))
-    np.testing.assert_allclose(_logits_fot(model, cfg.model, tokens), _logits_hf(ref, tokens), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        _logits_fot(model, cfg.model, tokens), _logits_hf(ref, tokens), atol=1e-4, rtol=0
+    )
     # a shard named in the index but missing
     os.remove(bindir / "pytorch_model-00002-of-00002.bin")
     with pytest.raises(ConversionError, match="pytorch_model-00002-of-00002.bin.*missing"):
@@ -161,6 +191,7 @@ def test_import_pytorch_bin_sharded(tmp_path):
     assert not (tmp_path / "imp2").exists()
 
 
+@needs_torch
 def test_bad_inputs_are_clear_errors(tmp_path):
     ref, src = _hf_model(tmp_path)
     # a tensor of the wrong shape: named, nothing written
@@ -228,8 +259,10 @@ def test_fine_tune_from_an_import(tmp_path, data_dir):
     got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tr.state["params"]))]
     for x, y in zip(jax_leaves(model), got):
         np.testing.assert_array_equal(x, y)  # a learning rate of 1e-30 leaves float32 weights as they were
-    bad = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
-                                 ["--config.model.num_layers=3", f"--config.train.init_from={tmp_path / 'imp'}"])
+    bad = config_lib.load_config(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+        ["--config.model.num_layers=3", f"--config.train.init_from={tmp_path / 'imp'}"],
+    )
     from fot_jax.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="model.num_layers: checkpoint 2, run 3"):
         Trainer(bad, str(tmp_path / "ft2"), quiet=True).run()
@@ -241,16 +274,25 @@ def test_fine_tune_adds_fot_memory_to_a_pretrained_model(tmp_path, data_dir):
     run adds start at their initialisation, and the change is logged; an architecture change is not
     a fine-tune."""
     import jax
+
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.train.loop import Trainer
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     base = config_lib.load_config(tiny, ["--config.model.mem_layers=[]"])
     model = llama.create(base.model, seed=11)
     save_params(str(tmp_path / "imp"), base, nnx.state(model, nnx.Param))
-    cfg = config_lib.load_config(tiny, ["--config.train.steps=1", f"--config.train.init_from={tmp_path / 'imp'}",
-                                        "--config.train.learning_rate=1e-30", "--config.model.mem_layers=[1]",
-                                        "--config.model.qk_norm=memory", "--config.model.qk_temperature_init=5.0",
-                                        f"--config.model.max_position_embeddings={base.model.max_position_embeddings * 2}"])
+    cfg = config_lib.load_config(
+        tiny,
+        [
+            "--config.train.steps=1",
+            f"--config.train.init_from={tmp_path / 'imp'}",
+            "--config.train.learning_rate=1e-30",
+            "--config.model.mem_layers=[1]",
+            "--config.model.qk_norm=memory",
+            "--config.model.qk_temperature_init=5.0",
+            f"--config.model.max_position_embeddings={base.model.max_position_embeddings * 2}",
+        ],
+    )
     lines = []
     tr = Trainer(cfg, str(tmp_path / "ft"), quiet=True)
     tr.log = lambda msg, *a, **k: lines.append(str(msg))
@@ -283,6 +325,7 @@ def _smollm2_gguf():
     return path
 
 
+@needs_torch
 @pytest.mark.slow
 def test_smollm2_gguf_import_matches_transformers(tmp_path):
     """The real SmolLM2-135M-Instruct (Q4_1 GGUF, GQA 9/3, tied, rope_theta 1e5): imported into
@@ -308,8 +351,14 @@ def test_smollm2_gguf_import_matches_transformers(tmp_path):
     assert (m.num_layers, m.num_heads, m.num_kv_heads, m.hidden_size, m.tie_embeddings, m.rope_theta) == \
         (30, 9, 3, 576, True, 100000.0)
     # a short window is enough for 5 + 20 tokens and keeps the cache small (positions are unchanged)
-    _, model = load_model(str(tmp_path / "smol"), overrides=["--config.model.max_position_embeddings=64", "--config.data.seq_len=64",
-                                                              "--config.model.last_context_length=32"])
+    _, model = load_model(
+        str(tmp_path / "smol"),
+        overrides=[
+            "--config.model.max_position_embeddings=64",
+            "--config.data.seq_len=64",
+            "--config.model.last_context_length=32",
+        ],
+    )
     got = _logits_fot(model, m, ids.numpy())
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
     rt = MemoryRuntime(model, 1, MemorySettings(last_context_length=32, capacity=64))

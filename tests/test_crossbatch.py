@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fot_jax import config as config_lib
 from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
@@ -170,11 +171,16 @@ def test_dynamic_range_below_static_max():
     """A traced r below range_max (per-step sampling) equals the computation compiled for r."""
     B, T, H, D = 8, 4, 2, 4
     q, k_own, k_other, v = _inputs(B, T, H, H, D, seed=2)
-    f = jax.jit(lambda r: crossbatch_attention(q, k_own, k_other, v,
-                                               spec=CrossbatchSpec(range_max=5, k_packing=2, stepping=True), r=r))
+    f = jax.jit(
+        lambda r: crossbatch_attention(
+            q, k_own, k_other, v, spec=CrossbatchSpec(range_max=5, k_packing=2, stepping=True), r=r
+        )
+    )
     for r in [0, 1, 3, 5]:
         mask = reference_mask(B, T, r, 2, True)
-        np.testing.assert_allclose(f(jnp.int32(r)), reference_attention(q, k_own, k_other, v, mask), atol=2e-5)
+        np.testing.assert_allclose(
+            f(jnp.int32(r)), reference_attention(q, k_own, k_other, v, mask), atol=2e-5
+        )
 
 
 @pytest.mark.parametrize("backend,implementation", PATHS, ids=PATH_IDS)

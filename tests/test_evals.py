@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from fot_jax import cli
-from fot_jax import config as config_lib
 from fot_jax.checkpoint import CheckpointError, load_model
-from fot_jax.data import dictionary
 from fot_jax.evals import memory
 from fot_jax.model import llama
 
@@ -65,11 +63,31 @@ def test_distraction_mass_is_a_share_that_falls_with_distractors(trained):
 
 def test_eval_and_generate_commands(trained, tmp_path, capsys):
     out = str(tmp_path / "eval")
-    assert cli.main(["eval", "--workdir", trained, "--sizes", "128,256", "--num-docs", "1", "--out", out, "--memory-shards", "8",
-                     "--config.memory.top_k=4"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--workdir",
+                trained,
+                "--sizes",
+                "128,256",
+                "--num-docs",
+                "1",
+                "--out",
+                out,
+                "--memory-shards",
+                "8",
+                "--config.memory.top_k=4",
+            ]
+        )
+        == 0
+    )
     assert os.path.exists(os.path.join(out, "memory_scaling.png"))
     assert len(json.load(open(os.path.join(out, "memory_scaling.json")))) == 2
-    assert cli.main(["eval", "--workdir", trained, "--task", "distraction", "--num-docs", "1", "--out", out]) == 0
+    assert (
+        cli.main(["eval", "--workdir", trained, "--task", "distraction", "--num-docs", "1", "--out", out])
+        == 0
+    )
     assert os.path.exists(os.path.join(out, "distraction.png"))
     capsys.readouterr()
     doc = " ".join(str(t) for t in np.arange(150) % 50 + 6)   # longer than the window: memory is used

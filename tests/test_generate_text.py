@@ -51,7 +51,9 @@ def _expected(c, model, ids_list, n):
 def test_text_prompt_streams_the_decoded_continuation(workdir, tmp_path):
     wd, c, model = workdir
     tok = load_tokenizer(SP_MODEL)
-    prompt = "def add(a, b):\n    return a + b\n\n# a prompt longer than the 16-token window, read through memory"
+    prompt = (
+        "def add(a, b):\n    return a + b\n\n# a prompt longer than the 16-token window, read through memory"
+    )
     cache = str(tmp_path / "xla_cache")
     res = _run(wd, "--prompt", prompt, "--max-new-tokens", "6", cache=cache)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -68,7 +70,16 @@ def test_chat_template_and_a_batch_of_prompts(workdir, tmp_path):
     with open(os.path.join(wd, "tokenizer", "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": TEMPLATE}, f)
     try:
-        res = _run(wd, "--chat", "--prompt", "What is the capital of France?", "--prompt", "Hi", "--max-new-tokens", "4")
+        res = _run(
+            wd,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "4",
+        )
     finally:
         os.remove(os.path.join(wd, "tokenizer", "tokenizer_config.json"))
     assert res.returncode == 0, res.stderr[-3000:]

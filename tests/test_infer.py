@@ -1,10 +1,9 @@
 """Long-input ingest and generation with memory against a direct NumPy implementation of the
 DESIGN windowing rules (float64), on tiny random models."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
@@ -46,7 +45,9 @@ class Reference:
     """One document, processed exactly as DESIGN "Memory attention" states."""
 
     def __init__(self, model, m, top_k, capacity, last_context):
-        self.p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        self.p = jax.tree.map(
+            lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        )
         self.m, self.top_k, self.capacity, self.c = m, top_k, capacity, last_context
         self.w = m.max_position_embeddings
         self.memory = {l: [] for l in m.mem_layers}       # list of (k [Hkv, D], v) oldest first
@@ -77,8 +78,16 @@ class Reference:
                 q = q * d ** -0.5
             new_kv.append((k, v))
             rope = not (is_mem and m.mem_positionals == "none")
-            ck = np.array([c[0] for c in cache[i]]).reshape(-1, hkv, d) if cache is not None else np.zeros((0, hkv, d))
-            cv = np.array([c[1] for c in cache[i]]).reshape(-1, hkv, d) if cache is not None else np.zeros((0, hkv, d))
+            ck = (
+                np.array([c[0] for c in cache[i]]).reshape(-1, hkv, d)
+                if cache is not None
+                else np.zeros((0, hkv, d))
+            )
+            cv = (
+                np.array([c[1] for c in cache[i]]).reshape(-1, hkv, d)
+                if cache is not None
+                else np.zeros((0, hkv, d))
+            )
             keys = np.concatenate([ck, k]) if cache is not None else k
             vals = np.concatenate([cv, v]) if cache is not None else v
             key_pos = np.arange(len(keys))
@@ -252,7 +261,9 @@ def test_sharded_runtime_equals_unsharded():
 def test_no_recompilation_as_memory_fills():
     c = _cfg()
     model = llama.create(c.model, seed=6)
-    rt = MemoryRuntime(model, 1, MemorySettings(top_k=4, capacity=128, dtype="float32", last_context_length=8))
+    rt = MemoryRuntime(
+        model, 1, MemorySettings(top_k=4, capacity=128, dtype="float32", last_context_length=8)
+    )
     rt.ingest([np.arange(3, 3 + 100) % 50])
     sizes = (rt._window_fn._cache_size(), rt._extend_fn._cache_size())
     rt.ingest([np.arange(5, 5 + 180) % 50])        # more windows, fuller memory, same shapes
@@ -281,8 +292,9 @@ def test_reset_of_one_row_and_empty_memory():
     assert not np.allclose(got[1], want0[1], atol=1e-3)               # (and memory did matter)
     # empty memory = the plain model on a short document (one window, no memory): same logits, no NaN
     short = [rng.integers(3, 50, 8), rng.integers(3, 50, 8)]
-    _, logits = MemoryRuntime(model, 2, MemorySettings(top_k=4, capacity=64, dtype="float32",
-                                                       last_context_length=8)).ingest(short, return_logits=True)
+    _, logits = MemoryRuntime(
+        model, 2, MemorySettings(top_k=4, capacity=64, dtype="float32", last_context_length=8)
+    ).ingest(short, return_logits=True)
     plain = np.asarray(model(jnp.asarray(np.stack(short))))[:, :, :50]
     assert np.isfinite(np.stack(logits)).all()
     np.testing.assert_allclose(np.stack(logits), plain, atol=1e-4)

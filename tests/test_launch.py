@@ -10,8 +10,9 @@ TPU = os.path.join(ROOT, "launch", "tpu.py")
 
 def _dry(*args):
     # --dry-run before any "--" (what follows "--" is the remote command)
-    res = subprocess.run([sys.executable, TPU, args[0], "--dry-run", *args[1:]], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        [sys.executable, TPU, args[0], "--dry-run", *args[1:]], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     return [shlex.split(line[2:]) for line in res.stdout.splitlines() if line.startswith("+ ")]
 
@@ -60,7 +61,9 @@ def test_stop_pattern_matches_training_but_not_its_own_shell():
 
 
 def test_local_pod_script_usage():
-    res = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_pod.sh")], capture_output=True, text=True)
+    res = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local_pod.sh")], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "usage" in res.stderr
 
 

@@ -1,12 +1,12 @@
 """Memory store and kNN lookup against independent references: NumPy dense softmax, faiss."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import AxisType
 
-from fot_jax.memory import knn, store as store_lib
+from fot_jax.memory import knn
+from fot_jax.memory import store as store_lib
 
 
 def _mesh(n=8):
@@ -52,7 +52,9 @@ def test_lookup_equals_numpy_topk_softmax(top_k, chunk):
                            top_k, chunk=chunk)
     rm, rl, racc = _np_partials(q, keys, values, valid, top_k)
     np.testing.assert_allclose(np.asarray(m), rm, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_topk_indices_equal_faiss():
@@ -163,13 +165,17 @@ def test_approx_search_recall():
     _, exact = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), 16, chunk=512)
     _, approx = knn.topk(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(valid), 16, chunk=512,
                          search="approx", recall_target=0.95)
-    recall = np.mean([len(set(a) & set(e)) / 16 for a, e in zip(np.asarray(approx)[0, 0], np.asarray(exact)[0, 0])])
+    recall = np.mean(
+        [len(set(a) & set(e)) / 16 for a, e in zip(np.asarray(approx)[0, 0], np.asarray(exact)[0, 0])]
+    )
     assert recall >= 0.9
 
 
 def test_empty_memory_gives_no_entries():
     q, keys, values, _ = _random(4, n=64)
-    m, l, acc = knn.lookup(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.zeros((2, 64), bool), 8)
+    m, l, acc = knn.lookup(
+        jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), jnp.zeros((2, 64), bool), 8
+    )
     assert np.isneginf(np.asarray(m)).all() and (np.asarray(l) == 0).all() and (np.asarray(acc) == 0).all()
 
 
@@ -305,7 +311,9 @@ def test_dense_search_attends_to_every_valid_entry(sharded):
     m, l, acc = knn.lookup(*args, 1, search="dense", chunk=48, mesh=_mesh(8) if sharded else None)
     rm, rl, racc = _np_partials(q, keys, values, valid, 10 ** 6)
     np.testing.assert_allclose(np.asarray(m), rm, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bfloat16_store_holds_bit_patterns_and_reads_back():
@@ -320,7 +328,9 @@ def test_bfloat16_store_holds_bit_patterns_and_reads_back():
     m, l, acc = knn.lookup(jnp.asarray(q), store.keys, store.values, store.valid, 2, dtype="bfloat16")
     kb = np.asarray(jnp.asarray(k).astype(jnp.bfloat16), np.float64)
     vb = np.asarray(jnp.asarray(v).astype(jnp.bfloat16), np.float64)
-    full_k = np.zeros((1, 2, 16, 4)); full_k[:, :, :5] = kb
-    full_v = np.zeros((1, 2, 16, 4)); full_v[:, :, :5] = vb
+    full_k, full_v = np.zeros((1, 2, 16, 4)), np.zeros((1, 2, 16, 4))
+    full_k[:, :, :5], full_v[:, :, :5] = kb, vb
     rm, rl, racc = _np_partials(q, full_k, full_v, np.asarray(store.valid), 2)
-    np.testing.assert_allclose(np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(acc) / np.asarray(l)[..., None], racc / rl[..., None], rtol=1e-5, atol=1e-5
+    )

@@ -1,9 +1,8 @@
 """The LLaMA decoder against stock transformers.LlamaForCausalLM holding the same weights."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from fot_jax import config as config_lib
@@ -11,8 +10,14 @@ from fot_jax.convert import hf
 from fot_jax.model import llama
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+try:                      # the torch-dependent tests skip one by one (with the reason) without them
+    import torch
+    import transformers
+except ImportError:
+    torch = transformers = None
+needs_torch = pytest.mark.skipif(
+    transformers is None, reason="needs torch and transformers: pip install 'fot_jax[torch]'"
+)
 
 
 def _model_config(num_heads, num_kv_heads, tie, vocab=200, rope_theta=10000.0):
@@ -36,6 +41,7 @@ def _model_config(num_heads, num_kv_heads, tie, vocab=200, rope_theta=10000.0):
     (8, 2, True, 10000.0),    # GQA, tied embeddings (SmolLM style)
     (4, 4, True, 1e6),        # MHA tied, Code Llama theta
 ])
+@needs_torch
 def test_logits_match_transformers(num_heads, num_kv_heads, tie, theta):
     m = _model_config(num_heads, num_kv_heads, tie, rope_theta=theta)
     model = llama.create(m, seed=3)

@@ -4,7 +4,6 @@ with different configs, an unreachable coordinator."""
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -108,9 +107,25 @@ def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path, data_dir):
     one checkpoint resumes exactly as an uninterrupted run."""
     wd = str(tmp_path / "w")
     sink = io.StringIO()
-    codes = run_pod(_fot_jax("train", "--config", TINY, "--workdir", wd, *COMMON, "--config.train.steps=100000",
-                             "--config.train.preemption_check_every=2", f"--config.data.data_dir={data_dir}"),
-                    2, 4, sink=sink, kill_on=(1, "[p0] step      3/", signal.SIGTERM), grace=120, timeout=400)
+    codes = run_pod(
+        _fot_jax(
+            "train",
+            "--config",
+            TINY,
+            "--workdir",
+            wd,
+            *COMMON,
+            "--config.train.steps=100000",
+            "--config.train.preemption_check_every=2",
+            f"--config.data.data_dir={data_dir}",
+        ),
+        2,
+        4,
+        sink=sink,
+        kill_on=(1, "[p0] step      3/", signal.SIGTERM),
+        grace=120,
+        timeout=400,
+    )
     log = sink.getvalue()
     assert codes == [143, 143], log[-3000:]
     assert "[p0] another host received SIGTERM" in log, log[-3000:]
@@ -121,25 +136,44 @@ def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path, data_dir):
     assert log.count(f"terminated (SIGTERM) after step {stop};") == 2          # both hosts, same step
     ref = _in_process(str(tmp_path / "ref"), stop + 2, data_dir)
     resumed = _in_process(wd, stop + 2, data_dir)
-    np.testing.assert_allclose([resumed[s] for s in (stop + 1, stop + 2)], [ref[s] for s in (stop + 1, stop + 2)],
-                               rtol=2e-6)
+    np.testing.assert_allclose(
+        [resumed[s] for s in (stop + 1, stop + 2)], [ref[s] for s in (stop + 1, stop + 2)], rtol=2e-6
+    )
 
 
 def test_the_pod_simulator_forwards_signals_and_leaves_no_process_behind(tmp_path):
     """SIGTERM to the simulator reaches every process; one that ignores it is killed after the
     grace period, and the simulator's own exit takes no process with it alive."""
     script = tmp_path / "child.py"
-    script.write_text("import os, signal, sys, time\n"
-                      "pid = os.environ['FOT_JAX_PROCESS_ID']\n"
-                      "if pid == '0':\n"
-                      "    signal.signal(signal.SIGTERM, lambda *a: (print('p0 got SIGTERM', flush=True), sys.exit(143)))\n"
-                      "else:\n"
-                      "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                      "print('ready', os.getpid(), flush=True)\n"
-                      "time.sleep(600)\n")
-    pod = subprocess.Popen([sys.executable, "-m", "fot_jax.parallel.local_pod", "--processes", "2", "--devices", "1",
-                            "--grace", "3", "--", sys.executable, str(script)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "pid = os.environ['FOT_JAX_PROCESS_ID']\n"
+        "if pid == '0':\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: (print('p0 got SIGTERM', flush=True), sys.exit(143)))\n"
+        "else:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', os.getpid(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    pod = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fot_jax.parallel.local_pod",
+            "--processes",
+            "2",
+            "--devices",
+            "1",
+            "--grace",
+            "3",
+            "--",
+            sys.executable,
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     pids, lines = [], []
     while len(pids) < 2:
         line = pod.stdout.readline()
@@ -159,8 +193,20 @@ def test_the_pod_simulator_forwards_signals_and_leaves_no_process_behind(tmp_pat
 @pytest.mark.slow
 def test_hosts_with_different_configs_refuse_to_train(tmp_path, data_dir):
     sink = io.StringIO()
-    cmd = " ".join(_fot_jax("train", "--config", TINY, "--workdir", str(tmp_path / "w"), *COMMON,
-                            f"--config.data.data_dir={data_dir}")) + " --config.train.seed=$FOT_JAX_PROCESS_ID"
+    cmd = (
+        " ".join(
+            _fot_jax(
+                "train",
+                "--config",
+                TINY,
+                "--workdir",
+                str(tmp_path / "w"),
+                *COMMON,
+                f"--config.data.data_dir={data_dir}",
+            )
+        )
+        + " --config.train.seed=$FOT_JAX_PROCESS_ID"
+    )
     codes = run_pod(["bash", "-c", cmd], 2, 4, sink=sink, timeout=300, grace=60)
     log = sink.getvalue()
     assert codes == [2, 2], log[-3000:]

@@ -1,7 +1,6 @@
 """Passkey prompts (the paper's wording, sized by tokens, needle at a depth) and the evaluation loop."""
 import os
 
-import numpy as np
 import pytest
 
 from fot_jax import config as config_lib
@@ -52,6 +51,7 @@ def test_cli_passkey_uses_the_tokenizer_the_run_trained_with(tmp_path, capsys):
     text data used (data.tokenizer, or train.init_from's for a fine-tune); a workdir of a run on
     synthetic data without one is a clear error."""
     from flax import nnx
+
     from fot_jax import cli
     from fot_jax.checkpoint import save_params
     c = config_lib.base_config()

@@ -1,9 +1,8 @@
 """Perplexity against memory size: the same tokens scored at every size; M = 0 equals a plain
 forward pass of the window (NumPy log-softmax); memory sizes and modes that cannot run are errors."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from fot_jax import config as config_lib
 from fot_jax.evals import perplexity
@@ -61,9 +60,13 @@ def test_memory_zero_is_a_plain_forward_pass_and_every_size_scores_the_same_toke
                                            log=lambda *_: None)[0]["spans"] > 2
     multi = perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=1, batch=2,
                                             mode="multi_doc", log=lambda *_: None)
-    np.testing.assert_allclose(multi[0]["perplexity"],
-                               perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=1,
-                                                               log=lambda *_: None)[0]["perplexity"], rtol=1e-6)
+    np.testing.assert_allclose(
+        multi[0]["perplexity"],
+        perplexity.perplexity_vs_memory(
+            cfg, model, docs, memory_sizes=(0, 16), per_doc=1, log=lambda *_: None
+        )[0]["perplexity"],
+        rtol=1e-6,
+    )
 
 
 def test_bad_requests():

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from fot_jax import cli
@@ -83,8 +82,13 @@ def test_sweep_declarations_are_checked(tmp_path):
 
 def _plan(tmp_path, *args):
     out = tmp_path / "plan.json"
-    res = subprocess.run([sys.executable, "-m", "fot_jax.cli", "plan", *args, "--json", str(out)],
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    res = subprocess.run(
+        [sys.executable, "-m", "fot_jax.cli", "plan", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     return res, (json.load(open(out)) if out.exists() else None)
 
 
@@ -92,19 +96,36 @@ def _plan(tmp_path, *args):
 def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
     """A 3B-shaped model shrunk in depth and batch (the compile is what costs; parameter memory per
     layer is the 3B's): parameters + Adam state per device = parameter count x 4 B x 3 / 32."""
-    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/longllama_3b.py"), "--mesh", "fsdp=32",
-                      "--config.model.num_layers=2", "--config.model.mem_layers=[1]",
-                      "--config.data.batch_size=32", "--config.data.seq_len=256",
-                      "--config.model.max_position_embeddings=256", "--config.data.doc_length=1024",
-                      "--tokens-per-s", "1000", "--chip", "v5e")
+    res, plan = _plan(
+        tmp_path,
+        "--config",
+        os.path.join(ROOT, "configs/longllama_3b.py"),
+        "--mesh",
+        "fsdp=32",
+        "--config.model.num_layers=2",
+        "--config.model.mem_layers=[1]",
+        "--config.data.batch_size=32",
+        "--config.data.seq_len=256",
+        "--config.model.max_position_embeddings=256",
+        "--config.data.doc_length=1024",
+        "--tokens-per-s",
+        "1000",
+        "--chip",
+        "v5e",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "attention backend: splash" in res.stdout      # the plan is for TPU: auto means splash there
     n = plan["num_params"]
-    cfg = config_lib.load_config(os.path.join(ROOT, "configs/longllama_3b.py"), ["--config.model.num_layers=2",
-                                                                               "--config.model.mem_layers=[1]"])
+    cfg = config_lib.load_config(
+        os.path.join(ROOT, "configs/longllama_3b.py"),
+        ["--config.model.num_layers=2", "--config.model.mem_layers=[1]"],
+    )
     m = cfg.model
-    expect_n = (2 * config_lib.padded_vocab(m) * m.hidden_size + m.hidden_size
-                + m.num_layers * (4 * m.hidden_size ** 2 + 3 * m.hidden_size * m.intermediate_size + 2 * m.hidden_size))
+    expect_n = (
+        2 * config_lib.padded_vocab(m) * m.hidden_size
+        + m.hidden_size
+        + m.num_layers * (4 * m.hidden_size**2 + 3 * m.hidden_size * m.intermediate_size + 2 * m.hidden_size)
+    )
     assert n == expect_n
     arithmetic = n * 4 * 3 / 32                                   # f32 params + Adam mu, nu over 32 chips
     assert abs(plan["param_bytes"] + plan["opt_bytes"] - arithmetic) / arithmetic < 0.05
@@ -125,8 +146,15 @@ def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
 def test_shipped_3b_plan_fits_16_gib_chips(tmp_path):
     """The shipped 3B config on 32 chips (v4-32 / v5e-32 shape): splash attention, scanned layers,
     full remat and 8 microbatches keep a chip under 14 GiB."""
-    res, plan = _plan(tmp_path, "--config", os.path.join(ROOT, "configs/longllama_3b.py"), "--mesh", "fsdp=32",
-                      "--device-memory", "16")
+    res, plan = _plan(
+        tmp_path,
+        "--config",
+        os.path.join(ROOT, "configs/longllama_3b.py"),
+        "--mesh",
+        "fsdp=32",
+        "--device-memory",
+        "16",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert plan["peak_bytes"] <= 14 * 2 ** 30, plan["peak_bytes"] / 2 ** 30
 
@@ -155,6 +183,11 @@ def test_plan_memory_that_does_not_fit_exits_1(tmp_path):
 def test_plan_bad_mesh():
     from fot_jax.plan import parse_mesh
     assert parse_mesh("fsdp=32") == {"data": 1, "fsdp": 32, "tensor": 1}
-    for bad, msg in (("fsdp", "AXIS=SIZE"), ("pipe=2", "unknown axis"), ("fsdp=x", "integer"), ("data=0", ">= 1")):
+    for bad, msg in (
+        ("fsdp", "AXIS=SIZE"),
+        ("pipe=2", "unknown axis"),
+        ("fsdp=x", "integer"),
+        ("data=0", ">= 1"),
+    ):
         with pytest.raises(config_lib.ConfigError, match=msg):
             parse_mesh(bad)

@@ -10,7 +10,7 @@ import pytest
 from fot_jax import config as config_lib
 from fot_jax.data import text
 from fot_jax.data.pipeline import DocBatcher
-from fot_jax.data.sources import document_source, make_batcher
+from fot_jax.data.sources import document_source
 from fot_jax.data.tokenizer import TokenizerError, load_tokenizer
 
 TOK = text.builtin_tokenizer_path("open_llama_v2")
@@ -54,7 +54,9 @@ def _all_docs(cfg):
         src = document_source(cfg, split)
         for i in range(len(src)):
             ex = src[i]
-            out[ex["name"].decode() if isinstance(ex["name"], bytes) else ex["name"]] = np.asarray(ex["tokens"])
+            out[ex["name"].decode() if isinstance(ex["name"], bytes) else ex["name"]] = np.asarray(
+                ex["tokens"]
+            )
     return out
 
 
@@ -77,7 +79,9 @@ def test_text_files_one_document_per_directory_in_seeded_order(tmp_path):
                               held_out_percent=0, min_tokens=8))
     assert sorted(per_file) == ["pkg_a/one.py", "pkg_a/two.py", "pkg_b/x.py", "top.py"]  # three.py: 5 tokens
     assert all(len(t) >= 8 for t in per_file.values())
-    half = _cfg(str(tmp_path / "tfds"), "text_files", str(root), concat_by_directory=False, held_out_percent=50)
+    half = _cfg(
+        str(tmp_path / "tfds"), "text_files", str(root), concat_by_directory=False, held_out_percent=50
+    )
     train, val = document_source(half, "train"), document_source(half, "validation")
     names = [train[i]["name"] for i in range(len(train))] + [val[i]["name"] for i in range(len(val))]
     assert len(names) == len(set(names)) == 5 and len(val) >= 1
@@ -91,7 +95,9 @@ def test_jsonl_and_its_errors(tmp_path):
     docs = _all_docs(_cfg(str(tmp_path / "tfds"), "jsonl", str(path), held_out_percent=20))
     assert len(docs) == 12
     np.testing.assert_array_equal(docs["data.jsonl:3"], tok.encode(rows[2]["text"]))
-    with pytest.raises(text.DataError, match=r"data.jsonl:1: no text field 'body' \(fields: \['id', 'text'\]\)"):
+    with pytest.raises(
+        text.DataError, match=r"data.jsonl:1: no text field 'body' \(fields: \['id', 'text'\]\)"
+    ):
         _all_docs(_cfg(str(tmp_path / "tfds2"), "jsonl", str(path), text_field="body"))
     with pytest.raises(text.DataError, match="no JSON-lines files match"):
         _all_docs(_cfg(str(tmp_path / "tfds3"), "jsonl", str(tmp_path / "nothing*.jsonl")))
@@ -107,9 +113,13 @@ def test_bad_corpora_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(text.DataError, match="no document of at least 100000 tokens"):
         document_source(_cfg(str(tmp_path / "t2"), "text_files", str(root), min_tokens=100000), "train")
     (root / "pkg_b" / "latin1.py").write_bytes(b"# caf\xe9\n")
-    with pytest.raises(text.DataError, match=r"latin1.py: bytes at offset 5 are not UTF-8.*decode_errors=skip"):
+    with pytest.raises(
+        text.DataError, match=r"latin1.py: bytes at offset 5 are not UTF-8.*decode_errors=skip"
+    ):
         document_source(_cfg(str(tmp_path / "t3"), "text_files", str(root)), "train")
-    docs = _all_docs(_cfg(str(tmp_path / "t4"), "text_files", str(root), decode_errors="skip", held_out_percent=0))
+    docs = _all_docs(
+        _cfg(str(tmp_path / "t4"), "text_files", str(root), decode_errors="skip", held_out_percent=0)
+    )
     assert "pkg_b" in docs                                              # the other file of pkg_b is kept
     with pytest.raises(config_lib.ConfigError, match="data.source"):
         _cfg(str(tmp_path), "text_files", "")
@@ -174,7 +184,9 @@ def test_stdlib_corpus_hosts_and_exact_resume(tmp_path):
     for _ in range(30):
         a, b, c = next(one), next(h0), next(h1)
         for field in ("inputs", "targets", "loss_mask", "segment_ids"):
-            np.testing.assert_array_equal(getattr(a, field), np.concatenate([getattr(b, field), getattr(c, field)]))
+            np.testing.assert_array_equal(
+                getattr(a, field), np.concatenate([getattr(b, field), getattr(c, field)])
+            )
     # each document once per epoch: the streams' first documents are a permutation
     firsts = [one._doc_index(s, n) for n in range(2) for s in range(4)]
     assert sorted(firsts[:4]) == [0, 1, 2, 3] and sorted(firsts[4:]) == [0, 1, 2, 3]
@@ -216,6 +228,8 @@ def test_training_on_the_stdlib_corpus(tmp_path):
     assert cli.main(["eval", "--workdir", str(tmp_path / "w"), "--task", "perplexity", "--sizes", "0,128",
                      "--num-docs", "1", "--mode", "both", "--out", str(out)]) == 0
     rows = json.load(open(out / "perplexity_single_doc.json"))
-    assert [r["memory_tokens"] for r in rows] == [0, 128] and rows[0]["tokens_scored"] == rows[1]["tokens_scored"]
+    assert [r["memory_tokens"] for r in rows] == [0, 128] and rows[0]["tokens_scored"] == rows[1][
+        "tokens_scored"
+    ]
     assert all(1 < r["perplexity"] < 32000 * 3 for r in rows)
     assert (out / "perplexity_multi_doc.json").exists() and (out / "perplexity.png").exists()

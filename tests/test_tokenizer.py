@@ -8,8 +8,14 @@ import sys
 import pytest
 
 from fot_jax import config as config_lib
-from fot_jax.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerError, check_vocab,
-                                    load_tokenizer, train_sentencepiece)
+from fot_jax.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizerError,
+    check_vocab,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fot_jax", "assets")
 OPEN_LLAMA = os.path.join(ASSETS, "open_llama_v2.model")
@@ -46,8 +52,10 @@ def test_train_sentencepiece_and_cli(tmp_path):
     corpus = tmp_path / "corpus.txt"
     import random
     rnd = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "value"] + \
-        ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 7))) for _ in range(300)]
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "import", "self", "value"] + [
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 7)))
+        for _ in range(300)
+    ]
     corpus.write_text("\n".join(" ".join(rnd.choice(words) for _ in range(12)) for _ in range(2000)))
     path = train_sentencepiece([str(corpus)], str(tmp_path / "sp"), vocab_size=400)
     tok = load_tokenizer(path)
@@ -63,7 +71,7 @@ def test_train_sentencepiece_and_cli(tmp_path):
 
 def test_hf_tokenizer_json(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, trainers, decoders
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()

@@ -10,8 +10,13 @@ from fot_jax.convert import api
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
 from fot_jax.model import llama
 
-torch = pytest.importorskip("torch")
-from fot_jax.torch import MemoryGenerator, load  # noqa: E402
+try:                      # every test here runs fot_jax.torch: each skips, with the reason, without torch
+    import torch  # noqa: F401
+
+    from fot_jax.torch import MemoryGenerator, load
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch: pip install 'fot_jax[torch]'")
 
 
 def _cfg(**model):
@@ -37,6 +42,7 @@ CASES = {
 }
 
 
+@needs_torch
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     overrides, top_k, capacity, *store_dtype = CASES[case]
@@ -48,9 +54,15 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=c.model.qk_norm != "none",
                      log=lambda *_: None)
     tm = load(str(tmp_path / "hf"))
-    doc = np.random.default_rng(0).integers(3, 64, 75)          # 4 windows of 16 + a tail of 6
-    settings = MemorySettings(top_k=top_k or 10_000, capacity=capacity, dtype=store_dtype, last_context_length=6,
-                              chunk=16, search="dense" if top_k is None else "exact")
+    doc = np.random.default_rng(0).integers(3, 64, 75)  # 4 windows of 16 + a tail of 6
+    settings = MemorySettings(
+        top_k=top_k or 10_000,
+        capacity=capacity,
+        dtype=store_dtype,
+        last_context_length=6,
+        chunk=16,
+        search="dense" if top_k is None else "exact",
+    )
     _, (expected,) = MemoryRuntime(model, 1, settings).ingest([doc], return_logits=True)
     gen = MemoryGenerator(tm, top_k=top_k, capacity=capacity, mem_dtype=store_dtype)
     got = gen.ingest(doc, return_logits=True).numpy()
@@ -62,6 +74,7 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     assert gen.generate(doc, 14, eos_token_id=-1) == want.tolist()
 
 
+@needs_torch
 def test_torch_runtime_refuses_gated_models(tmp_path):
     c = _cfg(mem_attention="gated")
     save_params(str(tmp_path / "run"), c, nnx.state(llama.create(c.model, seed=1), nnx.Param))

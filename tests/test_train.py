@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fot_jax import config as config_lib
+from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import loop
 from fot_jax.train.loop import Trainer, to_global
-from fot_jax.parallel import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -55,7 +55,10 @@ def test_state_is_sharded_by_logical_axes(tmp_path):
     mu = tr.state["opt_state"][1][0].mu["layers"][0]["mlp"]["up_proj"][...]
     assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     # each device holds a quarter of the up projection: sharded at creation, never whole
-    assert mu.addressable_shards[0].data.shape == (cfg.model.hidden_size // 2, cfg.model.intermediate_size // 2)
+    assert mu.addressable_shards[0].data.shape == (
+        cfg.model.hidden_size // 2,
+        cfg.model.intermediate_size // 2,
+    )
 
 
 @pytest.mark.slow
@@ -91,8 +94,12 @@ def test_kernel_backend_training_equals_reference(tmp_path, backend):
     """Whole train steps on the 8-device mesh (one row per device; splash under shard_map in Pallas
     interpret mode) equal the reference backend: r = 3, k = 2 stepping, document mask with
     several documents per row."""
-    over = ["--config.crossbatch.range=3", "--config.crossbatch.doc_mask=true", "--config.model.attention_block_q=128",
-            "--config.model.attention_block_kv=128"]
+    over = [
+        "--config.crossbatch.range=3",
+        "--config.crossbatch.doc_mask=true",
+        "--config.model.attention_block_q=128",
+        "--config.model.attention_block_kv=128",
+    ]
     batches = [_batch(tiny(*over), s) for s in range(2)]
     for s, b in enumerate(batches):
         b["segment_ids"] = (np.cumsum(np.random.default_rng(s).random(b["inputs"].shape) < 0.05, axis=1)
@@ -110,7 +117,11 @@ def test_kernel_backend_training_equals_reference(tmp_path, backend):
 @pytest.mark.slow
 def test_blockwise_training_equals_dense(tmp_path):
     batches = [_batch(tiny("--config.data.batch_size=8"), s) for s in range(2)]
-    a = Trainer(tiny("--config.crossbatch.range=3", "--config.crossbatch.stepping=false"), str(tmp_path / "a"), quiet=True)
+    a = Trainer(
+        tiny("--config.crossbatch.range=3", "--config.crossbatch.stepping=false"),
+        str(tmp_path / "a"),
+        quiet=True,
+    )
     b = Trainer(tiny("--config.crossbatch.range=3", "--config.crossbatch.stepping=false",
                      "--config.crossbatch.implementation=blockwise"), str(tmp_path / "b"), quiet=True)
     la, pa = _run_steps(a, batches, 3)

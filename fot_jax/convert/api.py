@@ -79,6 +79,7 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     """Writes a fot_jax checkpoint (step 0: parameters + config) into `out` that `fot-jax eval /
     generate` read and `fot-jax train --config.train.init_from=<out>` fine-tunes from. Returns cfg."""
     import jax
+
     from fot_jax.checkpoint import save_params
     hf_config, tensors, tok_files, gguf_meta = read_source(source)
     cfg = model_config_from_hf(hf_config, overrides)
@@ -107,8 +108,11 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     log(f"imported {source}: {n / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, "
         f"{cfg.model.num_heads}/{cfg.model.num_kv_heads} heads -> {target}")
     if cfg.model.mem_layers:
-        how = ("dense attention over all memory, as the original LongLLaMA code" if cfg.memory.search == "dense"
-               else f"memory search {cfg.memory.search}, top-k {cfg.memory.top_k}")
+        how = (
+            "dense attention over all memory, as the original LongLLaMA code"
+            if cfg.memory.search == "dense"
+            else f"memory search {cfg.memory.search}, top-k {cfg.memory.top_k}"
+        )
         log(f"memory layers {list(cfg.model.mem_layers)}: {how} (change with --config.memory.search / top_k)")
     return cfg
 
@@ -119,7 +123,10 @@ def _gguf_tokenizer(path: str, out_dir: str, log):
     try:
         import transformers
     except ImportError:
-        log("transformers is not installed: the GGUF's tokenizer was not extracted (pip install 'fot_jax[torch]')")
+        log(
+            "transformers is not installed: the GGUF's tokenizer was not extracted "
+            "(pip install 'fot_jax[torch]')"
+        )
         return
     tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                      gguf_file=os.path.basename(path))
@@ -129,6 +136,7 @@ def _gguf_tokenizer(path: str, out_dir: str, log):
 def _as_state(cfg, pure: dict):
     """A pure dict of parameters -> the nnx.State layout that training checkpoints have."""
     from flax import nnx
+
     from fot_jax.train.state import abstract_model
     _, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, pure)
@@ -157,6 +165,7 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
                  log=print) -> str:
     """An HF directory in the LongLLaMA format from a fot_jax checkpoint (parameters only)."""
     from flax import nnx
+
     from fot_jax.checkpoint import load_model
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"export dtype {dtype!r} is not one of float32, bfloat16, float16")

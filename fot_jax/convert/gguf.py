@@ -82,13 +82,18 @@ def read_gguf(path: str):
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
     }
-    for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),
-                      ("pad_token_id", "tokenizer.ggml.padding_token_id")):
+    for key, name in (
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+    ):
         v = _field(reader, name)
         if v is not None:
             config[key] = int(v)
     if _field(reader, a + "rope.scaling.type") not in (None, "none"):
-        raise ConversionError(f"{path}: RoPE scaling {_field(reader, a + 'rope.scaling.type')!r} is not supported")
+        raise ConversionError(
+            f"{path}: RoPE scaling {_field(reader, a + 'rope.scaling.type')!r} is not supported"
+        )
     tensors = {}
     for t in reader.tensors:
         hf_name = None

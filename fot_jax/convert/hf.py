@@ -75,7 +75,12 @@ def _same(x, m):
 NAME_MAP = (
     ("embed_tokens", "model.embed_tokens.weight", _embed_to_hf, _embed_from_hf),
     ("layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", _same, _same),
-    ("layers.{i}.post_attention_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", _same, _same),
+    (
+        "layers.{i}.post_attention_layernorm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        _same,
+        _same,
+    ),
     ("layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.q_proj.weight", _qkv_to_hf, _q_from_hf),
     ("layers.{i}.self_attn.k_proj", "model.layers.{i}.self_attn.k_proj.weight", _qkv_to_hf, _kv_from_hf),
     ("layers.{i}.self_attn.v_proj", "model.layers.{i}.self_attn.v_proj.weight", _qkv_to_hf, _kv_from_hf),
@@ -155,8 +160,9 @@ def from_hf_state_dict(tensors, m, dtype=np.float32) -> dict:
     """HF LLaMA state dict (name -> array; a dict or a lazy mapping) -> pure-dict fot_jax params,
     shapes checked against the config (a mismatch names the tensor). Extra HF buffers such as
     `rotary_emb.inv_freq` are ignored; any other unknown tensor is an error."""
-    from fot_jax.model import llama
     from flax import nnx
+
+    from fot_jax.model import llama
     expected = flatten(nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(llama.create(m, 0), nnx.Param))))
     names = set(tensors.keys())
     flat = {}
@@ -257,8 +263,10 @@ def model_overrides_from_hf(hf: dict) -> dict:
     arch = list(hf.get("architectures") or [])
     mtype = hf.get("model_type")
     if mtype not in KNOWN_MODEL_TYPES and not set(arch) & set(KNOWN_ARCHITECTURES):
-        raise ConversionError(f"unknown architecture (model_type={mtype!r}, architectures={arch}); "
-                              f"fot_jax imports {KNOWN_MODEL_TYPES} models ({', '.join(KNOWN_ARCHITECTURES)})")
+        raise ConversionError(
+            f"unknown architecture (model_type={mtype!r}, architectures={arch}); "
+            f"fot_jax imports {KNOWN_MODEL_TYPES} models ({', '.join(KNOWN_ARCHITECTURES)})"
+        )
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConversionError("unsupported LLaMA variant: hidden_act must be silu and attention/mlp "
                               f"biases off (got hidden_act={hf.get('hidden_act')!r}, attention_bias="
@@ -320,7 +328,9 @@ class LazyTensors:
                     self._where[name] = fname
                 missing = sorted({f for f in self._where.values() if f not in files})
                 if missing:
-                    raise ConversionError(f"{directory}: shard(s) {missing} named in {index_name} are missing")
+                    raise ConversionError(
+                        f"{directory}: shard(s) {missing} named in {index_name} are missing"
+                    )
                 break
         else:
             weights = [f for f in files if f.endswith(".safetensors")] or \
@@ -367,7 +377,9 @@ class LazyTensors:
         if fname.endswith(".safetensors"):
             from safetensors import safe_open
             # numpy cannot hold bfloat16: read through torch, or through JAX without it
-            with safe_open(os.path.join(self.directory, fname), framework="pt" if _has_torch() else "flax") as f:
+            with safe_open(
+                os.path.join(self.directory, fname), framework="pt" if _has_torch() else "flax"
+            ) as f:
                 x = f.get_tensor(name)
             return x.float().numpy() if hasattr(x, "float") else np.asarray(x.astype("float32"))
         return self._load_bin(fname)[name].float().numpy()

@@ -95,6 +95,7 @@ def validate(cfg) -> None:
 
 def _tfds():
     import logging
+
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     logging.getLogger("absl").setLevel(logging.ERROR)

@@ -131,7 +131,9 @@ def jsonl_texts(pattern: str, field: str):
                     raise DataError(f"{path}:{n}: no text field {field!r} (fields: {keys}); set "
                                     "--config.data.text_field to the field that holds the text")
                 if not isinstance(row[field], str):
-                    raise DataError(f"{path}:{n}: field {field!r} holds {type(row[field]).__name__}, not text")
+                    raise DataError(
+                        f"{path}:{n}: field {field!r} holds {type(row[field]).__name__}, not text"
+                    )
                 yield f"{os.path.basename(path)}:{n}", row[field]
 
 
@@ -184,7 +186,9 @@ def _documents(spec: dict, tokenizer, split: str):
 
         def gen():
             for g, members in groups:
-                parts = [t for t in (read_text(root, m, spec["decode_errors"]) for m in members) if t is not None]
+                parts = [
+                    t for t in (read_text(root, m, spec["decode_errors"]) for m in members) if t is not None
+                ]
                 yield g, parts
         texts = gen()
     for name, parts in texts:
@@ -274,7 +278,7 @@ def catalog_source(name: str, split: str, data_dir: str, field: str, tokenizer):
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise DataError(
             f"catalog dataset {name!r} (split {split!r}) is not prepared in {data_dir} as array_record "
-            f"({msg}). Prepare it once where TensorFlow is installed (pip install 'fot_jax[tf]'): "
+            f"({msg}). Prepare it once where TensorFlow is installed (pip install tensorflow): "
             f"`tfds build {name.split('/')[0]} --data_dir={data_dir} --file_format=array_record`, "
             "or copy a prepared data_dir here.") from None
     return TokenizingSource(source, field, tokenizer, name)
@@ -301,9 +305,11 @@ def data_source(cfg, split: str):
         except AssertionError as e:  # tfds: a split where every document was dropped
             if "No examples were yielded" not in str(e):
                 raise
-            raise DataError(f"the corpus at {spec['source']} has no document of at least {d.min_tokens} tokens "
-                            "in one of its splits; lower --config.data.min_tokens, add text, or change "
-                            "--config.data.held_out_percent") from None
+            raise DataError(
+                f"the corpus at {spec['source']} has no document of at least {d.min_tokens} tokens "
+                "in one of its splits; lower --config.data.min_tokens, add text, or change "
+                "--config.data.held_out_percent"
+            ) from None
     counts = {s: (builder.info.splits[s].num_examples if s in builder.info.splits else 0)
               for s in ("train", "validation")}
     if counts[split] == 0:
@@ -319,7 +325,9 @@ def data_source(cfg, split: str):
 def validate(cfg) -> None:
     d = cfg.data
     if d.decode_errors not in DECODE_ERRORS:
-        raise ConfigError(f"config field 'data.decode_errors': {d.decode_errors!r} is not one of {DECODE_ERRORS}")
+        raise ConfigError(
+            f"config field 'data.decode_errors': {d.decode_errors!r} is not one of {DECODE_ERRORS}"
+        )
     if d.task != "stdlib" and not d.source:
         raise ConfigError(f"config field 'data.source': data.task={d.task!r} needs a source "
                           "(a folder, a JSON-lines glob, or a catalog dataset name)")
@@ -328,8 +336,10 @@ def validate(cfg) -> None:
     if d.min_tokens < 0:
         raise ConfigError(f"config field 'data.min_tokens': must be >= 0, got {d.min_tokens}")
     if not d.tokenizer and not cfg.train.init_from:
-        raise ConfigError("config field 'data.tokenizer': text tasks need a tokenizer (a .model, tokenizer.json, "
-                          f"a directory, or one of {sorted(BUILTIN_TOKENIZERS)}), or train.init_from to use its "
-                          "tokenizer")
+        raise ConfigError(
+            "config field 'data.tokenizer': text tasks need a tokenizer (a .model, tokenizer.json, "
+            f"a directory, or one of {sorted(BUILTIN_TOKENIZERS)}), or train.init_from to use its "
+            "tokenizer"
+        )
     if d.tokenizer and not os.path.exists(builtin_tokenizer_path(d.tokenizer)):
         raise ConfigError(f"config field 'data.tokenizer': {d.tokenizer!r} does not exist")

@@ -102,11 +102,15 @@ class HFTokenizer(Tokenizer):
     """A `tokenizer.json` (the `tokenizers` library); bos / eos from `tokenizer_config.json` or
     the given ids."""
 
-    def __init__(self, path: str, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
+    def __init__(
+        self, path: str, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None
+    ):
         try:
             from tokenizers import Tokenizer as _T
         except ImportError as err:
-            raise TokenizerError("tokenizer.json files need the tokenizers package: pip install tokenizers") from err
+            raise TokenizerError(
+                "tokenizer.json files need the tokenizers package: pip install tokenizers"
+            ) from err
         try:
             self.tok = _T.from_file(path)
         except Exception as err:  # noqa: BLE001
@@ -163,7 +167,9 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.isdir(path):
         found = tokenizer_file(path)
         if found is None:
-            raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json here (nor in {path}/tokenizer)")
+            raise TokenizerError(
+                f"{path}: no tokenizer.model or tokenizer.json here (nor in {path}/tokenizer)"
+            )
         return load_tokenizer(found)
     if not os.path.exists(path):
         raise TokenizerError(f"tokenizer file {path!r} does not exist")
@@ -225,7 +231,9 @@ def train_sentencepiece(files: Sequence[str], out_prefix: str, vocab_size: int, 
     if missing:
         raise TokenizerError(f"tokenizer training input(s) missing: {missing}")
     if vocab_size < 300 and byte_fallback:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small for byte fallback (256 byte pieces + specials)")
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small for byte fallback (256 byte pieces + specials)"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     spm.SentencePieceTrainer.train(
         input=",".join(files), model_prefix=out_prefix, vocab_size=vocab_size, model_type=model_type,

@@ -23,7 +23,6 @@ from flax import nnx
 
 from fot_jax.data import dictionary
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
-from fot_jax.memory import knn
 
 DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
@@ -71,7 +70,11 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
         for (tokens, mask), lg in zip(docs, tails):
             h, n = _accuracy(lg, tokens, mask, len(tokens) - lg.shape[0])
             hits, total = hits + h, total + n
-        row = {"tokens_in_memory": size, "fot_accuracy": hits / total, "queries": total // cfg.data.value_length}
+        row = {
+            "tokens_in_memory": size,
+            "fot_accuracy": hits / total,
+            "queries": total // cfg.data.value_length,
+        }
         if baseline is not None:
             bcfg, bmodel = baseline
             bw = bcfg.model.max_position_embeddings
@@ -169,7 +172,9 @@ def write_table(rows, path_base, title):
     keys = list(rows[0])
     lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else f"{r[k]:,}" for k in keys) + " |")
+        lines.append(
+            "| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else f"{r[k]:,}" for k in keys) + " |"
+        )
     with open(path_base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)

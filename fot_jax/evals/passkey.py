@@ -71,7 +71,10 @@ def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5,
             for out, ans, key in zip(outs, answers[i: i + b], keys[i: i + b]):
                 ok = list(out[: len(ans)]) == ans
                 hits += ok
-                log(f"  passkey {length}: key {key}, generated {tokenizer.decode(out)!r} {'hit' if ok else 'miss'}")
+                log(
+                    f"  passkey {length}: key {key}, generated {tokenizer.decode(out)!r} "
+                    f"{'hit' if ok else 'miss'}"
+                )
         rows.append({"length": int(length), "prompt_tokens": int(max(len(p) for p in prompts)), "hits": hits,
                      "trials": seeds, "accuracy": hits / seeds, "seconds": time.perf_counter() - start})
         log(f"passkey {length:>7,} tokens: {hits}/{seeds} ({time.perf_counter() - start:.1f}s)")

@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from fot_jax import config as config_lib
-from fot_jax.memory import knn, store as store_lib
+from fot_jax.memory import knn
+from fot_jax.memory import store as store_lib
 
 
 class MemoryRuntimeError(ValueError):
@@ -39,7 +40,8 @@ class MemoryRuntimeError(ValueError):
 @dataclasses.dataclass
 class RuntimeState:
     stores: tuple          # one MemoryStore per memory layer
-    cache_k: tuple         # per layer [B, W, Hkv, D]: un-rotated keys of the local cache
+    cache_k: tuple         # per layer [B, W, Hkv, D]: the local cache's keys, rotated at their positions
+                           # (raw in memory layers: their cache moves to memory)
     cache_v: tuple
     cache_len: jax.Array   # [B] int32
     doc_pos: jax.Array     # [B] int32 tokens of the current document seen so far
@@ -161,12 +163,19 @@ class MemoryRuntime:
         if not return_logits and not self.mem_layers:  # nothing of this window is ever seen again
             return dataclasses.replace(state, doc_pos=state.doc_pos + n_valid), None
         last = None if return_logits else max(self.mem_layers)
-        new_kv, logits = model.forward(tokens, positions, inference=True, memory_fns=self._memory_fns(state.stores),
-                                       keys_through_layer=last)
+        new_kv, logits = model.forward(
+            tokens,
+            positions,
+            inference=True,
+            memory_fns=self._memory_fns(state.stores),
+            keys_through_layer=last,
+        )
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
         doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))
-        stores = self._write_memory(state.stores, [new_kv[l] for l in self.mem_layers], doc_positions, doc_ids, mask)
+        stores = self._write_memory(
+            state.stores, [new_kv[l] for l in self.mem_layers], doc_positions, doc_ids, mask
+        )
         state = dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
         return state, (logits if return_logits else None)
 
@@ -177,16 +186,27 @@ class MemoryRuntime:
         positions = state.cache_len[:, None] + offsets
         cache = list(zip(state.cache_k, state.cache_v))
         cache_valid = jnp.arange(self.window)[None, :] < state.cache_len[:, None]
-        new_kv, logits = model.forward(tokens, positions, inference=True, cache=cache, cache_valid=cache_valid,
-                                       memory_fns=self._memory_fns(state.stores))
+        new_kv, logits = model.forward(
+            tokens,
+            positions,
+            inference=True,
+            cache=cache,
+            cache_valid=cache_valid,
+            memory_fns=self._memory_fns(state.stores),
+        )
         slots = jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window)  # window: dropped
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
         cache_k = tuple(ck.at[rows, slots].set(k.astype(ck.dtype), mode="drop")
                         for ck, (k, _) in zip(state.cache_k, new_kv))
         cache_v = tuple(cv.at[rows, slots].set(v.astype(cv.dtype), mode="drop")
                         for cv, (_, v) in zip(state.cache_v, new_kv))
-        state = dataclasses.replace(state, cache_k=cache_k, cache_v=cache_v, cache_len=state.cache_len + n_valid,
-                                    doc_pos=state.doc_pos + n_valid)
+        state = dataclasses.replace(
+            state,
+            cache_k=cache_k,
+            cache_v=cache_v,
+            cache_len=state.cache_len + n_valid,
+            doc_pos=state.doc_pos + n_valid,
+        )
         return state, logits
 
     def _flush_step(self, state: RuntimeState, rows):
@@ -243,8 +263,10 @@ class MemoryRuntime:
         lengths = np.array([d.size for d in docs])
         if s.mode == "single_doc" and s.overflow == "strict" and (lengths > s.capacity).any():
             i = int(np.argmax(lengths > s.capacity))
-            raise MemoryRuntimeError(f"document {i} has {lengths[i]} tokens, more than the memory capacity "
-                                     f"{s.capacity} (memory.overflow='strict'; use 'fifo' to drop the oldest)")
+            raise MemoryRuntimeError(
+                f"document {i} has {lengths[i]} tokens, more than the memory capacity "
+                f"{s.capacity} (memory.overflow='strict'; use 'fifo' to drop the oldest)"
+            )
         if (lengths == 0).any():
             raise MemoryRuntimeError(f"document {int(np.argmax(lengths == 0))} is empty")
         if s.mode == "single_doc":
@@ -314,7 +336,9 @@ class MemoryRuntime:
             self.cache_len += n_valid
             self.doc_pos += n_valid
             done += n_valid
-        return last, [np.concatenate(c, 0) if c else np.zeros((0, last.shape[1]), np.float32) for c in collected]
+        return last, [
+            np.concatenate(c, 0) if c else np.zeros((0, last.shape[1]), np.float32) for c in collected
+        ]
 
     def extend(self, tokens):
         """Appends tokens (one list per row) to the current documents; returns the last logits [B, V]."""
@@ -365,7 +389,9 @@ class MemoryRuntime:
         if max_new_tokens < 0:
             raise MemoryRuntimeError("max_new_tokens must be >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
-            raise MemoryRuntimeError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+            raise MemoryRuntimeError(
+                f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}"
+            )
         stop = self.model_config.eos_token_id if stop_token is None else stop_token
         logits = jnp.asarray(self.ingest(prompts))
         key, finished = jax.random.key(seed), jnp.zeros(self.batch, bool)
@@ -403,6 +429,8 @@ def sample(logits, key, temperature: float, top_p: float):
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs          # mass of the tokens ranked above
-        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)   # the best one always stays
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # the best one always stays
+        logits = (
+            jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        )
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

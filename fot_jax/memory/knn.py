@@ -160,22 +160,30 @@ def _scan_block(qs, keys, valid, top_k, chunk, search, recall_target, group, dty
     grp = group if chunk % group == 0 else 1
     n_chunks = -(-n // chunk)
 
-    def body(i, carry):
+    def scores(i):
         start = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before
         kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype)
         ok = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
         ok = ok & (start + jnp.arange(chunk) >= i * chunk)  # not seen in an earlier chunk
-        s = jnp.einsum("bhqd,bhcd->bhqc", qs, kc, preferred_element_type=jnp.float32)
+        return start, jnp.einsum("bhqd,bhcd->bhqc", qs, kc, preferred_element_type=jnp.float32), ok
+
+    def body(i, carry):
+        start, s, ok = scores(i)
         if search == "approx":
             s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(-1, chunk)
             return _approx_merge(*carry, s, start, recall_target)
         return _merge_chunk(*carry, s.reshape(b, hkv * nq, chunk), ok, start, grp)
 
-    rows = b * hkv * nq
-    init = (jnp.full((rows, top_k), -jnp.inf, jnp.float32), jnp.zeros((rows, top_k), jnp.int32))
+    # the first chunk fills the list with one top-k (cheaper than inserting k entries one by one)
+    _, s, ok = scores(0)
+    s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(b * hkv * nq, chunk)
+    k0 = min(top_k, chunk)
+    v, i = jax.lax.top_k(s, k0)
+    pad = ((0, 0), (0, top_k - k0))
+    init = (jnp.pad(v, pad, constant_values=-jnp.inf), jnp.pad(i.astype(jnp.int32), pad))
     if n_chunks == 1:
-        return body(0, init)
-    return jax.lax.fori_loop(0, _active_chunks(valid, chunk, n_chunks), body, init)
+        return init
+    return jax.lax.fori_loop(1, _active_chunks(valid, chunk, n_chunks), body, init)
 
 
 def topk(q, keys, valid, top_k: int, *, chunk: int = 0, search: str = "exact",

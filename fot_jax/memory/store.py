@@ -25,7 +25,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 STORE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -59,7 +60,10 @@ class MemoryStore:
 
 
 jax.tree_util.register_dataclass(
-    MemoryStore, data_fields=["keys", "values", "positions", "doc_ids", "cursor", "written"], meta_fields=["dtype"])
+    MemoryStore,
+    data_fields=["keys", "values", "positions", "doc_ids", "cursor", "written"],
+    meta_fields=["dtype"],
+)
 
 
 def storage_dtype(dtype: str):
@@ -81,9 +85,15 @@ def _to_storage(x, dtype: str):
 
 def store_specs(memory_axis: str | None = "memory", data_axis: str | None = None) -> MemoryStore:
     """PartitionSpecs of a store: N over `memory_axis`, rows over `data_axis`."""
-    return MemoryStore(keys=P(data_axis, None, memory_axis, None), values=P(data_axis, None, memory_axis, None),
-                       positions=P(data_axis, memory_axis), doc_ids=P(data_axis, memory_axis),
-                       cursor=P(data_axis), written=P(data_axis), dtype=None)
+    return MemoryStore(
+        keys=P(data_axis, None, memory_axis, None),
+        values=P(data_axis, None, memory_axis, None),
+        positions=P(data_axis, memory_axis),
+        doc_ids=P(data_axis, memory_axis),
+        cursor=P(data_axis),
+        written=P(data_axis),
+        dtype=None,
+    )
 
 
 def create(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype="bfloat16",
@@ -91,7 +101,12 @@ def create(batch: int, kv_heads: int, capacity: int, head_dim: int, dtype="bfloa
     """An empty store; with a mesh, created directly in its shards (N over `memory_axis`)."""
     if dtype not in STORE_DTYPES:
         raise MemoryStoreError(f"memory dtype '{dtype}' is not supported; use one of {sorted(STORE_DTYPES)}")
-    for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim)):
+    for name, value in (
+        ("batch", batch),
+        ("kv_heads", kv_heads),
+        ("capacity", capacity),
+        ("head_dim", head_dim),
+    ):
         if int(value) <= 0:
             raise MemoryStoreError(f"memory store {name} must be positive, got {value}")
     if mesh is not None and memory_axis in mesh.shape and capacity % mesh.shape[memory_axis]:
@@ -127,7 +142,9 @@ def check_write(store: MemoryStore, keys, values, positions, doc_ids, mask) -> N
         if tuple(x.shape) != (b, t):
             raise MemoryStoreError(f"{name} of shape {tuple(x.shape)}, expected [B, T] = [{b}, {t}]")
     if t > n:
-        raise MemoryStoreError(f"a write of {t} tokens exceeds the capacity N={n} (capacity must hold a window)")
+        raise MemoryStoreError(
+            f"a write of {t} tokens exceeds the capacity N={n} (capacity must hold a window)"
+        )
 
 
 def _write_local(keys, values, positions, doc_ids, slots, new_k, new_v, new_pos, new_doc):
@@ -174,7 +191,9 @@ def write(store: MemoryStore, keys, values, positions, doc_ids, mask, mesh=None,
             in_specs=(spec.keys, spec.values, spec.positions, spec.doc_ids, P(), P(), P(), P(), P()),
             out_specs=(spec.keys, spec.values, spec.positions, spec.doc_ids), check_vma=False,
         )(*arrays, slots, keys, values, positions, doc_ids)
-    return MemoryStore(*arrays, cursor=(store.cursor + count) % n, written=store.written + count, dtype=store.dtype)
+    return MemoryStore(
+        *arrays, cursor=(store.cursor + count) % n, written=store.written + count, dtype=store.dtype
+    )
 
 
 def reset(store: MemoryStore, rows) -> MemoryStore:

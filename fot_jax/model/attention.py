@@ -209,8 +209,14 @@ def memory_attention(q, k, v, mask, memory=None, gate=None):
     hkv = k[0].shape[2]
     g = h // hkv
     qg = _group(q, hkv)
-    scores = [jnp.where(mk[:, None, None], jnp.einsum("bthgd,bshd->bhgts", qg, kk, preferred_element_type=jnp.float32),
-                        NEG_INF) for kk, mk in zip(k, mask)]
+    scores = [
+        jnp.where(
+            mk[:, None, None],
+            jnp.einsum("bthgd,bshd->bhgts", qg, kk, preferred_element_type=jnp.float32),
+            NEG_INF,
+        )
+        for kk, mk in zip(k, mask)
+    ]
     m = functools.reduce(jnp.maximum, [s.max(-1) for s in scores])          # [B, Hkv, G, T]
     m_mem = l_mem = acc_mem = None
     if memory is not None:

@@ -68,8 +68,12 @@ class KernelOptions:
 
 def options_from_config(m, platform: str | None = None) -> KernelOptions:
     backend = resolve(m.attention_backend, platform)
-    return KernelOptions(backend=backend, block_q=int(m.attention_block_q), block_kv=int(m.attention_block_kv),
-                         interpret=backend == "splash" and platform_of(platform) != "tpu")
+    return KernelOptions(
+        backend=backend,
+        block_q=int(m.attention_block_q),
+        block_kv=int(m.attention_block_kv),
+        interpret=backend == "splash" and platform_of(platform) != "tpu",
+    )
 
 
 # -- masks of a crossbatch step, as kernel segment ids ------------------------------------------
@@ -320,8 +324,12 @@ def check(m, seq_len: int, platform: str | None = None) -> list[tuple[str, str]]
     if plat:
         allowed = PLATFORM_BACKENDS.get(plat, ("reference", "xla"))
         if backend not in allowed:
-            return [("model.attention_backend",
-                     f"'{backend}' does not run on {plat}; backends that do: {', '.join(('auto',) + allowed)}")]
+            return [
+                (
+                    "model.attention_backend",
+                    f"'{backend}' does not run on {plat}; backends that do: {', '.join(('auto',) + allowed)}",
+                )
+            ]
     problems = []
     for field in ("attention_block_q", "attention_block_kv"):
         size = m[field]

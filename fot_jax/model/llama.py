@@ -240,7 +240,11 @@ class Llama(nnx.Module):
         else:
             x, kv = self._training_layers(x, cos, sin, segment_ids, crossbatch, crossbatch_range), None
         x = self.norm(x)
-        head = self.embed_tokens[...].astype(self.dtype).T if m.tie_embeddings else self.lm_head[...].astype(self.dtype)
+        head = (
+            self.embed_tokens[...].astype(self.dtype).T
+            if m.tie_embeddings
+            else self.lm_head[...].astype(self.dtype)
+        )
         logits = constrain(_dense(x, head, jnp.float32), ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
         return kv, jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
@@ -279,7 +283,9 @@ class Llama(nnx.Module):
                 return None, new_kv
             layer_cache = None if cache is None else cache[i]
             fn = None if memory_fns is None else memory_fns[i]
-            attn, k_raw, v = layer.self_attn.infer(h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn)
+            attn, k_raw, v = layer.self_attn.infer(
+                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn
+            )
             h = x + attn
             x = h + layer.mlp(layer.post_attention_layernorm(h))
             new_kv.append((k_raw, v))

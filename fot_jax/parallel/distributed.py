@@ -95,8 +95,10 @@ def initialize(settings: DistributedSettings | None = None) -> bool:
         if ":" not in settings.coordinator:
             raise DistributedError(f"coordinator {settings.coordinator!r} must be HOST:PORT")
         if settings.num_processes < 1 or not 0 <= settings.process_id < settings.num_processes:
-            raise DistributedError(f"process id {settings.process_id} is not in 0..{settings.num_processes - 1} "
-                                   f"(--process-id / ${ENV_PROCESS_ID}, --num-processes / ${ENV_NUM_PROCESSES})")
+            raise DistributedError(
+                f"process id {settings.process_id} is not in 0..{settings.num_processes - 1} "
+                f"(--process-id / ${ENV_PROCESS_ID}, --num-processes / ${ENV_NUM_PROCESSES})"
+            )
     if how == "explicit" and settings.process_id != 0:
         # jax aborts the process (no Python exception) when it cannot reach the coordinator: probe
         # it first, so that an unreachable address is an error that names it.
@@ -225,8 +227,10 @@ def check_agreement(cfg, timeout_s: float = 120) -> None:
             theirs = json.loads(client.blocking_key_value_get(f"fot_jax/fingerprint/{other}",
                                                               int(timeout_s * 1000)))
         except Exception as e:  # noqa: BLE001
-            raise DistributedError(f"process {pid}: process {other} did not report its config within "
-                                   f"{timeout_s:.0f} s ({type(e).__name__}); is it running the same command?") from e
+            raise DistributedError(
+                f"process {pid}: process {other} did not report its config within "
+                f"{timeout_s:.0f} s ({type(e).__name__}); is it running the same command?"
+            ) from e
         what = [k for k in ("config", "code", "version", "jax") if theirs[k] != me[k]]
         if what:
             detail = ""

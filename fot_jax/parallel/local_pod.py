@@ -81,8 +81,9 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
         p = subprocess.Popen(command, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True, preexec_fn=on_parent_death)
         procs.append(p)
-        t = threading.Thread(target=_pump, args=(p.stdout, f"[p{pid}]" if processes > 1 else "", sink, lock, seen),
-                             daemon=True)
+        t = threading.Thread(
+            target=_pump, args=(p.stdout, f"[p{pid}]" if processes > 1 else "", sink, lock, seen), daemon=True
+        )
         t.start()
         pumps.append(t)
     start = time.monotonic()

@@ -70,8 +70,10 @@ def device_array(cfg_mesh, devices: Sequence) -> np.ndarray:
     ici = mesh_shape(cfg_mesh, len(devices))
     slices = {getattr(d, "slice_index", 0) for d in devices}
     if len(slices) != math.prod(dcn):
-        raise ConfigError(f"config field 'mesh': the devices belong to {len(slices)} slice(s), the mesh.dcn_* "
-                          f"sizes {dict(zip(MESH_AXES, dcn))} make {math.prod(dcn)}")
+        raise ConfigError(
+            f"config field 'mesh': the devices belong to {len(slices)} slice(s), the mesh.dcn_* "
+            f"sizes {dict(zip(MESH_AXES, dcn))} make {math.prod(dcn)}"
+        )
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
 
 

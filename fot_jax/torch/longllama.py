@@ -44,7 +44,10 @@ class LongLlama(torch.nn.Module):
         self.qk_norm = ext.get("qk_norm", "none")
         if ext.get("mem_attention", "joint") != "joint":
             raise ValueError("fot_jax.torch runs joint (FoT) memory attention only; this model is gated")
-        self.heads, self.kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+        self.heads, self.kv_heads = (
+            c["num_attention_heads"],
+            c.get("num_key_value_heads") or c["num_attention_heads"],
+        )
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
         self.layers = c["num_hidden_layers"]
         self.mem_layers = set(c.get("mem_layers") or [])
@@ -104,8 +107,14 @@ class LongLlama(torch.nn.Module):
             out = out.transpose(0, 1).reshape(t, h * d).to(x.dtype)
             x = x + out @ self._p(i, "self_attn.o_proj.weight").T
             hm = _rms(x, self._p(i, "post_attention_layernorm.weight"), self.eps)
-            x = x + (F.silu(hm @ self._p(i, "mlp.gate_proj.weight").T) * (hm @ self._p(i, "mlp.up_proj.weight").T)) \
+            x = (
+                x
+                + (
+                    F.silu(hm @ self._p(i, "mlp.gate_proj.weight").T)
+                    * (hm @ self._p(i, "mlp.up_proj.weight").T)
+                )
                 @ self._p(i, "mlp.down_proj.weight").T
+            )
         x = _rms(x, self.w["model.norm.weight"], self.eps)
         return (x @ self.w["lm_head.weight"].T).float(), new_kv
 
@@ -135,8 +144,12 @@ def _attend(q, keys, vals, pos0, mem, top_k, select_dtype=torch.float32):
     if dense:
         p = torch.softmax(torch.cat([sm, s], -1), -1)
         out = torch.einsum("hgtn,hnd->hgtd", p[..., : sm.shape[-1]], mv)
-    else:                        # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
-        sel = sm if select_dtype == torch.float32 else torch.einsum("hgtd,hnd->hgtn", qg.to(select_dtype).float(), mk)
+    else:  # top-k: gather the chosen values, [Hkv, G, T, k, D] (k small)
+        sel = (
+            sm
+            if select_dtype == torch.float32
+            else torch.einsum("hgtd,hnd->hgtn", qg.to(select_dtype).float(), mk)
+        )
         idx = torch.topk(sel, top_k, dim=-1).indices
         sm = torch.gather(sm, -1, idx)
         mvals = mv[torch.arange(hkv)[:, None, None, None], idx]
@@ -151,7 +164,11 @@ def load(directory: str, dtype=torch.float32) -> LongLlama:
     from safetensors.torch import load_file
     config = json.load(open(os.path.join(directory, "config.json")))
     index = os.path.join(directory, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    files = (
+        sorted(set(json.load(open(index))["weight_map"].values()))
+        if os.path.exists(index)
+        else ["model.safetensors"]
+    )
     tensors = {}
     for f in files:
         tensors.update(load_file(os.path.join(directory, f)))

@@ -328,9 +328,11 @@ class Trainer:
             self.state = dict(self.state, params=params)
             self.log(f"fine-tuning from the parameters in {t.init_from}")
         self._save_tokenizer()
-        self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
-                 f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against {peak_source}, "
-                 f"steps {start_step}->{t.steps}")
+        self.log(
+            f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
+            f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against {peak_source}, "
+            f"steps {start_step}->{t.steps}"
+        )
         current_range = x.range
         switched = False
         if data_state is not None and "range" in data_state:
@@ -354,7 +356,9 @@ class Trainer:
                         name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
                                 f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
                     else:
-                        name = f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace("  ", " ")
+                        name = f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace(
+                            "  ", " "
+                        )
                     self.log(f"data: from step {step}: {name}")
                     batcher = self._host_batcher(stage_cfg, "train", stage_docs)
                     stage_index = index
@@ -400,7 +404,9 @@ class Trainer:
                     history.append({"step": done, "eval": {str(k): v for k, v in final_eval.items()}})
                     if self.checkpoints.offer_best(done, self.state, self._data_state(batcher, stage_index),
                                                    final_eval[max(final_eval)]):
-                        self.log(f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best")
+                        self.log(
+                            f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best"
+                        )
                     if t.stop_at_accuracy > 0:
                         best_r = max(final_eval)
                         if final_eval[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
@@ -418,7 +424,9 @@ class Trainer:
                         self.log("another host received SIGTERM")
                     self.log(("SIGTERM" if preempted else f"stop requested after step {until}") +
                              f": saving a checkpoint at step {done} and stopping; the next run resumes here")
-                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index), force=True)
+                    self.checkpoints.save(
+                        done, self.state, self._data_state(batcher, stage_index), force=True
+                    )
                     final_eval = final_eval or {}
                     break
             if pending is not None:

@@ -111,9 +111,12 @@ def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, mfu
     """ETA from this run's pace: `elapsed` seconds for the steps since `start_step` (a resumed run
     starts there, not at 0)."""
     eta = (total - step) * elapsed / max(step - start_step, 1)
-    return (f"step {step:>6}/{total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
-            f"lr {metrics['learning_rate']:.2e}  gnorm {metrics['grad_norm']:.3f}  r {metrics.get('range', 0):.0f}  "
-            f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {_fmt(eta)}")
+    return (
+        f"step {step:>6}/{total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
+        f"lr {metrics['learning_rate']:.2e}  gnorm {metrics['grad_norm']:.3f}  "
+        f"r {metrics.get('range', 0):.0f}  "
+        f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {_fmt(eta)}"
+    )
 
 
 def _fmt(seconds: float) -> str:
