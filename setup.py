@@ -30,7 +30,7 @@ setup(
         "torch": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
         "gguf": ["gguf>=0.10"],
         "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45",
-                 "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0"],
+                 "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main"]},
 )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -28,7 +29,6 @@ class UsageError(Exception):
 
 def _writable_dir(path: str, flag: str = "--workdir"):
     """A directory this run may create or write into; checked before any work."""
-    import os
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(
             f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)"
@@ -46,7 +46,6 @@ def _writable_dir(path: str, flag: str = "--workdir"):
 
 def _existing_workdir(path: str, flag: str):
     """A workdir given as input (a model to compare with): it must hold a checkpoint."""
-    import os
     if "://" in path:       # a bucket: checked when it is read
         return
     if not os.path.isdir(path):
@@ -119,7 +118,6 @@ def _text_prompts(args, cfg):
 def _compilation_cache():
     """JAX's persistent compilation cache ($FOT_JAX_COMPILATION_CACHE, default ~/.cache/fot_jax/xla;
     "" turns it off): a second `fot-jax generate` with the same shapes skips compiling."""
-    import os
 
     path = os.environ.get(
         "FOT_JAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fot_jax", "xla")
@@ -193,105 +191,94 @@ def cmd_generate(args, overrides):
     return 0
 
 
-def cmd_eval(args, overrides):
-    import os
-
-    import numpy as np
-
+def _eval_memory_scaling(args, cfg, model, out_dir):
     from fot_jax.checkpoint import load_model
     from fot_jax.data import dictionary
     from fot_jax.evals import memory
+    from fot_jax.parallel.mesh import memory_mesh
+    baseline = load_model(args.baseline) if args.baseline else None
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else memory.DEFAULT_SIZES
+    mesh = memory_mesh(args.memory_shards) if args.memory_shards > 1 else None
+    rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
+                                 baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype,
+                                 mesh=mesh)
+    title = f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"
+    print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"), title))
+    memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
 
-    for flag, paths in (
-        ("--baseline", [args.baseline] if args.baseline else []),
-        ("--compare", args.compare or []),
-    ):
-        for path in paths:
-            _existing_workdir(path, flag)
+
+def _eval_passkey(args, cfg, model, out_dir):
+    import glob
+
+    from fot_jax.data.tokenizer import check_vocab
+    from fot_jax.evals import memory, passkey
+    from fot_jax.infer.runtime import MemorySettings
+    tok, _ = _workdir_tokenizer(args, cfg)
+    check_vocab(tok, cfg.model)
+    lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
+    rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
+    w = cfg.model.max_position_embeddings
+    label = args.label or (f"mem_layers {list(cfg.model.mem_layers)}, W={w}" if cfg.model.mem_layers
+                           else f"no memory, W={w}")
+    base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
+    print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
+    results = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "passkey_*.json"))):
+        with open(path) as f:
+            results[os.path.basename(path)[len("passkey_"):-5]] = json.load(f)
+    passkey.plot_passkey(results, os.path.join(out_dir, "passkey.png"))
+
+
+def _eval_perplexity(args, cfg, model, out_dir):
+    import numpy as np
+
+    from fot_jax.data.sources import document_source
+    from fot_jax.evals import memory, perplexity
+    src = document_source(cfg, "validation")
+    docs = [np.asarray(src[i]["tokens"]) for i in range(len(src))]
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
+    results = {}
+    for mode in ([args.mode] if args.mode != "both" else ["single_doc", "multi_doc"]):
+        rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode,
+                                               span_memory=args.span_memory)
+        results[mode] = rows
+        print(memory.write_table(rows, os.path.join(out_dir, f"perplexity_{mode}"),
+                                 f"Perplexity of held-out {cfg.data.task} documents vs memory ({mode})"))
+    perplexity.plot_perplexity(results, os.path.join(out_dir, "perplexity.png"))
+
+
+def _eval_distraction(args, cfg, model, out_dir):
+    from fot_jax.checkpoint import load_model
+    from fot_jax.evals import memory
+    results = {}
+    for workdir in [args.workdir] + list(args.compare or []):
+        c, mdl = (cfg, model) if workdir == args.workdir else load_model(workdir)
+        label = f"trained r={c.crossbatch.range}"
+        if workdir != args.workdir:
+            label += f" ({os.path.basename(workdir.rstrip('/'))})"
+        rows = memory.distraction(c, mdl, num_docs=args.num_docs)
+        results[label] = rows
+        print(memory.write_table(rows, os.path.join(out_dir, f"distraction_r{c.crossbatch.range}"),
+                                 f"Positive attention mass, {label}"))
+    memory.plot_distraction(results, os.path.join(out_dir, "distraction.png"))
+
+
+EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "distraction": _eval_distraction,
+              "passkey": _eval_passkey, "perplexity": _eval_perplexity}
+
+
+def cmd_eval(args, overrides):
+    from fot_jax.checkpoint import load_model
+    for path in [args.baseline] if args.baseline else []:
+        _existing_workdir(path, "--baseline")
+    for path in args.compare or []:
+        _existing_workdir(path, "--compare")
     if args.out:
         _writable_dir(args.out, "--out")
     cfg, model = load_model(args.workdir, overrides=overrides)
     out_dir = args.out or os.path.join(args.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    if args.task == "memory_scaling":
-        baseline = load_model(args.baseline) if args.baseline else None
-        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else memory.DEFAULT_SIZES
-        mesh = None
-        if args.memory_shards > 1:
-            import jax
-            from jax.sharding import AxisType
-            mesh = jax.make_mesh((args.memory_shards,), ("memory",), axis_types=(AxisType.Auto,),
-                                 devices=jax.devices()[: args.memory_shards])
-        rows = memory.memory_scaling(
-            cfg,
-            model,
-            sizes,
-            num_docs=args.num_docs,
-            top_k=cfg.memory.top_k,
-            baseline=baseline,
-            search=cfg.memory.search,
-            mem_dtype=cfg.model.mem_dtype,
-            mesh=mesh,
-        )
-        print(
-            memory.write_table(
-                rows,
-                os.path.join(out_dir, "memory_scaling"),
-                f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})",
-            )
-        )
-        memory.plot_scaling(
-            rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS
-        )
-    elif args.task == "passkey":
-        from fot_jax.data.tokenizer import check_vocab
-        from fot_jax.evals import passkey
-        from fot_jax.infer.runtime import MemorySettings
-        tok, _ = _workdir_tokenizer(args, cfg)
-        check_vocab(tok, cfg.model)
-        lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
-        rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
-        label = args.label or (
-            f"mem_layers {list(cfg.model.mem_layers)}, W={cfg.model.max_position_embeddings}"
-            if cfg.model.mem_layers
-            else f"no memory, W={cfg.model.max_position_embeddings}"
-        )
-        base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
-        print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
-        import glob
-        results = {}
-        for path in sorted(glob.glob(os.path.join(out_dir, "passkey_*.json"))):
-            with open(path) as f:
-                results[os.path.basename(path)[len("passkey_"):-5]] = json.load(f)
-        passkey.plot_passkey(results, os.path.join(out_dir, "passkey.png"))
-    elif args.task == "perplexity":
-        from fot_jax.data.sources import document_source
-        from fot_jax.evals import perplexity
-        src = document_source(cfg, "validation")
-        docs = [np.asarray(src[i]["tokens"]) for i in range(len(src))]
-        sizes = (
-            [int(x) for x in args.sizes.split(",")] if args.sizes else list(perplexity.DEFAULT_MEMORY_SIZES)
-        )
-        results = {}
-        for mode in ([args.mode] if args.mode != "both" else ["single_doc", "multi_doc"]):
-            rows = perplexity.perplexity_vs_memory(cfg, model, docs, sizes, per_doc=args.num_docs, mode=mode,
-                                                   span_memory=args.span_memory)
-            results[mode] = rows
-            print(memory.write_table(rows, os.path.join(out_dir, f"perplexity_{mode}"),
-                                     f"Perplexity of held-out {cfg.data.task} documents vs memory ({mode})"))
-        perplexity.plot_perplexity(results, os.path.join(out_dir, "perplexity.png"))
-    else:
-        results = {}
-        for label, workdir in [("this model", args.workdir)] + [(w, w) for w in args.compare or []]:
-            c, mdl = (cfg, model) if workdir == args.workdir else load_model(workdir)
-            label = f"trained r={c.crossbatch.range}" + (
-                "" if workdir == args.workdir else f" ({os.path.basename(workdir.rstrip('/'))})"
-            )
-            rows = memory.distraction(c, mdl, num_docs=args.num_docs)
-            results[label] = rows
-            print(memory.write_table(rows, os.path.join(out_dir, f"distraction_r{c.crossbatch.range}"),
-                                     f"Positive attention mass, {label}"))
-        memory.plot_distraction(results, os.path.join(out_dir, "distraction.png"))
+    EVAL_TASKS[args.task](args, cfg, model, out_dir)
     print(f"written to {out_dir}")
     return 0
 
@@ -314,7 +301,6 @@ def cmd_sweep(args, overrides):
 
 
 def cmd_plan(args, overrides):
-    import os
 
     from fot_jax import config as config_lib
     from fot_jax.plan import format_plan, make_plan, parse_mesh
@@ -412,7 +398,6 @@ def _multi_process_guard(fn, args, overrides):
         from fot_jax.parallel import distributed
         if not distributed.is_initialized():
             raise
-        import os
         print(f"fot-jax: process {jax.process_index()} of {jax.process_count()}: a step with the other "
               f"processes failed ({str(e).splitlines()[0][:300]}). Another process probably died or was "
               "preempted; see its log. Stopping; restart all processes to resume from the last "
@@ -439,18 +424,15 @@ OVERRIDES_HELP = """config overrides: any config field, after the flags, as --co
 The same overrides work for generate, eval and plan."""
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    known, overrides = _split_overrides(argv)
-    from fot_jax import __version__
-    parser = argparse.ArgumentParser(prog="fot-jax", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"fot-jax {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_train(sub):
     p = sub.add_parser("train", help="train (and evaluate) a model from a config file",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OVERRIDES_HELP)
     p.add_argument("--config", required=True, help="a config file in configs/")
     p.add_argument("--workdir", required=True, help="where metrics, plots and checkpoints go")
     _distributed_flags(p)
+
+
+def _add_generate(sub):
     p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
     p.add_argument(
@@ -467,10 +449,12 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_eval(sub):
     p = sub.add_parser("eval", help="the paper's memory evaluations of a trained model")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
-    p.add_argument("--task", choices=["memory_scaling", "distraction", "passkey", "perplexity"],
-                   default="memory_scaling")
+    p.add_argument("--task", choices=sorted(EVAL_TASKS), default="memory_scaling")
     p.add_argument("--mode", choices=["single_doc", "multi_doc", "both"], default="both",
                    help="perplexity: memory of the document only, or also of other documents")
     p.add_argument("--span-memory", type=int, default=None,
@@ -487,6 +471,9 @@ def main(argv=None):
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
+
+
+def _add_sweep(sub):
     p = sub.add_parser("sweep", help="run a config's sweep points (get_sweep()), each in its own workdir")
     p.add_argument(
         "--config", required=True, help="a config file with get_sweep(), e.g. configs/ablations/*.py"
@@ -498,9 +485,11 @@ def main(argv=None):
         "--launcher", help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)"
     )
     p.add_argument("--list", action="store_true", help="only list the points")
-    p = sub.add_parser(
-        "plan", help="compile the train step on a simulated pod mesh: per-device memory, shardings"
-    )
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="compile the train step on a simulated pod mesh: per-device memory, "
+                       "shardings")
     p.add_argument("--config", required=True)
     p.add_argument("--mesh", help="e.g. fsdp=32 or data=2,fsdp=16 (default: the config's mesh)")
     p.add_argument("--devices", type=int, help="pod size when the mesh has a -1 axis")
@@ -515,6 +504,9 @@ def main(argv=None):
     p.add_argument("--platform", choices=("tpu", "cpu"), default="tpu",
                    help="the chips the plan is for: picks the attention backend that `auto` means there "
                         "(tpu: splash attention; default)")
+
+
+def _add_import(sub):
     p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
     p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
     p.add_argument(
@@ -522,6 +514,9 @@ def main(argv=None):
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_export(sub):
     p = sub.add_parser("export", help="a fot_jax checkpoint -> an HF directory in the LongLLaMA format")
     p.add_argument("--workdir", required=True, help="a training workdir or an import")
     p.add_argument("--out", required=True, help="the HF directory to write")
@@ -534,6 +529,9 @@ def main(argv=None):
     p.add_argument("--fot-extensions", action="store_true",
                    help="allow qk_norm / gated models (readable by fot_jax.torch, not by stock LLaMA code)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="train a SentencePiece model, or encode / decode with a tokenizer")
     p.add_argument("action", choices=["train", "encode", "decode"])
     p.add_argument("--input", nargs="+", help="train: text files")
@@ -543,7 +541,31 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="encode/decode: .model, tokenizer.json, or a directory / workdir")
     p.add_argument("--text", help="encode: text; decode: ids (default: stdin)")
     p.add_argument("--bos", action="store_true", help="encode: prepend bos")
-    args = parser.parse_args(known)
+
+
+COMMANDS = {
+    "train": lambda args, overrides: _multi_process_guard(cmd_train, args, overrides),
+    "generate": lambda args, overrides: (_compilation_cache(), cmd_generate(args, overrides))[1],
+    "eval": cmd_eval, "import": cmd_import, "sweep": cmd_sweep, "plan": cmd_plan,
+    "export": cmd_export, "tokenizer": cmd_tokenizer,
+}
+
+
+def _parser():
+    from fot_jax import __version__
+    parser = argparse.ArgumentParser(prog="fot-jax", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fot-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_generate, _add_eval, _add_sweep, _add_plan, _add_import, _add_export,
+                _add_tokenizer):
+        add(sub)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    known, overrides = _split_overrides(argv)
+    args = _parser().parse_args(known)
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.config import ConfigError
     from fot_jax.convert.hf import ConversionError
@@ -551,23 +573,7 @@ def main(argv=None):
     from fot_jax.infer.runtime import MemoryRuntimeError
     from fot_jax.parallel.distributed import DistributedError
     try:
-        if args.command == "train":
-            return _multi_process_guard(cmd_train, args, overrides)
-        if args.command == "generate":
-            _compilation_cache()
-            return cmd_generate(args, overrides)
-        if args.command == "eval":
-            return cmd_eval(args, overrides)
-        if args.command == "import":
-            return cmd_import(args, overrides)
-        if args.command == "sweep":
-            return cmd_sweep(args, overrides)
-        if args.command == "plan":
-            return cmd_plan(args, overrides)
-        if args.command == "export":
-            return cmd_export(args, overrides)
-        if args.command == "tokenizer":
-            return cmd_tokenizer(args, overrides)
+        return COMMANDS[args.command](args, overrides)
     except ConfigError as e:
         print(f"fot-jax: config error: {e}", file=sys.stderr)
         return 2

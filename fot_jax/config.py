@@ -164,11 +164,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    cfg.lock()
-    return cfg
-
-
 def _known_paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     out = []
     for key, value in cfg.items():

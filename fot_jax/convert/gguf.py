@@ -32,12 +32,6 @@ def unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, d // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
-    """Inverse of `unpermute_rope` (HF -> llama.cpp order)."""
-    d = w.shape[0] // heads
-    return w.reshape(heads, 2, d // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     if f is None:

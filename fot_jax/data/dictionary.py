@@ -29,10 +29,6 @@ def regions(doc_length: int, query_length: int) -> tuple[int, int]:
     return doc_length - query_length - 1, query_length - 1
 
 
-def max_definitions(doc_length: int, query_length: int, key_length: int = 4, value_length: int = 4) -> int:
-    return regions(doc_length, query_length)[0] // (key_length + value_length + 2)
-
-
 def make_document(seed: int, split: str, index: int, doc_length: int = 512,
                   query_length: int = 256, num_definitions: int = 0, key_length: int = 4,
                   value_length: int = 4) -> dict[str, np.ndarray]:

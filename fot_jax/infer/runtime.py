@@ -131,10 +131,6 @@ class MemoryRuntime:
                             cache_len=jnp.zeros(b, jnp.int32), doc_pos=jnp.zeros(b, jnp.int32),
                             doc_id=jnp.zeros(b, jnp.int32))
 
-    def memory_contents(self, layer: int = 0):
-        """The store of the `layer`-th memory layer (for inspection)."""
-        return self.state.stores[layer]
-
     # -- jitted steps -------------------------------------------------------------------------
     def _memory_fns(self, stores):
         s = self.settings

@@ -86,6 +86,14 @@ def make_mesh(cfg_mesh, devices: Sequence | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
+def memory_mesh(shards: int) -> jax.sharding.Mesh:
+    """A one-axis `memory` mesh over the first `shards` devices: memory stores sharded along N."""
+    if shards > len(jax.devices()):
+        raise ConfigError(f"memory over {shards} shards needs {shards} devices; "
+                          f"{len(jax.devices())} available")
+    return jax.make_mesh((shards,), ("memory",), axis_types=(AxisType.Auto,), devices=jax.devices()[:shards])
+
+
 def logical_to_spec(names: Sequence[str | None], mesh: jax.sharding.Mesh,
                     rules=DEFAULT_RULES, shape: Sequence[int] | None = None) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec. Mesh axes of size 1 are dropped; an axis whose
