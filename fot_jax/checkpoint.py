@@ -216,14 +216,30 @@ def _leaves_by_path(tree) -> dict:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _init_targets(stored: dict, run_leaves: dict, run_shardings: dict, where: str):
+    """The checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
+    parameters), each leaf placed and typed like the run's parameter of the same name."""
+    from fot_jax import config as config_lib
+    from fot_jax.train.state import abstract_model
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(config_lib.from_dict(stored))[1])
+    targets = []
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
+                "the run's model; fine-tuning can add FoT memory settings but not change the "
+                "pretrained architecture")
+        targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name]))
+    return treedef, targets
+
+
 def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=None):
     """Parameters of another run's (or an import's) checkpoint, placed on `shardings`, for
     fine-tuning (`train.init_from`). Model fields outside FINETUNE_MODEL_FIELDS must agree
     (differences are listed). Parameters that the run's config adds (memory-layer gates, q/k
     temperatures) come from `abstract_params` when it holds arrays (a fresh initialisation);
     every pretrained parameter must exist in the run with the same shape."""
-    from fot_jax import config as config_lib
-    from fot_jax.train.state import abstract_model
     directory = paths.join(workdir, "checkpoints")
     if not paths.isdir(directory):
         raise CheckpointError(f"train.init_from: no checkpoints in {workdir!r} (expected {directory}); "
@@ -245,21 +261,8 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
             for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
             if k in FINETUNE_MODEL_FIELDS
         }
-        run_leaves, run_shardings = _leaves_by_path(abstract_params), _leaves_by_path(shardings)
-        # the checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
-        # parameters), placed like the run's parameters of the same name
-        flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(config_lib.from_dict(stored))[1])
-        targets = []
-        for path, leaf in flat:
-            name = jax.tree_util.keystr(path)
-            if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
-                raise CheckpointError(
-                    f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
-                    "the run's model; fine-tuning can add FoT memory settings but not change the "
-                    "pretrained architecture")
-            targets.append(
-                jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name])
-            )
+        run_leaves = _leaves_by_path(abstract_params)
+        treedef, targets = _init_targets(stored, run_leaves, _leaves_by_path(shardings), where)
         try:
             params = _restore_params(manager, step, jax.tree_util.tree_unflatten(treedef, targets))
         except Exception as err:  # noqa: BLE001

@@ -35,12 +35,9 @@ CROSSBATCH_IMPLEMENTATIONS = ("dense", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """All fields with their defaults (a tiny model). Config files override some of them."""
-    c = ml_collections.ConfigDict()
-    c.name = "fot"
-
-    m = c.model = ml_collections.ConfigDict()
+def _model_fields() -> ml_collections.ConfigDict:
+    """Fields of `model`: the model: a LLaMA decoder with memory layers."""
+    m = ml_collections.ConfigDict()
     m.vocab_size = 64                 # real vocabulary (unpadded)
     m.vocab_multiple = 128            # embedding rows padded to a multiple of this (sharding)
     m.hidden_size = 64
@@ -76,8 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.bos_token_id = 1
     m.eos_token_id = 2
     m.pad_token_id = 0
+    return m
 
-    x = c.crossbatch = ml_collections.ConfigDict()
+
+def _crossbatch_fields() -> ml_collections.ConfigDict:
+    """Fields of `crossbatch`: crossbatch training (DESIGN "Crossbatch")."""
+    x = ml_collections.ConfigDict()
     x.range = 1                       # r: other contexts a memory-layer row sees (paper d = r + 1)
     x.k_packing = 2                   # consecutive chunks of one stream in consecutive rows
     x.stepping = True
@@ -88,8 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
     x.switch_range = -1               # >= 0: switch r to this once train accuracy >= switch_accuracy
     x.switch_accuracy = 0.98
     x.eval_ranges = [0, 1]            # evaluation is run once per listed r
+    return x
 
-    d = c.data = ml_collections.ConfigDict()
+
+def _data_fields() -> ml_collections.ConfigDict:
+    """Fields of `data`: the data: task, sizes, tokenizer."""
+    d = ml_collections.ConfigDict()
     d.task = "dictionary_lookup"
     d.seq_len = 256                   # T: tokens per row (must be <= model.max_position_embeddings)
     d.batch_size = 16                 # global rows B per step (= streams * k_packing)
@@ -117,8 +122,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Stages before the configured task: "end:defs[:key_len:value_len[:doc_length:batch_size]],...".
     # e.g. "500:0:4:4:64:128" trains until step 500 on 64-token documents, 128 rows a step.
     d.curriculum = ""
+    return d
 
-    t = c.train = ml_collections.ConfigDict()
+
+def _train_fields() -> ml_collections.ConfigDict:
+    """Fields of `train`: optimisation, evaluation, checkpoints."""
+    t = ml_collections.ConfigDict()
     t.steps = 100
     t.seed = 0
     t.learning_rate = 1e-3
@@ -144,8 +153,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
     t.stop_timeout = 300.0            # s after SIGTERM before a process that cannot stop cleanly exits 143
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
+    return t
 
-    mem = c.memory = ml_collections.ConfigDict()
+
+def _memory_fields() -> ml_collections.ConfigDict:
+    """Fields of `memory`: inference memory (DESIGN "Memory attention")."""
+    mem = ml_collections.ConfigDict()
     mem.top_k = 32                    # memory entries each query retrieves
     mem.capacity = 65536              # N: tokens a store holds per row (FIFO ring buffer)
     mem.mode = "single_doc"           # single_doc (reset per document) | multi_doc (never reset)
@@ -153,14 +166,31 @@ def base_config() -> ml_collections.ConfigDict:
     mem.search = "exact"  # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
     mem.recall_target = 0.95          # approx search only
     mem.chunk = 0                     # keys scored at once (0 = auto: a cache-sized score tile)
+    return mem
 
-    p = c.mesh = ml_collections.ConfigDict()
+
+def _mesh_fields() -> ml_collections.ConfigDict:
+    """Fields of `mesh`: the device mesh."""
+    p = ml_collections.ConfigDict()
     p.data = -1                       # sizes within a slice (ICI); one may be -1 (filled from the devices)
     p.fsdp = 1
     p.tensor = 1
     p.dcn_data = 1  # slices along each axis (multi-slice pods, over the data-centre network)
     p.dcn_fsdp = 1
     p.dcn_tensor = 1
+    return p
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields with their defaults (a tiny model). Config files override some of them."""
+    c = ml_collections.ConfigDict()
+    c.name = "fot"
+    c.model = _model_fields()
+    c.crossbatch = _crossbatch_fields()
+    c.data = _data_fields()
+    c.train = _train_fields()
+    c.memory = _memory_fields()
+    c.mesh = _mesh_fields()
     return c
 
 
@@ -332,10 +362,9 @@ def _check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field '{field}': {message}")
 
 
-def validate(cfg, platform: str | None = None) -> None:
-    """Raises ConfigError naming the field for anything that cannot run (on `platform`: tpu, gpu,
-    cpu, when given; `check_platform` checks the running one once JAX's backend may start)."""
-    m, x, d, t, p = cfg.model, cfg.crossbatch, cfg.data, cfg.train, cfg.mesh
+def _validate_model(cfg) -> None:
+    """model.*: sizes, layer indices, modes and dtypes."""
+    m = cfg.model
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "max_position_embeddings", "vocab_multiple"):
         _check(m[name] > 0, f"model.{name}", f"must be positive, got {m[name]}")
@@ -359,7 +388,11 @@ def validate(cfg, platform: str | None = None) -> None:
         _check(m[name] in DTYPES, f"model.{name}", f"'{m[name]}' is not one of {DTYPES}")
     _check(m.mem_attention in MEM_ATTENTION, "model.mem_attention",
            f"'{m.mem_attention}' is not one of {MEM_ATTENTION}")
-    _check_attention(cfg, platform)
+
+
+def _validate_memory(cfg) -> None:
+    """memory.* and the inference fields of model.*, train's checkpoint and temperature fields."""
+    m, t = cfg.model, cfg.train
     mem = cfg.memory
     _check(t.checkpoint_best in ("", "accuracy", "loss"), "train.checkpoint_best",
            f"'{t.checkpoint_best}' is not one of '', 'accuracy', 'loss'")
@@ -376,6 +409,11 @@ def validate(cfg, platform: str | None = None) -> None:
     _check(0 < mem.recall_target <= 1, "memory.recall_target", "must lie in (0, 1]")
     _check(mem.chunk >= 0, "memory.chunk", "must be 0 (auto) or positive")
     _check(0 < m.last_context_length, "model.last_context_length", "must be positive")
+
+
+def _validate_batch(cfg) -> None:
+    """crossbatch.* and data.* sizes: rows, microbatches, the window."""
+    m, x, d, t = cfg.model, cfg.crossbatch, cfg.data, cfg.train
     _check(x.range >= 0, "crossbatch.range", "must be >= 0")
     _check(x.k_packing >= 1, "crossbatch.k_packing", "must be >= 1")
     _check(x.implementation in CROSSBATCH_IMPLEMENTATIONS, "crossbatch.implementation",
@@ -395,30 +433,49 @@ def validate(cfg, platform: str | None = None) -> None:
     _check(max_range(cfg) <= rows - 1, "crossbatch.range",
            f"r={max_range(cfg)} needs at least {max_range(cfg) + 1} rows per microbatch, "
            f"a microbatch has {rows} (data.batch_size / train.microbatches)")
+
+
+def _validate_train(cfg) -> None:
+    """train.*: steps, schedule, preemption."""
+    t = cfg.train
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", "must be positive")
     _check(t.schedule in SCHEDULES, "train.schedule", f"'{t.schedule}' is not one of {SCHEDULES}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
     _check(t.stop_timeout > 0, "train.stop_timeout", "must be positive")
+
+
+def _validate_mesh(cfg) -> None:
+    """mesh.*: axis sizes."""
+    p = cfg.mesh
     for name in ("data", "fsdp", "tensor"):
         _check(p[name] == -1 or p[name] >= 1, f"mesh.{name}", f"must be -1 or >= 1, got {p[name]}")
     _check([p.data, p.fsdp, p.tensor].count(-1) <= 1, "mesh", "at most one axis size may be -1")
     for name in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
         _check(p[name] >= 1, f"mesh.{name}", f"must be >= 1, got {p[name]}")
-    if d.task == "dictionary_lookup":
-        from fot_jax.data import dictionary
-        dictionary.validate(cfg)
-    elif d.task in ("text_files", "stdlib", "jsonl", "tfds"):
-        from fot_jax.data import text
-        text.validate(cfg)
-    else:
-        raise ConfigError(
-            f"config field 'data.task': unknown task '{d.task}' (dictionary_lookup, text_files, "
-            "stdlib, jsonl, tfds)"
-        )
-    if d.curriculum:
-        for stage in parse_curriculum(d.curriculum):
+
+
+def _validate_task(cfg) -> None:
+    """The data task's own fields, by the task's module."""
+    from fot_jax.data import dictionary, text
+    validators = {"dictionary_lookup": dictionary.validate}
+    validators.update({name: text.validate for name in text.TEXT_TASKS})
+    if cfg.data.task not in validators:
+        raise ConfigError(f"config field 'data.task': unknown task '{cfg.data.task}' "
+                          f"({', '.join(validators)})")
+    validators[cfg.data.task](cfg)
+
+
+def validate(cfg, platform: str | None = None) -> None:
+    """Raises ConfigError naming the field for anything that cannot run (on `platform`: tpu, gpu,
+    cpu, when given; `check_platform` checks the running one once JAX's backend may start)."""
+    for check in (_validate_model, _validate_memory, _validate_batch, _validate_train, _validate_mesh):
+        check(cfg)
+    _check_attention(cfg, platform)
+    _validate_task(cfg)
+    if cfg.data.curriculum:
+        for stage in parse_curriculum(cfg.data.curriculum):
             stage_config(cfg, stage)
 
 

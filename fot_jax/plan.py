@@ -121,6 +121,22 @@ def check_mesh_divides(cfg, mesh) -> None:
                     f"divides {size}, or a model dimension that {n} divides")
 
 
+def _param_rows(abstract_params, mesh):
+    """One row per parameter (shape, dtype, spec, bytes per device) and a warning for each large
+    parameter that no mesh axis divides."""
+    rows, warnings = [], []
+    multi = mesh.size > 1
+    for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        spec = x.sharding.spec
+        large = multi and all(s is None for s in spec) and x.size >= REPLICATED_WARN_ELEMENTS
+        rows.append(ParamRow(_path(p), tuple(x.shape), str(x.dtype), str(tuple(spec)),
+                             _bytes_per_device(x, x.sharding), large))
+        if large:
+            warnings.append(f"parameter {_path(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) is "
+                            f"replicated on all {mesh.size} devices (no mesh axis divides it)")
+    return rows, warnings
+
+
 def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs, with the
     attention backend the config would use on `platform` (`auto` on tpu: splash, compiled here in
@@ -137,33 +153,17 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
         abstract_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    abstract, shardings)
         b, t = cfg.data.batch_size, cfg.data.seq_len
-        dtypes = {
-            "inputs": jnp.int32,
-            "targets": jnp.int32,
-            "loss_mask": jnp.float32,
-            "segment_ids": jnp.int32,
-        }
-        batch = {
-            k: jax.ShapeDtypeStruct((b, t), dtypes[k], sharding=s) for k, s in batch_shardings(mesh).items()
-        }
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
+                  "segment_ids": jnp.int32}
+        batch = {k: jax.ShapeDtypeStruct((b, t), dtypes[k], sharding=s)
+                 for k, s in batch_shardings(mesh).items()}
         jitted = jit_train_step(cfg, graphdef, tx, mesh, shardings, cfg.crossbatch.range)
         t0 = time.perf_counter()
         compiled = jitted.lower(abstract_in, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile()
         compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
 
-    rows, warnings = [], []
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_in["params"])[0]
-    multi = mesh.size > 1
-    for p, x in leaves:
-        spec = x.sharding.spec
-        replicated = all(s is None for s in spec)
-        large = multi and replicated and x.size >= REPLICATED_WARN_ELEMENTS
-        rows.append(ParamRow(_path(p), tuple(x.shape), str(x.dtype), str(tuple(spec)),
-                             _bytes_per_device(x, x.sharding), large))
-        if large:
-            warnings.append(f"parameter {_path(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) is "
-                            f"replicated on all {mesh.size} devices (no mesh axis divides it)")
+    rows, warnings = _param_rows(abstract_in["params"], mesh)
     mb_rows = cfg.data.batch_size // cfg.train.microbatches
     dp = mesh_lib.data_parallel_size(mesh)
     if mb_rows % dp:
@@ -176,23 +176,13 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     opt_bytes = sum(_bytes_per_device(x, x.sharding) for x in jax.tree.leaves(abstract_in["opt_state"]))
     batch_bytes = sum(_bytes_per_device(x, x.sharding) for x in batch.values())
     return Plan(
-        mesh=dict(mesh.shape),
-        num_devices=mesh.size,
-        attention_backend=cfg.model.attention_backend,
-        num_params=sum(int(math.prod(r.shape)) for r in rows),
-        param_bytes=param_bytes,
-        opt_bytes=opt_bytes,
-        batch_bytes=batch_bytes,
-        argument_bytes=int(mem.argument_size_in_bytes),
-        output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes),
-        temp_bytes=int(mem.temp_size_in_bytes),
-        compile_s=compile_s,
+        mesh=dict(mesh.shape), num_devices=mesh.size, attention_backend=cfg.model.attention_backend,
+        num_params=sum(int(math.prod(r.shape)) for r in rows), param_bytes=param_bytes, opt_bytes=opt_bytes,
+        batch_bytes=batch_bytes, argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), compile_s=compile_s,
         flops_per_token=metrics_lib.model_flops_per_token(cfg.model, cfg.data.seq_len, cfg.crossbatch.range),
-        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len,
-        params=rows,
-        warnings=warnings,
-    )
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, params=rows, warnings=warnings)
 
 
 def _gib(x) -> str:

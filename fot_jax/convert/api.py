@@ -160,6 +160,43 @@ def parse_size(text) -> int:
     return int(t)
 
 
+def _write_weights(sd: dict, directory: str, dtype: str, limit: int) -> list[dict]:
+    """The state dict as safetensors files of at most `limit` bytes (with an index when several)."""
+    itemsize = 4 if dtype == "float32" else 2
+    shards, current, size = [], {}, 0
+    for name, x in sd.items():
+        nbytes = int(np.prod(x.shape)) * itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = x
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        _save_safetensors(shards[0], os.path.join(directory, "model.safetensors"), dtype)
+        return shards
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_safetensors(shard, os.path.join(directory, fname), dtype)
+        for name, x in shard.items():
+            weight_map[name] = fname
+            total += int(np.prod(x.shape)) * itemsize
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return shards
+
+
+def _copy_tokenizer(source: str, directory: str):
+    """A tokenizer file, or a directory's tokenizer files, beside the exported weights."""
+    if os.path.isfile(source):
+        shutil.copy(source, os.path.join(directory, os.path.basename(source)))
+    elif os.path.isdir(source):
+        for f in os.listdir(source):
+            if f in TOKENIZER_FILES and f != "generation_config.json":
+                shutil.copy(os.path.join(source, f), os.path.join(directory, f))
+
+
 def export_model(workdir: str, out: str, step=None, dtype: str = "float32", overwrite: bool = False,
                  fot_extensions: bool = False, max_shard_size="5GB", tokenizer: str | None = None,
                  log=print) -> str:
@@ -175,41 +212,13 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
     sd = hf.to_hf_state_dict(params, m, fot_extensions=fot_extensions)
     target, tmp = _prepare_target(out, overwrite, "export")
     try:
-        limit = parse_size(max_shard_size)
-        itemsize = 4 if dtype == "float32" else 2
-        shards, current, size = [], {}, 0
-        for name, x in sd.items():
-            nbytes = int(np.prod(x.shape)) * itemsize
-            if current and size + nbytes > limit:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = x
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            _save_safetensors(shards[0], os.path.join(tmp, "model.safetensors"), dtype)
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _save_safetensors(shard, os.path.join(tmp, fname), dtype)
-                for name, x in shard.items():
-                    weight_map[name] = fname
-                    total += int(np.prod(x.shape)) * itemsize
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        shards = _write_weights(sd, tmp, dtype, parse_size(max_shard_size))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf.longllama_config(m, dtype, fot_extensions, memory=cfg.memory), f, indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": m.bos_token_id, "eos_token_id": m.eos_token_id,
                        "pad_token_id": m.pad_token_id}, f, indent=1)
-        tok_dir = tokenizer or os.path.join(workdir, "tokenizer")
-        if os.path.isfile(tok_dir):
-            shutil.copy(tok_dir, os.path.join(tmp, os.path.basename(tok_dir)))
-        elif os.path.isdir(tok_dir):
-            for f in os.listdir(tok_dir):
-                if f in TOKENIZER_FILES and f != "generation_config.json":
-                    shutil.copy(os.path.join(tok_dir, f), os.path.join(tmp, f))
+        _copy_tokenizer(tokenizer or os.path.join(workdir, "tokenizer"), tmp)
         _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,20 +39,23 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
-def read_gguf(path: str):
-    """(hf_config dict, {HF name: float32 array}, tokenizer metadata dict)."""
-    try:
-        import gguf
-    except ImportError as err:
-        raise ConversionError("reading GGUF files needs the gguf package: pip install gguf") from err
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as err:  # noqa: BLE001
-        raise ConversionError(f"{path}: not a readable GGUF file ({err})") from err
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"{path}: unknown architecture {arch!r} in GGUF metadata; fot_jax imports "
-                              "'llama' GGUF files")
+def _hf_name(name: str, path: str) -> str:
+    """The HF LLaMA name of a GGUF tensor (`GGUF_NAMES`, `{i}` the layer index)."""
+    for src, dst in GGUF_NAMES.items():
+        if "{i}" in src:
+            prefix, suffix = src.split("{i}")
+            idx = name[len(prefix): len(name) - len(suffix)]
+            if name.startswith(prefix) and name.endswith(suffix) and idx.isdigit():
+                return dst.format(i=int(idx))
+        elif name == src:
+            return dst
+    if name == "rope_freqs.weight":
+        raise ConversionError(f"{path}: has rope_freqs (scaled RoPE), which is not supported")
+    raise ConversionError(f"{path}: tensor '{name}' has no LLaMA counterpart")
+
+
+def _hf_config(reader, path: str) -> dict:
+    """The HF LlamaConfig fields of a llama GGUF file's metadata."""
     a = "llama."
     heads = int(_field(reader, a + "attention.head_count"))
     kv_heads = int(_field(reader, a + "attention.head_count_kv", heads))
@@ -88,31 +91,35 @@ def read_gguf(path: str):
         raise ConversionError(
             f"{path}: RoPE scaling {_field(reader, a + 'rope.scaling.type')!r} is not supported"
         )
+    return config
+
+
+def read_gguf(path: str):
+    """(hf_config dict, {HF name: float32 array}, tokenizer metadata dict)."""
+    try:
+        import gguf
+    except ImportError as err:
+        raise ConversionError("reading GGUF files needs the gguf package: pip install gguf") from err
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # noqa: BLE001
+        raise ConversionError(f"{path}: not a readable GGUF file ({err})") from err
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"{path}: unknown architecture {arch!r} in GGUF metadata; fot_jax imports "
+                              "'llama' GGUF files")
+    config = _hf_config(reader, path)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
     tensors = {}
     for t in reader.tensors:
-        hf_name = None
-        for src, dst in GGUF_NAMES.items():
-            if "{i}" in src:
-                prefix, suffix = src.split("{i}")
-                if t.name.startswith(prefix) and t.name.endswith(suffix):
-                    idx = t.name[len(prefix): len(t.name) - len(suffix)]
-                    if idx.isdigit():
-                        hf_name = dst.format(i=int(idx))
-            elif t.name == src:
-                hf_name = dst
-            if hf_name:
-                break
-        if hf_name is None:
-            if t.name == "rope_freqs.weight":
-                raise ConversionError(f"{path}: has rope_freqs (scaled RoPE), which is not supported")
-            raise ConversionError(f"{path}: tensor '{t.name}' has no LLaMA counterpart")
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         w = w.reshape([int(n) for n in reversed(t.shape)]) if w.ndim != len(t.shape) else w
         if t.name.endswith("attn_q.weight"):
             w = unpermute_rope(w, heads)
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_rope(w, kv_heads)
-        tensors[hf_name] = w
+        tensors[_hf_name(t.name, path)] = w
     meta = {"model": _field(reader, "tokenizer.ggml.model"), "tokens": tokens,
             "chat_template": _field(reader, "tokenizer.chat_template")}
     return config, tensors, meta

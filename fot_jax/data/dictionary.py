@@ -29,6 +29,12 @@ def regions(doc_length: int, query_length: int) -> tuple[int, int]:
     return doc_length - query_length - 1, query_length - 1
 
 
+def describe(d) -> str:
+    """A dictionary-lookup data section (or curriculum stage) in one line."""
+    return (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, docs of {d.doc_length}, "
+            f"T={d.seq_len}, {d.batch_size} rows")
+
+
 def make_document(seed: int, split: str, index: int, doc_length: int = 512,
                   query_length: int = 256, num_definitions: int = 0, key_length: int = 4,
                   value_length: int = 4) -> dict[str, np.ndarray]:

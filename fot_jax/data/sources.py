@@ -21,6 +21,14 @@ def document_source(cfg, split: str, num_docs: int | None = None):
         return text.data_source(cfg, split)
 
 
+def describe(data_cfg) -> str:
+    """One line naming what a (stage's) data section feeds the model."""
+    d = data_cfg
+    if d.task == "dictionary_lookup":
+        return dictionary.describe(d)
+    return f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace("  ", " ")
+
+
 def make_batcher(cfg, split: str, *, num_docs: int | None = None, host_index: int = 0,
                  host_count: int = 1) -> DocBatcher:
     """num_docs: a smaller train set (curriculum stages only need what they consume)."""

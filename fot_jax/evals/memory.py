@@ -137,31 +137,31 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
         cos, sin = rope_cos_sin(positions[:num_docs], lk.shape[-1], m.rope_theta)
         lk = np.asarray(apply_rope(jnp.asarray(loc_k, jnp.float32), cos, sin), np.float64)
     mk = np.asarray(mem_k, np.float64)
-    hkv = lk.shape[2]
-    g = q.shape[2] // w
+    pad = np.asarray(queries != dictionary.PAD)
+    return [_mass_at(d, q, mk, lk, pad, num_docs, w) for d in ds]
+
+
+def _mass_at(d, q, mk, lk, pad, num_docs, w) -> dict:
+    """Positive attention mass and share with d contexts in memory: the document's own previous
+    context and d - 1 of other documents (float64, every query token that is not padding)."""
+    hkv, g = lk.shape[2], q.shape[2] // w
     causal = np.tril(np.ones((w, w), bool))
-    pad = queries != dictionary.PAD
-    rows = []
-    for d in ds:
-        mass, share = [], []
-        for b in range(num_docs):
-            others = [i for i in range(num_docs, need)][: d - 1] if d > 1 else []
-            ctx = [b] + others                                      # own previous context first
-            keys = mk[ctx].reshape(len(ctx) * w, hkv, -1)           # [d*T, Hkv, D]
-            for h in range(hkv):
-                qh = q[b, h].reshape(g, w, -1)                     # [G, T, D]
-                s_mem = np.einsum("gtd,nd->gtn", qh, keys[:, h])
-                s_loc = np.where(causal, np.einsum("gtd,sd->gts", qh, lk[b, :, h]), -np.inf)
-                top = np.maximum(s_mem.max(-1), s_loc.max(-1))[..., None]
-                p_mem, p_loc = np.exp(s_mem - top), np.exp(s_loc - top)
-                z = p_mem.sum(-1) + p_loc.sum(-1)
-                own = p_mem[..., :w].sum(-1)
-                ok = np.asarray(pad[b])[None].repeat(g, 0)
-                mass.append((own / z)[ok])
-                share.append((own / p_mem.sum(-1))[ok])
-        rows.append({"d": d, "positive_mass": float(np.mean(np.concatenate(mass))),
-                     "positive_share": float(np.mean(np.concatenate(share)))})
-    return rows
+    others = list(range(num_docs, num_docs + d - 1))
+    mass, share = [], []
+    for b in range(num_docs):
+        keys = mk[[b] + others].reshape(d * w, hkv, -1)                # [d*T, Hkv, D], own context first
+        for h in range(hkv):
+            qh = q[b, h].reshape(g, w, -1)                             # [G, T, D]
+            s_mem = np.einsum("gtd,nd->gtn", qh, keys[:, h])
+            s_loc = np.where(causal, np.einsum("gtd,sd->gts", qh, lk[b, :, h]), -np.inf)
+            top = np.maximum(s_mem.max(-1), s_loc.max(-1))[..., None]
+            p_mem, p_loc = np.exp(s_mem - top), np.exp(s_loc - top)
+            own = p_mem[..., :w].sum(-1)
+            ok = pad[b][None].repeat(g, 0)
+            mass.append((own / (p_mem.sum(-1) + p_loc.sum(-1)))[ok])
+            share.append((own / p_mem.sum(-1))[ok])
+    return {"d": d, "positive_mass": float(np.mean(np.concatenate(mass))),
+            "positive_share": float(np.mean(np.concatenate(share)))}
 
 
 def write_table(rows, path_base, title):

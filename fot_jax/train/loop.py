@@ -2,6 +2,7 @@
 evaluation (at several crossbatch ranges), metrics and the end-of-run report."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -11,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ import numpy as np
 
 from fot_jax import config as config_lib
 from fot_jax import paths
+from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
@@ -30,6 +33,41 @@ from fot_jax.train.step import eval_step, train_step
 
 class TrainingError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass
+class Hook:
+    """`fn(run_state)` after every step that is a multiple of `every` (0: never) and, with
+    `at_end`, after the last step."""
+    every: int
+    fn: Callable
+    at_end: bool = False
+
+    def due(self, done: int, total: int) -> bool:
+        return bool(self.every and done % self.every == 0) or (self.at_end and done == total)
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the loop and its hooks share during one `Trainer.run`."""
+    start_step: int
+    done: int                       # steps completed
+    until: int | None
+    range: int                      # the crossbatch range now (switch_range moves it)
+    switched: bool
+    data_state: dict | None         # the restored data position (applies when its stage starts)
+    run_start: float
+    last_time: float = 0.0          # of the last progress line
+    last_step: int = 0
+    stage_index: int | None = None
+    stage_cfg: Any = None
+    batcher: Any = None
+    range_max: int = 0
+    pending: dict | None = None     # the last step's metrics, still on the device
+    history: list = dataclasses.field(default_factory=list)
+    acc_window: list = dataclasses.field(default_factory=list)
+    final_eval: dict | None = None
+    stop: str | None = None         # "accuracy", "preempted" or "until"
 
 
 class NoCheckpoints:
@@ -193,6 +231,7 @@ class Trainer:
         self.stages = config_lib.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else []
         self._stage_cfgs = [config_lib.stage_config(cfg, s) for s in self.stages]
         self.writer = None
+        self.hooks = self._make_hooks()
 
     # -- compiled steps ------------------------------------------------------------------------
     def _batch_shardings(self):
@@ -311,152 +350,169 @@ class Trainer:
                 w.write(r.read())
         paths.rename(tmp, out)
 
+    # -- the loop: one step, then the hooks due after it ------------------------------------------
     def _run(self, until):
-        cfg, t, x = self.cfg, self.cfg.train, self.cfg.crossbatch
+        rs = self._start(until)
+        with mesh_lib.use_mesh(self.mesh):
+            for step in range(rs.start_step, self.cfg.train.steps):
+                self._step(rs, step)
+                for hook in self.hooks:
+                    if rs.stop is None and hook.due(rs.done, self.cfg.train.steps):
+                        hook.fn(rs)
+                if rs.stop is not None:
+                    break
+            if rs.pending is not None:
+                self._check({k: float(v) for k, v in jax.device_get(rs.pending).items()})
+        return self._finish(rs)
+
+    def _make_hooks(self) -> list:
+        """After each step, in this order: progress line and metrics, the range switch, held-out
+        evaluation (best checkpoint, early stop), periodic checkpoint, the agreed stop."""
+        t, x = self.cfg.train, self.cfg.crossbatch
+        hooks = [Hook(t.log_every, self._log_progress, at_end=True)]
+        if x.switch_range >= 0:
+            hooks.append(Hook(t.log_every, self._switch_range, at_end=True))
+        hooks += [Hook(t.eval_every, self._evaluate_hook, at_end=True),
+                  Hook(t.checkpoint_every, self._checkpoint_hook),
+                  Hook(1, self._stop_hook)]
+        return hooks
+
+    def _start(self, until) -> "RunState":
+        """Restores (or initialises from train.init_from), logs the run and returns its state."""
+        t, x = self.cfg.train, self.cfg.crossbatch
         self.writer = metrics_lib.MetricWriter(self.workdir)
-        peak, peak_source = metrics_lib.peak_flops()
-        start_step = int(jax.device_get(self.state["step"]))
+        self.peak, peak_source = metrics_lib.peak_flops()
         restored = self.checkpoints.restore(self.state, self.state_shardings)
         data_state = None
         if restored is not None:
             self.state, data_state = restored
-            start_step = int(jax.device_get(self.state["step"]))
         elif t.init_from:
             from fot_jax.checkpoint import load_params
-            params = load_params(t.init_from, cfg, self.state["params"], self.state_shardings["params"],
+            params = load_params(t.init_from, self.cfg, self.state["params"], self.state_shardings["params"],
                                  log=self.log)
             self.state = dict(self.state, params=params)
             self.log(f"fine-tuning from the parameters in {t.init_from}")
         self._save_tokenizer()
-        self.log(
-            f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
-            f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against {peak_source}, "
-            f"steps {start_step}->{t.steps}"
-        )
-        current_range = x.range
-        switched = False
+        start = int(jax.device_get(self.state["step"]))
+        self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
+                 f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against "
+                 f"{peak_source}, steps {start}->{t.steps}")
+        rs = RunState(start_step=start, done=start, until=until, range=x.range, switched=False,
+                      data_state=data_state, run_start=time.perf_counter())
+        rs.last_time, rs.last_step = rs.run_start, start
         if data_state is not None and "range" in data_state:
-            current_range, switched = int(data_state["range"]), bool(data_state["switched"])
-        # saved with the data position; the closure reads the loop's current values
-        self._range_state = lambda: {"range": current_range, "switched": switched}
-        preempted = False
-        stage_index = None
-        batcher = None
-        history = []
-        last_time, last_step, run_start = time.perf_counter(), start_step, time.perf_counter()
-        pending = None
-        acc_window = []
-        final_eval = None
-        with mesh_lib.use_mesh(self.mesh):
-            for step in range(start_step, t.steps):
-                index, stage_cfg, stage_docs = self.stage(step)
-                if batcher is None or index != stage_index:
-                    d = stage_cfg.data
-                    if d.task == "dictionary_lookup":
-                        name = (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, "
-                                f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows")
-                    else:
-                        name = f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace(
-                            "  ", " "
-                        )
-                    self.log(f"data: from step {step}: {name}")
-                    batcher = self._host_batcher(stage_cfg, "train", stage_docs)
-                    stage_index = index
-                    history.append({"step": step, "stage": name})
-                    if data_state is not None and data_state.get("stage") == stage_index:
-                        batcher.restore(data_state["batcher"])
-                if x.sample_range:
-                    # stateless per step, so a resumed run draws the same r as an uninterrupted one
-                    rng = np.random.default_rng([t.seed, 7, step])
-                    range_max, r = current_range, int(rng.integers(x.range_min, current_range + 1))
-                else:
-                    range_max = r = current_range
-                batch = to_global(next(batcher).as_dict(), self.mesh)
-                self.state, step_metrics = self.train_step_fn(range_max)(self.state, batch, jnp.int32(r))
-                step_metrics = dict(step_metrics, range=r)
-                if pending is not None:
-                    self._check(pending)
-                pending = step_metrics
-                done = step + 1
-                if done % t.log_every == 0 or done == t.steps:
-                    m = {k: float(v) for k, v in jax.device_get(pending).items()}
-                    self._check(m)
-                    now = time.perf_counter()
-                    sd = stage_cfg.data
-                    tokens = (done - last_step) * sd.batch_size * sd.seq_len
-                    tps = tokens / max(now - last_time, 1e-9)
-                    mfu = tps * metrics_lib.model_flops_per_token(cfg.model, sd.seq_len, range_max) / peak
-                    m.update(tokens_per_s=tps, mfu=mfu, curriculum_stage=index)
-                    self.log(metrics_lib.progress_line(done, t.steps, m, tps, mfu, now - run_start,
-                                                                start_step))
-                    self.writer.write(done, m)
-                    history.append({**m, "step": done})
-                    last_time, last_step = now, done
-                    acc_window.append(m["accuracy"])
-                    if (x.switch_range >= 0 and not switched and stage_index == len(self.stages)
-                            and np.mean(acc_window[-3:]) >= x.switch_accuracy and len(acc_window) >= 3):
-                        current_range, switched = x.switch_range, True
-                        self.log(f"crossbatch range switched to r={current_range} at step {done} "
-                                 f"(train accuracy {np.mean(acc_window[-3:]):.3f})")
-                is_eval = t.eval_every and done % t.eval_every == 0
-                if is_eval or done == t.steps:
-                    final_eval = self._eval_and_log(done)
-                    history.append({"step": done, "eval": {str(k): v for k, v in final_eval.items()}})
-                    if self.checkpoints.offer_best(done, self.state, self._data_state(batcher, stage_index),
-                                                   final_eval[max(final_eval)]):
-                        self.log(
-                            f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best"
-                        )
-                    if t.stop_at_accuracy > 0:
-                        best_r = max(final_eval)
-                        if final_eval[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
-                            self.log(f"eval accuracy {final_eval[best_r]['accuracy']:.3f} at r={best_r} "
-                                     f">= {t.stop_at_accuracy}: stopping at step {done}")
-                            self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index),
-                                                  force=True)
-                            break
-                if t.checkpoint_every and done % t.checkpoint_every == 0:
-                    self.checkpoints.save(done, self.state, self._data_state(batcher, stage_index))
-                stop = self._stop_agreed(done)
-                if stop or (until is not None and done >= until and done < t.steps):
-                    preempted = stop
-                    if stop and not self._term:
-                        self.log("another host received SIGTERM")
-                    self.log(("SIGTERM" if preempted else f"stop requested after step {until}") +
-                             f": saving a checkpoint at step {done} and stopping; the next run resumes here")
-                    self.checkpoints.save(
-                        done, self.state, self._data_state(batcher, stage_index), force=True
-                    )
-                    final_eval = final_eval or {}
-                    break
-            if pending is not None:
-                self._check({k: float(v) for k, v in jax.device_get(pending).items()})
-        if final_eval is None:
-            final_eval = self._eval_and_log(int(jax.device_get(self.state["step"])))
-        if preempted or (until is not None and int(jax.device_get(self.state["step"])) < t.steps):
+            rs.range, rs.switched = int(data_state["range"]), bool(data_state["switched"])
+        return rs
+
+    def _enter_stage(self, rs, step):
+        """The batcher of the curriculum stage (or the configured task) that `step` belongs to."""
+        index, stage_cfg, stage_docs = self.stage(step)
+        if rs.batcher is not None and index == rs.stage_index:
+            return
+        name = describe_data(stage_cfg.data)
+        self.log(f"data: from step {step}: {name}")
+        rs.batcher = self._host_batcher(stage_cfg, "train", stage_docs)
+        rs.stage_index, rs.stage_cfg = index, stage_cfg
+        rs.history.append({"step": step, "stage": name})
+        if rs.data_state is not None and rs.data_state.get("stage") == index:
+            rs.batcher.restore(rs.data_state["batcher"])
+
+    def _step(self, rs, step):
+        self._enter_stage(rs, step)
+        x = self.cfg.crossbatch
+        if x.sample_range:
+            # stateless per step, so a resumed run draws the same r as an uninterrupted one
+            rng = np.random.default_rng([self.cfg.train.seed, 7, step])
+            rs.range_max, r = rs.range, int(rng.integers(x.range_min, rs.range + 1))
+        else:
+            rs.range_max = r = rs.range
+        batch = to_global(next(rs.batcher).as_dict(), self.mesh)
+        self.state, metrics = self.train_step_fn(rs.range_max)(self.state, batch, jnp.int32(r))
+        if rs.pending is not None:       # checked one step late: no wait on the step just issued
+            self._check(rs.pending)
+        rs.pending, rs.done = dict(metrics, range=r), step + 1
+
+    def _log_progress(self, rs):
+        t, sd = self.cfg.train, rs.stage_cfg.data
+        m = {k: float(v) for k, v in jax.device_get(rs.pending).items()}
+        self._check(m)
+        now = time.perf_counter()
+        tps = (rs.done - rs.last_step) * sd.batch_size * sd.seq_len / max(now - rs.last_time, 1e-9)
+        mfu = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max) / self.peak
+        m.update(tokens_per_s=tps, mfu=mfu, curriculum_stage=rs.stage_index)
+        self.log(metrics_lib.progress_line(rs.done, t.steps, m, tps, mfu, now - rs.run_start, rs.start_step,
+                                           may_stop_early=t.stop_at_accuracy > 0))
+        self.writer.write(rs.done, m)
+        rs.history.append({**m, "step": rs.done})
+        rs.last_time, rs.last_step = now, rs.done
+        rs.acc_window.append(m["accuracy"])
+
+    def _switch_range(self, rs):
+        """crossbatch.switch_range: once train accuracy holds switch_accuracy (mean of the last
+        three progress lines) on the configured task, the range moves to switch_range."""
+        x = self.cfg.crossbatch
+        recent = rs.acc_window[-3:]
+        if (not rs.switched and rs.stage_index == len(self.stages) and len(recent) == 3
+                and np.mean(recent) >= x.switch_accuracy):
+            rs.range, rs.switched = x.switch_range, True
+            self.log(f"crossbatch range switched to r={rs.range} at step {rs.done} "
+                     f"(train accuracy {np.mean(recent):.3f})")
+
+    def _evaluate_hook(self, rs):
+        t, done = self.cfg.train, rs.done
+        rs.final_eval = res = self._eval_and_log(done)
+        rs.history.append({"step": done, "eval": {str(k): v for k, v in res.items()}})
+        if self.checkpoints.offer_best(done, self.state, self._data_state(rs), res[max(res)]):
+            self.log(f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best")
+        best_r = max(res)
+        if t.stop_at_accuracy > 0 and res[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
+            self.log(f"eval accuracy {res[best_r]['accuracy']:.3f} at r={best_r} >= {t.stop_at_accuracy}: "
+                     f"stopping at step {done}")
+            self.checkpoints.save(done, self.state, self._data_state(rs), force=True)
+            rs.stop = "accuracy"
+
+    def _checkpoint_hook(self, rs):
+        self.checkpoints.save(rs.done, self.state, self._data_state(rs))
+
+    def _stop_hook(self, rs):
+        """SIGTERM agreed by every host, or the step `run(until=...)` asked for."""
+        agreed = self._stop_agreed(rs.done)
+        if not (agreed or (rs.until is not None and rs.until <= rs.done < self.cfg.train.steps)):
+            return
+        if agreed and not self._term:
+            self.log("another host received SIGTERM")
+        self.log(("SIGTERM" if agreed else f"stop requested after step {rs.until}") +
+                 f": saving a checkpoint at step {rs.done} and stopping; the next run resumes here")
+        self.checkpoints.save(rs.done, self.state, self._data_state(rs), force=True)
+        rs.final_eval = rs.final_eval or {}
+        rs.stop = "preempted" if agreed else "until"
+
+    def _finish(self, rs) -> dict:
+        """Final evaluation (unless one ran), checkpoint, summary.json and curve.png; a stopped run
+        returns early with its checkpoint (and `preempted` when SIGTERM stopped it)."""
+        t = self.cfg.train
+        step = int(jax.device_get(self.state["step"]))
+        final_eval = rs.final_eval if rs.final_eval is not None else self._eval_and_log(step)
+        summary = {"steps": step, "seconds": time.perf_counter() - rs.run_start,
+                   "eval": {str(k): v for k, v in final_eval.items()}}
+        if rs.stop == "preempted" or (rs.until is not None and step < t.steps):
             self.checkpoints.close()
             self.writer.close()
-            return {"steps": int(jax.device_get(self.state["step"])), "preempted": preempted,
-                    "seconds": time.perf_counter() - run_start,
-                    "eval": {str(k): v for k, v in final_eval.items()}}
-        self.checkpoints.save(int(jax.device_get(self.state["step"])), self.state,
-                              self._data_state(batcher, stage_index), force=True)
+            return {"steps": step, "preempted": rs.stop == "preempted", **summary}
+        self.checkpoints.save(step, self.state, self._data_state(rs), force=True)
         self.checkpoints.close()
         self.writer.close()
-        summary = {"steps": int(jax.device_get(self.state["step"])),
-                   "seconds": time.perf_counter() - run_start,
-                   "eval": {str(k): v for k, v in final_eval.items()}}
         if jax.process_index() == 0:
             with paths.open_file(paths.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
-            plot_history(history, paths.join(self.workdir, "curve.png"))
+            plot_history(rs.history, paths.join(self.workdir, "curve.png"))
         return summary
 
-    def _data_state(self, batcher, stage_index):
-        if batcher is None:
+    def _data_state(self, rs):
+        if rs.batcher is None:
             return None
-        return {"stage": stage_index, "batcher": global_batcher_state(batcher.state()),
-                **self._range_state()}
+        return {"stage": rs.stage_index, "batcher": global_batcher_state(rs.batcher.state()),
+                "range": rs.range, "switched": rs.switched}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))

@@ -107,15 +107,16 @@ class MetricWriter:
 
 
 def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, mfu: float,
-                  elapsed: float, start_step: int = 0) -> str:
+                  elapsed: float, start_step: int = 0, may_stop_early: bool = False) -> str:
     """ETA from this run's pace: `elapsed` seconds for the steps since `start_step` (a resumed run
-    starts there, not at 0)."""
+    starts there, not at 0); "ETA <=" when the run may stop early (train.stop_at_accuracy)."""
     eta = (total - step) * elapsed / max(step - start_step, 1)
+    bound = "<= " if may_stop_early else ""
     return (
         f"step {step:>6}/{total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
         f"lr {metrics['learning_rate']:.2e}  gnorm {metrics['grad_norm']:.3f}  "
         f"r {metrics.get('range', 0):.0f}  "
-        f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {_fmt(eta)}"
+        f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%  ETA {bound}{_fmt(eta)}"
     )
 
 
