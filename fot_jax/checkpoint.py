@@ -17,7 +17,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from fot_jax import config as config_lib
 from fot_jax import paths
+from fot_jax.config import config_diff
+from fot_jax.model.llama import abstract_model
 
 
 class CheckpointError(RuntimeError):
@@ -41,23 +44,6 @@ FINETUNE_MODEL_FIELDS = frozenset({"mem_layers", "mem_positionals", "mem_attenti
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_diff(stored: dict, current: dict) -> dict:
-    """{field: (stored, current)} for every leaf field that differs (dotted names)."""
-    a, b = _flat(stored), _flat(current)
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
-            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}
 
 
 def _check_model_config(stored: dict, cfg, where: str, ignore=()):
@@ -181,8 +167,6 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     """(cfg, model) from the latest (or a chosen, or the best) checkpoint of a training workdir;
     parameters are restored replicated on the default device. `overrides` are `--config.a.b=v`
     strings applied to the stored config (inference settings such as `memory.top_k`)."""
-    from fot_jax import config as config_lib
-    from fot_jax.train.state import abstract_model
     directory = paths.join(workdir, "best" if best else "checkpoints")
     if not paths.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir!r} (expected {directory}); train first "
@@ -219,8 +203,6 @@ def _leaves_by_path(tree) -> dict:
 def _init_targets(stored: dict, run_leaves: dict, run_shardings: dict, where: str):
     """The checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
     parameters), each leaf placed and typed like the run's parameter of the same name."""
-    from fot_jax import config as config_lib
-    from fot_jax.train.state import abstract_model
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(config_lib.from_dict(stored))[1])
     targets = []
     for path, leaf in flat:

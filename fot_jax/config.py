@@ -16,11 +16,11 @@ from typing import Any, Iterable
 import jax
 import ml_collections
 
+from fot_jax.data.tasks import TASKS
+from fot_jax.errors import ConfigError
 from fot_jax.model import kernels
 
-
-class ConfigError(ValueError):
-    """A config field holds a value the system cannot run with."""
+__all__ = ["ConfigError"]   # defined in fot_jax.errors, raised from here
 
 
 POSITIONAL_MODES = ("as_first", "none")
@@ -458,13 +458,9 @@ def _validate_mesh(cfg) -> None:
 
 def _validate_task(cfg) -> None:
     """The data task's own fields, by the task's module."""
-    from fot_jax.data import dictionary, text
-    validators = {"dictionary_lookup": dictionary.validate}
-    validators.update({name: text.validate for name in text.TEXT_TASKS})
-    if cfg.data.task not in validators:
-        raise ConfigError(f"config field 'data.task': unknown task '{cfg.data.task}' "
-                          f"({', '.join(validators)})")
-    validators[cfg.data.task](cfg)
+    if cfg.data.task not in TASKS:
+        raise ConfigError(f"config field 'data.task': unknown task '{cfg.data.task}' ({', '.join(TASKS)})")
+    TASKS[cfg.data.task].validate(cfg)
 
 
 def validate(cfg, platform: str | None = None) -> None:
@@ -524,3 +520,20 @@ def stage_config(cfg, stage) -> ml_collections.ConfigDict:
             f"config field 'data.curriculum': stage {stage} gives an invalid config: {e}"
         ) from None
     return out
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(stored: dict, current: dict) -> dict:
+    """{field: (stored, current)} for every leaf field that differs (dotted names)."""
+    a, b = _flat(stored), _flat(current)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")}

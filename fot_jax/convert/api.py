@@ -137,7 +137,7 @@ def _as_state(cfg, pure: dict):
     """A pure dict of parameters -> the nnx.State layout that training checkpoints have."""
     from flax import nnx
 
-    from fot_jax.train.state import abstract_model
+    from fot_jax.model.llama import abstract_model
     _, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -146,7 +146,7 @@ def _as_state(cfg, pure: dict):
 def _save_safetensors(tensors: dict, path: str, dtype: str):
     import jax.numpy as jnp
     from safetensors.flax import save_file
-    jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    jdt = jnp.dtype(dtype)
     save_file({k: jnp.asarray(v, jdt) for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 

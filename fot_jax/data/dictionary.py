@@ -12,9 +12,10 @@ tokens of each query only (`loss_mask`). Deterministic: document i of a split de
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from fot_jax.data.tfds_io import default_data_dir, import_tfds
+from fot_jax.errors import ConfigError
 
 PAD, BOS, EOS, KEY, VALUE, QUERY = 0, 1, 2, 3, 4, 5
 FIRST_SYMBOL = 6
@@ -77,7 +78,6 @@ def make_document(seed: int, split: str, index: int, doc_length: int = 512,
 
 
 def validate(cfg) -> None:
-    from fot_jax.config import ConfigError
     d, m = cfg.data, cfg.model
     if m.vocab_size < VOCAB_SIZE:
         raise ConfigError(f"config field 'model.vocab_size': dictionary lookup needs {VOCAB_SIZE} tokens, "
@@ -95,21 +95,12 @@ def validate(cfg) -> None:
 
 # --- tensorflow-datasets builder -------------------------------------------------------------
 
-def _tfds():
-    import logging
-
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    return tfds
-
-
 def builder_class():
     """Defined lazily: importing tensorflow_datasets costs seconds."""
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER
-    tfds = _tfds()
+    tfds = import_tfds()
 
     class DictionaryLookupConfig(tfds.core.BuilderConfig):
         def __init__(self, *, doc_length=512, query_length=256, num_definitions=0,
@@ -155,10 +146,6 @@ def builder_class():
 
 
 _BUILDER = None
-
-
-def default_data_dir(data_dir: str = "") -> str:
-    return data_dir or os.environ.get("FOT_JAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def data_source(split: str, *, data_dir: str = "", doc_length=512, query_length=256,

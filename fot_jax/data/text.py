@@ -27,7 +27,8 @@ import zlib
 
 import numpy as np
 
-from fot_jax.config import ConfigError
+from fot_jax.data.tfds_io import default_data_dir, import_tfds
+from fot_jax.errors import ConfigError
 
 TEXT_TASKS = ("text_files", "stdlib", "jsonl", "tfds")
 DECODE_ERRORS = ("strict", "skip", "replace")
@@ -204,8 +205,7 @@ def builder_class():
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER
-    from fot_jax.data.dictionary import _tfds
-    tfds = _tfds()
+    tfds = import_tfds()
 
     class TextCorpusConfig(tfds.core.BuilderConfig):
         def __init__(self, *, spec: dict, tokenizer_path: str):
@@ -270,8 +270,7 @@ class TokenizingSource:
 
 
 def catalog_source(name: str, split: str, data_dir: str, field: str, tokenizer):
-    from fot_jax.data.dictionary import _tfds
-    tfds = _tfds()
+    tfds = import_tfds()
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - tfds raises several kinds (not found, not prepared, format)
@@ -286,7 +285,6 @@ def catalog_source(name: str, split: str, data_dir: str, field: str, tokenizer):
 
 def data_source(cfg, split: str):
     """A random-access source of {"tokens"} documents for a text task."""
-    from fot_jax.data.dictionary import default_data_dir
     from fot_jax.data.tokenizer import check_vocab, load_tokenizer
     d = cfg.data
     tok = load_tokenizer(tokenizer_path(cfg))

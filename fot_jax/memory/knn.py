@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from fot_jax.config import SEARCH_MODES
 from fot_jax.memory.store import as_float
 
-SEARCH_MODES = ("exact", "approx", "dense")
 GROUP = 16
 
 

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-STORE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+from fot_jax import config as config_lib
+
+STORE_DTYPES = {name: jnp.dtype(name) for name in config_lib.DTYPES}
 
 
 class MemoryStoreError(ValueError):

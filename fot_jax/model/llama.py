@@ -16,13 +16,13 @@ from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention, memory
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 from fot_jax.parallel.mesh import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
+# the jax policy of each `config.REMAT_POLICIES` name but "none"
 REMAT_POLICIES = {
     "full": None,  # save nothing
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)
 
 
 def _param(rngs, shape, axes, std, dtype):
@@ -42,11 +42,11 @@ class RMSNorm(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, m, rngs):
-        pd = DTYPES[m.param_dtype]
+        pd = jnp.dtype(m.param_dtype)
         self.gate_proj = _param(rngs, (m.hidden_size, m.intermediate_size), ("embed", "mlp"), m.init_std, pd)
         self.up_proj = _param(rngs, (m.hidden_size, m.intermediate_size), ("embed", "mlp"), m.init_std, pd)
         self.down_proj = _param(rngs, (m.intermediate_size, m.hidden_size), ("mlp", "embed"), m.init_std, pd)
-        self.dtype = DTYPES[m.dtype]
+        self.dtype = jnp.dtype(m.dtype)
 
     def __call__(self, x):
         dt = self.dtype
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
     """Self-attention; in a memory layer also crossbatch attention (training)."""
 
     def __init__(self, m, layer_index: int, rngs):
-        pd = DTYPES[m.param_dtype]
+        pd = jnp.dtype(m.param_dtype)
         d = config_lib.head_dim(m)
         e, h, hkv = m.hidden_size, m.num_heads, m.num_kv_heads
         self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), m.init_std, pd)
@@ -95,7 +95,7 @@ class Attention(nnx.Module):
         self.use_rope = not (self.is_memory and m.mem_positionals == "none")
         self.kernel = kernels.options_from_config(m)
         self.head_dim = d
-        self.dtype = DTYPES[m.dtype]
+        self.dtype = jnp.dtype(m.dtype)
 
     def project(self, x, cos, sin):
         """x [B,T,E] -> q [B,T,H,D] (scaled, rotated), k_own, k_other, v [B,T,Hkv,D]."""
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, m, layer_index: int, rngs):
-        pd = DTYPES[m.param_dtype]
+        pd = jnp.dtype(m.param_dtype)
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
         self.self_attn = Attention(m, layer_index, rngs)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
@@ -183,7 +183,7 @@ class Llama(nnx.Module):
     padding rows of the vocabulary are -1e9 so that they take no probability."""
 
     def __init__(self, m, rngs: nnx.Rngs):
-        pd = DTYPES[m.param_dtype]
+        pd = jnp.dtype(m.param_dtype)
         self.config = m
         vp = config_lib.padded_vocab(m)
         self.embed_tokens = _param(rngs, (vp, m.hidden_size), ("vocab", "embed"), m.init_std, pd)
@@ -198,7 +198,7 @@ class Llama(nnx.Module):
         if not m.tie_embeddings:
             self.lm_head[...] = self.lm_head[...] * real[None, :]
         self.vocab_size = m.vocab_size
-        self.dtype = DTYPES[m.dtype]
+        self.dtype = jnp.dtype(m.dtype)
         self.remat = m.remat
         # Layers a scan runs per loop trip: 1 on accelerators (the program stays one layer deep);
         # on CPU every layer, since XLA:CPU runs a rolled layer loop about 10% slower.
@@ -326,3 +326,9 @@ def layer_runs(m) -> list[tuple[int, int]]:
 
 def create(m, seed: int = 0) -> Llama:
     return Llama(m, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg):
+    """(graphdef, abstract params) of `cfg.model` without allocating anything."""
+    model = nnx.eval_shape(lambda: create(cfg.model, cfg.train.seed))
+    return nnx.split(model, nnx.Param)

@@ -28,6 +28,8 @@ import os
 
 import jax
 
+from fot_jax.config import config_diff
+
 ENV_COORDINATOR = "FOT_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "FOT_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "FOT_JAX_PROCESS_ID"
@@ -235,7 +237,6 @@ def check_agreement(cfg, timeout_s: float = 120) -> None:
         if what:
             detail = ""
             if "config" in what:
-                from fot_jax.checkpoint import config_diff
                 diff = config_diff(json.loads(theirs["config_json"]), json.loads(me["config_json"]))
                 detail = " (" + "; ".join(f"{k}: process {other} {a!r}, process {pid} {b!r}"
                                           for k, (a, b) in list(diff.items())[:8]) + ")"

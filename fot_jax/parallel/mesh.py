@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from fot_jax.config import ConfigError
+from fot_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -20,10 +20,12 @@ import numpy as np
 
 from fot_jax import config as config_lib
 from fot_jax import paths
+from fot_jax.checkpoint import Checkpoints, load_params
 from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
+from fot_jax.parallel import distributed
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import metrics as metrics_lib
 from fot_jax.train.optim import make_schedule
@@ -208,7 +210,6 @@ class Trainer:
         object with restore/save/close."""
         config_lib.validate(cfg)
         if jax.process_count() > 1:
-            from fot_jax.parallel import distributed
             distributed.check_agreement(cfg)
         config_lib.check_platform(cfg)
         self.cfg, self.workdir = cfg, workdir
@@ -216,7 +217,6 @@ class Trainer:
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         check_batch_divides(cfg, self.mesh)
         if checkpoints is None:  # default: Orbax checkpoints in the workdir (resumes from there)
-            from fot_jax.checkpoint import Checkpoints
             checkpoints = Checkpoints(workdir, cfg, every=cfg.train.checkpoint_every,
                                       keep=cfg.train.checkpoint_keep, best=cfg.train.checkpoint_best,
                                       resume_step=cfg.train.resume_step)
@@ -387,7 +387,6 @@ class Trainer:
         if restored is not None:
             self.state, data_state = restored
         elif t.init_from:
-            from fot_jax.checkpoint import load_params
             params = load_params(t.init_from, self.cfg, self.state["params"], self.state_shardings["params"],
                                  log=self.log)
             self.state = dict(self.state, params=params)

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot_jax.model import llama
+from fot_jax.model.llama import abstract_model
 from fot_jax.parallel.mesh import DEFAULT_RULES, logical_to_spec
 from fot_jax.train.optim import make_optimizer
 
@@ -30,12 +31,6 @@ def state_shardings(abstract_state, mesh, rules=DEFAULT_RULES):
             return x.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(one, abstract_state, is_leaf=_is_var)
-
-
-def abstract_model(cfg):
-    """(graphdef, abstract params) without allocating anything."""
-    model = nnx.eval_shape(lambda: llama.create(cfg.model, cfg.train.seed))
-    return nnx.split(model, nnx.Param)
 
 
 def abstract_train_state(cfg, mesh, rules=DEFAULT_RULES):
