@@ -342,15 +342,6 @@ def padded_vocab(m) -> int:
     return int(math.ceil(m.vocab_size / m.vocab_multiple) * m.vocab_multiple)
 
 
-def visible_contexts(row: int, r: int, k: int, stepping: bool) -> int:
-    """How many contexts (itself included) batch row `row` sees (DESIGN "Crossbatch attention").
-    Stepping applies to k-packed streams only: with k = 1 every row sees the full range."""
-    if stepping and k > 1:
-        s = math.ceil((r + 1) / max(k - 1, 1))
-        return min((row % k) * s + 1, r + 1, row + 1)
-    return min(r + 1, row + 1)
-
-
 def max_range(cfg) -> int:
     x = cfg.crossbatch
     rs = [x.range] + ([x.switch_range] if x.switch_range >= 0 else []) + list(x.eval_ranges)

@@ -11,8 +11,11 @@ import tempfile
 import numpy as np
 
 from fot_jax import config as config_lib
+from fot_jax.checkpoint import load_model, save_params
 from fot_jax.convert import hf
+from fot_jax.convert.gguf import read_gguf
 from fot_jax.convert.hf import ConversionError
+from fot_jax.model.llama import abstract_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -68,7 +71,6 @@ def read_source(source: str):
         files = [os.path.join(source, f) for f in TOKENIZER_FILES if os.path.exists(os.path.join(source, f))]
         return hf_config, tensors, files, None
     if source.endswith(".gguf") and os.path.isfile(source):
-        from fot_jax.convert.gguf import read_gguf
         hf_config, tensors, meta = read_gguf(source)
         return hf_config, tensors, [], meta
     raise ConversionError(f"{source}: neither an HF model directory nor a .gguf file")
@@ -80,7 +82,6 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     generate` read and `fot-jax train --config.train.init_from=<out>` fine-tunes from. Returns cfg."""
     import jax
 
-    from fot_jax.checkpoint import save_params
     hf_config, tensors, tok_files, gguf_meta = read_source(source)
     cfg = model_config_from_hf(hf_config, overrides)
     cfg.model.param_dtype = dtype
@@ -137,7 +138,6 @@ def _as_state(cfg, pure: dict):
     """A pure dict of parameters -> the nnx.State layout that training checkpoints have."""
     from flax import nnx
 
-    from fot_jax.model.llama import abstract_model
     _, state = abstract_model(cfg)
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -203,7 +203,6 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
     """An HF directory in the LongLLaMA format from a fot_jax checkpoint (parameters only)."""
     from flax import nnx
 
-    from fot_jax.checkpoint import load_model
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"export dtype {dtype!r} is not one of float32, bfloat16, float16")
     cfg, model = load_model(workdir, step=step)

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from fot_jax import config as config_lib
+from fot_jax.model import llama
 
 
 class ConversionError(ValueError):
@@ -162,7 +163,6 @@ def from_hf_state_dict(tensors, m, dtype=np.float32) -> dict:
     `rotary_emb.inv_freq` are ignored; any other unknown tensor is an error."""
     from flax import nnx
 
-    from fot_jax.model import llama
     expected = flatten(nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(llama.create(m, 0), nnx.Param))))
     names = set(tensors.keys())
     flat = {}

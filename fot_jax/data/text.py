@@ -28,6 +28,7 @@ import zlib
 import numpy as np
 
 from fot_jax.data.tfds_io import default_data_dir, import_tfds
+from fot_jax.data.tokenizer import check_vocab, load_tokenizer
 from fot_jax.errors import ConfigError
 
 TEXT_TASKS = ("text_files", "stdlib", "jsonl", "tfds")
@@ -232,7 +233,6 @@ def builder_class():
             return {s: self._generate_examples(s) for s in ("train", "validation") if s in splits}
 
         def _generate_examples(self, split):
-            from fot_jax.data.tokenizer import load_tokenizer
             tok = load_tokenizer(self.builder_config.tokenizer_path)
             for name, tokens in _documents(self.builder_config.spec, tok, split):
                 yield name, {"tokens": tokens, "name": name}
@@ -285,7 +285,6 @@ def catalog_source(name: str, split: str, data_dir: str, field: str, tokenizer):
 
 def data_source(cfg, split: str):
     """A random-access source of {"tokens"} documents for a text task."""
-    from fot_jax.data.tokenizer import check_vocab, load_tokenizer
     d = cfg.data
     tok = load_tokenizer(tokenizer_path(cfg))
     tok_path = tok.path   # the file (a directory names its tokenizer.model / tokenizer.json): hash it

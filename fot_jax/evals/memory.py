@@ -23,6 +23,7 @@ from flax import nnx
 
 from fot_jax.data import dictionary
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+from fot_jax.model.rope import apply_rope, rope_cos_sin
 
 DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
@@ -133,7 +134,6 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
     attn = model.layers[layer].self_attn
     lk = np.asarray(loc_k, np.float64)
     if attn.use_rope:
-        from fot_jax.model.rope import apply_rope, rope_cos_sin
         cos, sin = rope_cos_sin(positions[:num_docs], lk.shape[-1], m.rope_theta)
         lk = np.asarray(apply_rope(jnp.asarray(loc_k, jnp.float32), cos, sin), np.float64)
     mk = np.asarray(mem_k, np.float64)

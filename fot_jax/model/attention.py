@@ -39,8 +39,9 @@ class CrossbatchSpec:
 
 
 def visible_context_count(batch: int, r, k_packing: int, stepping: bool):
-    """[B] int32: contexts each row sees, itself included (matches config.visible_contexts).
-    Stepping needs k-packing: with k = 1 every row sees the full range (LongLLaMA's rule)."""
+    """[B] int32: contexts each row sees, itself included (DESIGN "Crossbatch attention"; the one
+    definition, used by the attention kernels and the tests' DESIGN reference). Stepping needs
+    k-packing: with k = 1 every row sees the full range (LongLLaMA's rule)."""
     rows = jnp.arange(batch, dtype=jnp.int32)
     r = jnp.asarray(r, jnp.int32)
     if stepping and k_packing > 1:

@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fot_jax.parallel import mesh as mesh_lib
+
 BACKENDS = ("auto", "reference", "xla", "splash", "cudnn")
 # What runs where: splash is a TPU kernel (interpreted on CPU), cudnn needs an NVIDIA GPU.
 PLATFORM_BACKENDS = {
@@ -256,7 +258,6 @@ def splash_blocks(t: int, opts: KernelOptions) -> tuple[int, int, int]:
 def _splash(q, parts, opts: KernelOptions):
     """q [B,T,H,D] and parts (see `_parts`) -> [B,T,H,D]; sharded over the active mesh's batch and
     kv-head axes by shard_map (each device runs the kernels on its own rows and heads)."""
-    from fot_jax.parallel import mesh as mesh_lib
     b, t, h, d = q.shape
     hkv = parts[0][0].shape[2]
     g = h // hkv

@@ -28,6 +28,7 @@ import os
 
 import jax
 
+from fot_jax import __version__
 from fot_jax.config import config_diff
 
 ENV_COORDINATOR = "FOT_JAX_COORDINATOR"
@@ -205,10 +206,9 @@ def code_fingerprint() -> str:
 
 
 def fingerprint(cfg) -> dict:
-    import fot_jax
     cfg_json = json.dumps(json.loads(cfg.to_json()), sort_keys=True)
     return {"config": hashlib.sha256(cfg_json.encode()).hexdigest()[:16],
-            "code": code_fingerprint()[:16], "version": getattr(fot_jax, "__version__", "?"),
+            "code": code_fingerprint()[:16], "version": __version__,
             "jax": jax.__version__, "config_json": cfg_json}
 
 

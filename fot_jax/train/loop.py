@@ -23,6 +23,8 @@ from fot_jax import paths
 from fot_jax.checkpoint import Checkpoints, load_params
 from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
+from fot_jax.data.text import TEXT_TASKS, tokenizer_path
+from fot_jax.data.tokenizer import load_tokenizer
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import distributed
@@ -326,8 +328,6 @@ class Trainer:
         """A run on text keeps the tokenizer it was trained with in <workdir>/tokenizer, so that the
         workdir alone is enough to export (`fot-jax export` copies it), to run passkey, or to be
         the `train.init_from` of a further fine-tune. Process 0 writes it, once."""
-        from fot_jax.data.text import TEXT_TASKS, tokenizer_path
-        from fot_jax.data.tokenizer import load_tokenizer
         if self.cfg.data.task not in TEXT_TASKS or jax.process_index() != 0:
             return
         out = paths.join(self.workdir, "tokenizer")

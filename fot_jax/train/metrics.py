@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fot_jax import config as config_lib
+from fot_jax import paths
 
 
 def model_flops_per_token(m, seq_len: int, r: int = 0, training: bool = True) -> float:
@@ -79,7 +80,6 @@ class MetricWriter:
         self.tb = None
         if not self.enabled:
             return
-        from fot_jax import paths
         paths.makedirs(workdir)
         self.jsonl = paths.open_file(paths.join(workdir, "metrics.jsonl"), "a")
         try:
