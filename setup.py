@@ -29,8 +29,10 @@ setup(
         "tpu": ["jax[tpu]"],
         "torch": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
         "gguf": ["gguf>=0.10"],
+        "eval": ["lm-eval>=0.4.5"],
         "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45",
-                 "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0", "ruff>=0.6"],
+                 "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0", "ruff>=0.6",
+                 "lm-eval>=0.4.5"],
     },
     entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main"]},
 )

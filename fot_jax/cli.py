@@ -86,13 +86,8 @@ def _parse_tokens(text: str):
 
 def _workdir_tokenizer(args, cfg):
     """--tokenizer, else the workdir's own (an import's or a text run's), else its training data's."""
-    from fot_jax.data.text import TEXT_TASKS, tokenizer_path
-    from fot_jax.data.tokenizer import load_tokenizer, tokenizer_file
-    own = tokenizer_file(args.workdir) is not None
-    source = args.tokenizer or (
-        args.workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg)
-    )
-    return load_tokenizer(source), source
+    from fot_jax.data.text import workdir_tokenizer
+    return workdir_tokenizer(args.workdir, cfg, args.tokenizer)
 
 
 def _text_prompts(args, cfg):
@@ -263,8 +258,42 @@ def _eval_distraction(args, cfg, model, out_dir):
     memory.plot_distraction(results, os.path.join(out_dir, "distraction.png"))
 
 
+def _eval_harness(args, cfg, model, out_dir):
+    try:
+        from fot_jax.evals import harness
+    except ImportError as e:
+        raise UsageError(f"--task harness needs lm-evaluation-harness ({e}): "
+                         "pip install 'fot_jax[eval]'") from None
+    if not args.tasks:
+        raise UsageError("--task harness: give --tasks NAME[,NAME...] (local tasks: configs/eval/*.yaml)")
+    args_model = {"top_k": cfg.memory.top_k, "search": cfg.memory.search, "batch_size": args.batch_size}
+    print(harness.run(args.workdir, args.tasks.split(","), out_dir, limit=args.limit,
+                      num_fewshot=args.num_fewshot, include=args.include, model_args=args_model))
+
+
+def _eval_few_shot(args, cfg, model, out_dir):
+    from fot_jax.data.tokenizer import check_vocab
+    from fot_jax.evals import few_shot, memory
+    from fot_jax.infer.runtime import MemorySettings
+    if not args.data:
+        raise UsageError("--task few_shot: give --data FILE.jsonl (lines with 'input' and 'label')")
+    examples, labels = few_shot.load_examples(args.data)
+    sizes = [int(x) for x in (args.contexts or "1024,2048,4096,8192").split(",")]
+    tok, _ = _workdir_tokenizer(args, cfg)
+    check_vocab(tok, cfg.model)
+    rows = few_shot.evaluate(model, cfg, tok, MemorySettings.from_config(cfg), examples, labels, sizes,
+                             seeds=args.seeds, num_tests=args.num_docs, mode=args.few_shot_mode,
+                             batch_size=args.batch_size)
+    name = os.path.splitext(os.path.basename(args.data))[0]
+    base = os.path.join(out_dir, f"few_shot_{name}_{args.few_shot_mode}")
+    title = f"Few-shot {name} ({args.few_shot_mode}, {len(labels)} labels) vs context"
+    print(memory.write_table(rows, base, title))
+    few_shot.plot(rows, base + ".png", title)
+
+
 EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "distraction": _eval_distraction,
-              "passkey": _eval_passkey, "perplexity": _eval_perplexity}
+              "passkey": _eval_passkey, "perplexity": _eval_perplexity, "harness": _eval_harness,
+              "few_shot": _eval_few_shot}
 
 
 def cmd_eval(args, overrides):
@@ -471,6 +500,16 @@ def _add_eval(sub):
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
+    p.add_argument("--tasks", help="harness: lm-evaluation-harness task names (comma-separated)")
+    p.add_argument("--limit", type=float, help="harness: examples per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, help="harness: demonstrations per example")
+    p.add_argument("--include", help="harness: a folder of more task YAMLs")
+    p.add_argument("--batch-size", type=int, default=1, help="harness, few_shot: rows read at once")
+    p.add_argument("--data", help="few_shot: a JSON-lines file with 'input' and 'label' fields")
+    p.add_argument("--contexts", help="few_shot: context sizes in tokens (default 1024,2048,4096,8192)")
+    p.add_argument("--seeds", type=int, default=1, help="few_shot: demonstration orders/choices averaged")
+    p.add_argument("--few-shot-mode", choices=["classify", "generate"], default="classify",
+                   help="few_shot: the label with the highest log-likelihood, or a greedy generation")
 
 
 def _add_sweep(sub):
@@ -578,6 +617,11 @@ def main(argv=None):
         print(f"fot-jax: config error: {e}", file=sys.stderr)
         return 2
     except UsageError as e:
+        print(f"fot-jax {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if type(e).__name__ not in ("HarnessError", "FewShotError"):
+            raise
         print(f"fot-jax {args.command}: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:

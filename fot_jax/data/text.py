@@ -28,7 +28,7 @@ import zlib
 import numpy as np
 
 from fot_jax.data.tfds_io import default_data_dir, import_tfds
-from fot_jax.data.tokenizer import check_vocab, load_tokenizer
+from fot_jax.data.tokenizer import check_vocab, load_tokenizer, tokenizer_file
 from fot_jax.errors import ConfigError
 
 TEXT_TASKS = ("text_files", "stdlib", "jsonl", "tfds")
@@ -51,6 +51,14 @@ def tokenizer_path(cfg) -> str:
     """The tokenizer a run's text data uses: data.tokenizer (a built-in name or a path) or, when that is
     empty, the checkpoint the run fine-tunes (`train.init_from`, which `fot-jax import` gives a tokenizer)."""
     return builtin_tokenizer_path(cfg.data.tokenizer) if cfg.data.tokenizer else cfg.train.init_from
+
+
+def workdir_tokenizer(workdir: str, cfg, path: str | None = None):
+    """(tokenizer, source) of a workdir: `path` when given, else the workdir's own (an import's or a
+    text run's), else the tokenizer of its training data."""
+    own = tokenizer_file(workdir) is not None
+    source = path or (workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
+    return load_tokenizer(source), source
 
 
 def stdlib_root() -> str:

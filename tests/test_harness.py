@@ -1,0 +1,184 @@
+"""The lm-evaluation-harness model and the few-shot evaluation: log-likelihoods against a direct
+NumPy computation on the model's logits, greedy generation against the runtime, an offline local
+task end to end through `lm_eval.simple_evaluate`, the few-shot packer, and the bad-input errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fot_jax import cli
+from fot_jax import config as config_lib
+from fot_jax.checkpoint import save_params
+from fot_jax.data.text import builtin_tokenizer_path
+from fot_jax.data.tokenizer import load_tokenizer
+from fot_jax.evals import few_shot
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+from fot_jax.model import llama
+
+lm_eval = pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install 'fot_jax[eval]'")
+from fot_jax.evals import harness  # noqa: E402
+
+W, TAIL = 16, 8
+
+
+def _setup():
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size = 32000, 32, 48
+    m.num_layers, m.num_heads, m.num_kv_heads = 2, 2, 2
+    m.max_position_embeddings, m.last_context_length, m.mem_layers = W, TAIL, [1]
+    m.mem_dtype, m.init_std = "float32", 0.5
+    c.data.seq_len, c.data.doc_length, c.data.query_length = 16, 64, 16
+    c.memory.capacity, c.memory.search = 256, "dense"
+    config_lib.validate(c)
+    return c, llama.create(c.model, seed=1), load_tokenizer(builtin_tokenizer_path("open_llama_v2"))
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loglikelihood_equals_direct_computation_short_and_long_contexts():
+    c, model, tok = _setup()
+    lm = harness.FotJaxLM(model=model, cfg=c, tokenizer=tok, batch_size=2)
+    short = ("The cat", " sat")                                             # within the window
+    long = (" ".join(["one two three four five"] * 8), " six seven")    # ~40 tokens: through memory
+    got = lm.loglikelihood([_Req(*short), _Req(*long)])
+    # short: the plain model's forward over the same tokens, NumPy log-softmax
+    ctx, cont = lm._encode_pair(*short)
+    logits = np.asarray(model(np.asarray([ctx + cont], np.int32)))[0, :, :32000]
+    lp = _log_softmax(logits[len(ctx) - 1: -1])[np.arange(len(cont)), cont]
+    np.testing.assert_allclose(got[0][0], lp.sum(), rtol=1e-5, atol=1e-5)
+    assert got[0][1] == bool((logits[len(ctx) - 1: -1].argmax(-1) == cont).all())
+    # long: every token's logits as the runtime reads the document (windows to memory), NumPy sum
+    ctx, cont = lm._encode_pair(*long)
+    assert len(ctx) > 2 * W
+    seq = ctx + cont
+    _, (all_logits,) = MemoryRuntime(model, 1, MemorySettings.from_config(c)).ingest(
+        [np.asarray(seq[:-1], np.int32)], return_logits=True)
+    lp = _log_softmax(all_logits[len(ctx) - 1:, :32000])[np.arange(len(cont)), cont]
+    np.testing.assert_allclose(got[1][0], lp.sum(), rtol=1e-5, atol=1e-5)
+    # rolling: the whole text after bos
+    (rolled,) = lm.loglikelihood_rolling([_Req(long[0])])
+    ids = tok.encode(long[0], bos=True)
+    _, (lg,) = MemoryRuntime(model, 1, MemorySettings.from_config(c)).ingest(
+        [np.asarray(ids[:-1], np.int32)], return_logits=True)
+    want = _log_softmax(lg[:, :32000])[np.arange(len(ids) - 1), ids[1:]].sum()
+    np.testing.assert_allclose(rolled, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_until_stops_at_the_stop_sequence_and_equals_the_runtime():
+    c, model, tok = _setup()
+    lm = harness.FotJaxLM(model=model, cfg=c, tokenizer=tok)
+    context = " ".join(["alpha beta gamma"] * 6)
+    ids = tok.encode(context, bos=True)
+    rt = MemoryRuntime(model, 1, MemorySettings.from_config(c))
+    gen = rt.generate([ids], 12, stop_token=c.model.eos_token_id)
+    text = tok.decode([t for t in gen[0].tolist() if t != c.model.eos_token_id])
+    (full,) = lm.generate_until([_Req(context, {"until": [], "max_gen_toks": 12})])
+    assert full == text
+    stop = text.strip()[2:5]                      # a piece of what the model generates
+    assert stop and stop in text
+    (cut,) = lm.generate_until([_Req(context, {"until": [stop], "max_gen_toks": 12})])
+    assert cut == text[: text.find(stop)] and stop not in cut
+
+
+def _workdir(tmp_path):
+    c, model, tok = _setup()
+    wd = str(tmp_path / "run")
+    save_params(wd, c, nnx.state(model, nnx.Param))
+    os.makedirs(os.path.join(wd, "tokenizer"))
+    with open(tok.path, "rb") as r, open(os.path.join(wd, "tokenizer", "tokenizer.model"), "wb") as w:
+        w.write(r.read())
+    return wd
+
+
+@pytest.mark.slow
+def test_local_task_runs_end_to_end_through_simple_evaluate(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    wd = _workdir(tmp_path)
+    table = harness.run(wd, ["word_categories_mc", "word_categories_gen"], str(tmp_path / "eval"), limit=6,
+                        num_fewshot=2, model_args={"batch_size": 4})
+    assert "word_categories_mc" in table and "acc" in table and "exact_match" in table
+    res = json.load(open(tmp_path / "eval" / "harness_word_categories_mc_word_categories_gen.json"))
+    acc = res["results"]["word_categories_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+
+
+def test_few_shot_packer_fills_each_size_and_never_shows_the_test_example(tmp_path):
+    _, _, tok = _setup()
+    examples, labels = few_shot.load_examples(os.path.join(harness.TASK_DIR, "word_categories.jsonl"))
+    assert labels == ["animal", "color", "country", "fruit", "tool", "vehicle"] and len(examples) == 150
+    longest = max(len(tok.encode(" " + e["label"])) for e in examples)
+    order = np.random.default_rng(0).permutation(len(examples))
+    prev = 0
+    for size in (64, 128, 512, 1024):
+        for test in (0, 7, int(order[0])):
+            ids, n = few_shot.pack(tok, examples, test, size, order)
+            assert len(ids) + longest <= size
+            text = tok.decode(ids)
+            assert text.endswith(few_shot.QUESTION.format(input=examples[test]["input"]))
+            shown = [i for i in order if i != test][:n]
+            assert test not in shown and text.count("Input: ") == n + 1
+            # one more demonstration would not have fitted
+            nxt = [i for i in order if i != test][n]
+            more = tok.encode("".join(few_shot.DEMO.format(**examples[i]) for i in shown + [nxt])
+                              + few_shot.QUESTION.format(input=examples[test]["input"]), bos=True)
+            assert len(more) + longest > size
+        assert n > prev
+        prev = n
+    with pytest.raises(few_shot.FewShotError, match="smaller than one demonstration"):
+        few_shot.pack(tok, examples, 0, 12, order)
+
+
+def test_few_shot_data_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    with pytest.raises(few_shot.FewShotError, match="'input' and 'label'"):
+        few_shot.load_examples(str(bad))
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"input": f"w{i}", "label": "a"}) + "\n" for i in range(5)))
+    with pytest.raises(few_shot.FewShotError, match="two distinct labels"):
+        few_shot.load_examples(str(one))
+    with pytest.raises(few_shot.FewShotError, match="no such file"):
+        few_shot.load_examples(str(tmp_path / "missing.jsonl"))
+
+
+def test_few_shot_evaluate_runs_both_modes():
+    c, model, tok = _setup()
+    examples, labels = few_shot.load_examples(os.path.join(harness.TASK_DIR, "word_categories.jsonl"))
+    for mode in ("classify", "generate"):
+        rows = few_shot.evaluate(model, c, tok, MemorySettings.from_config(c), examples, labels, [32, 64],
+                                 num_tests=3, mode=mode, batch_size=3, log=lambda *_: None)
+        assert [r["context"] for r in rows] == [32, 64]
+        assert rows[1]["demonstrations"] > rows[0]["demonstrations"]
+        assert all(0 <= r["accuracy"] <= 1 and 0 <= r["baseline_accuracy"] <= 1 for r in rows)
+
+
+def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
+    wd = _workdir(tmp_path)
+    hub = tmp_path / "tasks"
+    hub.mkdir()
+    (hub / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: someone/some_dataset\noutput_type: multiple_choice\n"
+        "doc_to_text: x\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    cases = [
+        (["--task", "harness", "--tasks", "hub_task", "--include", str(hub)], "needs a download"),
+        (["--task", "harness", "--tasks", "no_such_task"], "unknown harness task"),
+        (["--task", "few_shot", "--data", str(tmp_path / "missing.jsonl")], "no such file"),
+        (["--task", "few_shot", "--data", os.path.join(harness.TASK_DIR, "word_categories.jsonl"),
+          "--contexts", "8"], "smaller than one demonstration"),
+    ]
+    for args, message in cases:
+        assert cli.main(["eval", "--workdir", wd, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
