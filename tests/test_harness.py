@@ -118,7 +118,8 @@ def test_few_shot_packer_fills_each_size_and_never_shows_the_test_example(tmp_pa
     _, _, tok = _setup()
     examples, labels = few_shot.load_examples(os.path.join(harness.TASK_DIR, "word_categories.jsonl"))
     assert labels == ["animal", "color", "country", "fruit", "tool", "vehicle"] and len(examples) == 150
-    longest = max(len(tok.encode(" " + e["label"])) for e in examples)
+    longest = max(len(few_shot.label_ids(tok, e["label"])) for e in examples)
+    assert few_shot.label_ids(tok, "animal") == tok.encode("Label: animal")[-1:]   # no lone space piece
     order = np.random.default_rng(0).permutation(len(examples))
     prev = 0
     for size in (64, 128, 512, 1024):
@@ -182,3 +183,18 @@ def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
         assert cli.main(["eval", "--workdir", wd, *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_next_token_logprobs_equal_one_token_loglikelihoods():
+    """The one-read shortcut for one-token labels scores what the general path scores."""
+    from fot_jax.evals.scoring import Scorer
+    c, model, tok = _setup()
+    scorer = Scorer(model, MemorySettings.from_config(c), batch_size=2)
+    contexts = [tok.encode("Input: dog\nLabel:", bos=True),
+                tok.encode(" ".join(["one two three"] * 12), bos=True)]
+    assert len(contexts[1]) > 2 * W
+    lp = scorer.next_token_logprobs(contexts)
+    for i, ctx in enumerate(contexts):
+        for t in (5, 6848, 31999):
+            (ll, _), = scorer.loglikelihoods([ctx + [t]], [len(ctx)])
+            np.testing.assert_allclose(lp[i, t], ll, rtol=1e-5, atol=1e-5)

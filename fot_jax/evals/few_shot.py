@@ -54,11 +54,17 @@ def load_examples(path: str):
     return examples, labels
 
 
+def label_ids(tok, label: str) -> list[int]:
+    """The ids a label takes after "Label:" (tokenised in place: a SentencePiece tokenizer would
+    give a lone space piece to " label" encoded on its own)."""
+    return tok.encode("Label: " + label)[len(tok.encode("Label:")):]
+
+
 def pack(tok, examples, test: int, size: int, order) -> tuple[list[int], int]:
     """(context ids: bos, demonstrations, the test question; number of demonstrations) of at most
     `size` tokens including the longest label's continuation. `order`: demonstration indices."""
     question = QUESTION.format(input=examples[test]["input"])
-    longest = max(len(tok.encode(" " + e["label"])) for e in examples)
+    longest = max(len(label_ids(tok, e["label"])) for e in examples)
     room = size - len(tok.encode(question, bos=True)) - longest
     demos, used = [], 0
     for i in order:
@@ -85,12 +91,15 @@ def pack(tok, examples, test: int, size: int, order) -> tuple[list[int], int]:
 def _answers(scorer, tok, contexts, labels, mode, eos):
     """The predicted label of each context."""
     if mode == "classify":
-        conts = [tok.encode(" " + label) for label in labels]
+        conts = [label_ids(tok, label) for label in labels]
+        if all(len(k) == 1 for k in conts):    # one-token labels: one read of each context scores them all
+            lp = scorer.next_token_logprobs(contexts)[:, [k[0] for k in conts]]
+            return [labels[j] for j in lp.argmax(1)]
         seqs = [c + k for c in contexts for k in conts]
         starts = [len(c) for c in contexts for _ in conts]
         ll = np.array([s for s, _ in scorer.loglikelihoods(seqs, starts)]).reshape(len(contexts), len(labels))
         return [labels[j] for j in ll.argmax(1)]
-    longest = max(len(tok.encode(" " + label)) for label in labels)
+    longest = max(len(label_ids(tok, label)) for label in labels)
     gens = scorer.generate(contexts, longest + 2, stop_token=eos)
     return [tok.decode([t for t in g if t != eos]).split("\n")[0].strip() for g in gens]
 
@@ -114,7 +123,8 @@ def evaluate(model, cfg, tok, settings, examples, labels, sizes, *, seeds: int =
             cut = [c if len(c) <= window else c[:1] + c[len(c) - window + 1:] for c in contexts]
             want = [examples[int(t)]["label"] for t in tests]
             got = _answers(scorer, tok, contexts, labels, mode, cfg.model.eos_token_id)
-            got_base = _answers(scorer, tok, cut, labels, mode, cfg.model.eos_token_id)
+            eos = cfg.model.eos_token_id
+            got_base = got if cut == contexts else _answers(scorer, tok, cut, labels, mode, eos)
             acc.append(np.mean([g == w for g, w in zip(got, want)]))
             base.append(np.mean([g == w for g, w in zip(got_base, want)]))
             demos.append(np.mean([n for _, n in packed]))

@@ -56,6 +56,15 @@ class Scorer:
         """How many final positions `ingest(..., return_logits="tail")` returns for a document."""
         return min(length, self.settings.last_context_length)
 
+    def next_token_logprobs(self, seqs) -> np.ndarray:
+        """[N, V] log-probabilities of the token after each sequence (one read of each, no logits
+        of the other positions leave the device)."""
+        out = []
+        for b in range(0, len(seqs), self.batch_size):
+            chunk = [np.asarray(s, np.int32) for s in seqs[b: b + self.batch_size]]
+            out.append(log_softmax(self.runtime(len(chunk)).ingest(chunk)[:, : self.vocab]))
+        return np.concatenate(out, 0)
+
     def generate(self, prompts, max_new_tokens: int, stop_token: int | None = None) -> list[list[int]]:
         """Greedy continuations, a batch of rows at a time."""
         out = []
