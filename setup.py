@@ -34,5 +34,6 @@ setup(
                  "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0", "ruff>=0.6",
                  "lm-eval>=0.4.5"],
     },
-    entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main"]},
+    entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main",
+                                      "fot-jax-lm-eval=fot_jax.evals.harness:lm_eval_main"]},
 )

@@ -1,7 +1,9 @@
 """lm-evaluation-harness model `fot_jax` (the `eval` extra: `pip install 'fot_jax[eval]'`).
 
-    lm_eval --model fot_jax --model_args workdir=runs/x,top_k=32,batch_size=4 --tasks ...
+    fot-jax-lm-eval --model fot_jax --model_args workdir=runs/x,top_k=32,batch_size=4 --tasks ...
     fot-jax eval --workdir runs/x --task harness --tasks word_categories_mc [--limit N]
+
+(`fot-jax-lm-eval` is the harness's own `lm_eval` command with this model registered.)
 
 Requests run on the inference runtime, so a context longer than the model's window is read through
 memory exactly as `fot-jax generate` reads it (LongLLaMA windowing), with the workdir's
@@ -97,6 +99,12 @@ class FotJaxLM(LM):
             out.append(cut_at_stops(self.tok.decode([t for t in ids if t != self.cfg.model.eos_token_id]),
                                     until))
         return out
+
+
+def lm_eval_main():
+    """The harness's command line (`lm_eval ...`) with the `fot_jax` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+    return cli_evaluate()
 
 
 def cut_at_stops(text: str, until) -> str:
