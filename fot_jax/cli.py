@@ -619,13 +619,13 @@ def main(argv=None):
     except UsageError as e:
         print(f"fot-jax {args.command}: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:
+        print(f"fot-jax: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:    # the evaluations' own errors (lm-eval is an optional import)
         if type(e).__name__ not in ("HarnessError", "FewShotError"):
             raise
         print(f"fot-jax {args.command}: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:
-        print(f"fot-jax: {e}", file=sys.stderr)
         return 2
     return 1
 
