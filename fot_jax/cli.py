@@ -266,9 +266,10 @@ def _eval_harness(args, cfg, model, out_dir):
                          "pip install 'fot_jax[eval]'") from None
     if not args.tasks:
         raise UsageError("--task harness: give --tasks NAME[,NAME...] (local tasks: configs/eval/*.yaml)")
-    args_model = {"top_k": cfg.memory.top_k, "search": cfg.memory.search, "batch_size": args.batch_size}
+    tok, _ = _workdir_tokenizer(args, cfg)      # the model cmd_eval loaded, not a second copy
+    lm = harness.FotJaxLM(model=model, cfg=cfg, tokenizer=tok, batch_size=args.batch_size)
     print(harness.run(args.workdir, args.tasks.split(","), out_dir, limit=args.limit,
-                      num_fewshot=args.num_fewshot, include=args.include, model_args=args_model))
+                      num_fewshot=args.num_fewshot, include=args.include, lm=lm))
 
 
 def _eval_few_shot(args, cfg, model, out_dir):

@@ -163,9 +163,10 @@ def _local_tasks(task_manager):
                    ).startswith(TASK_DIR)]
 
 
-def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include=None, model_args=None):
-    """Runs harness tasks on a fot_jax workdir; writes the harness's results JSON and a markdown
-    summary table into `out_dir`. Returns the table."""
+def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include=None, model_args=None,
+        lm=None):
+    """Runs harness tasks on a fot_jax workdir (or on `lm`, a FotJaxLM already built); writes the
+    harness's results JSON and a markdown summary table into `out_dir`. Returns the table."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
@@ -174,7 +175,7 @@ def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include
     paths = [TASK_DIR] + ([include] if include else [])
     manager = TaskManager(include_path=paths)
     check_local(manager, tasks)
-    lm = FotJaxLM(workdir=workdir, **(model_args or {}))
+    lm = lm or FotJaxLM(workdir=workdir, **(model_args or {}))
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)                    # the task files' data paths are relative to it
     try:
