@@ -4,7 +4,7 @@ restore throughput against writing and reading the same bytes as one plain file 
     python benchmarks/checkpoint.py                      # the default configs
     python benchmarks/checkpoint.py --configs configs/dictionary_lookup.py --steps 10
     python benchmarks/checkpoint.py --configs configs/dictionary_lookup_37m.py --steps 2 \
-        --config.crossbatch.switch_range=-1 --config.data.batch_size=16   # fits one CPU core
+        --config.stages=[] --config.data.batch_size=16   # fits one CPU core
 
 For each config: the mean train step time without saving; the mean time `Checkpoints.save` holds
 the training thread (device-to-host copy and dispatch; the write runs in the background) as a share

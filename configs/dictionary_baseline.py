@@ -1,6 +1,6 @@
 """The baseline of the memory-scaling result: a plain transformer (no memory layers) trained on
 the dictionary lookup documents of 512 tokens with its full 512-token context, on the same token
-budget per step and the same curriculum as `dictionary_lookup.py` (half the rows, twice as long).
+budget per step and the same document-length stages as `dictionary_lookup.py` (half the rows, twice as long).
 """
 from fot_jax.config import base_config
 
@@ -28,7 +28,12 @@ def get_config():
     c.data.batch_size = 16
     c.data.num_train_docs = 40000
     c.data.num_eval_docs = 512
-    c.data.curriculum = "600:0:4:4:64:64,800:0:4:4:128:32,1000:0:4:4:256:16"
+    c.stages = [
+        dict(name="docs_64", until_step=600, data=dict(doc_length=64, batch_size=64)),
+        dict(name="docs_128", until_step=800, data=dict(doc_length=128, batch_size=32)),
+        dict(name="docs_256", until_step=1000, data=dict(doc_length=256, batch_size=16)),
+        dict(name="docs_512"),
+    ]
     c.crossbatch.range = 0
     c.crossbatch.k_packing = 1
     c.crossbatch.eval_ranges = [0]

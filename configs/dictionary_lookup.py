@@ -29,9 +29,15 @@ def get_config():
     c.data.batch_size = 32            # 16 documents per step
     c.data.num_train_docs = 40000
     c.data.num_eval_docs = 512
-    # Document-length curriculum: the lookup circuit forms fast on short dense documents with many
-    # loss tokens a step (64 docs of 64 tokens), then carries over to longer ones.
-    c.data.curriculum = "600:0:4:4:64:128,800:0:4:4:128:64,1000:0:4:4:256:32"
+    # Document-length stages: the lookup circuit forms fast on short dense documents with many
+    # loss tokens a step (64 docs of 64 tokens), then carries over to longer ones (a stage's
+    # seq_len and query_length keep their share of the document: 64 -> T=32, 32 query tokens).
+    c.stages = [
+        dict(name="docs_64", until_step=600, data=dict(doc_length=64, batch_size=128)),
+        dict(name="docs_128", until_step=800, data=dict(doc_length=128, batch_size=64)),
+        dict(name="docs_256", until_step=1000, data=dict(doc_length=256, batch_size=32)),
+        dict(name="docs_512"),
+    ]
     c.crossbatch.range = 1
     c.crossbatch.k_packing = 2
     c.crossbatch.stepping = True

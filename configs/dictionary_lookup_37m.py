@@ -27,8 +27,10 @@ def get_config():
     c.data.batch_size = 128           # 128 rows x 256 tokens = 32K tokens per step
     c.data.num_train_docs = 200000
     c.crossbatch.range = 1
-    c.crossbatch.switch_range = 127
-    c.crossbatch.switch_accuracy = 0.98
+    c.stages = [
+        dict(name="r1", until_accuracy=0.98),                    # the own previous context only
+        dict(name="r127", crossbatch=dict(range=127)),
+    ]
     c.crossbatch.k_packing = 2
     c.crossbatch.stepping = True
     c.crossbatch.implementation = "blockwise"

@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import math
+import dataclasses
 import os
 from typing import Any, Iterable
 
@@ -86,8 +87,6 @@ def _crossbatch_fields() -> ml_collections.ConfigDict:
     x.implementation = "dense"        # dense | blockwise (online softmax over contexts)
     x.sample_range = False            # per step, r ~ Uniform{range_min..range}
     x.range_min = 0
-    x.switch_range = -1               # >= 0: switch r to this once train accuracy >= switch_accuracy
-    x.switch_accuracy = 0.98
     x.eval_ranges = [0, 1]            # evaluation is run once per listed r
     return x
 
@@ -104,7 +103,7 @@ def _data_fields() -> ml_collections.ConfigDict:
     d.num_eval_docs = 512
     d.doc_length = 512                # dictionary lookup: tokens per document incl. bos/eos
     d.query_length = 256              # dictionary lookup: last tokens of a document are queries
-    d.num_definitions = 0             # 0: as many as fit; >0: fewer records (curriculum)
+    d.num_definitions = 0             # 0: as many as fit; >0: fewer records (a training stage)
     d.key_length = 4                  # dictionary lookup: tokens per key
     d.value_length = 4                # dictionary lookup: tokens per value
     # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
@@ -119,9 +118,6 @@ def _data_fields() -> ml_collections.ConfigDict:
     d.held_out_percent = 5            # groups (directories / files / lines) held out as validation
     d.text_field = "text"             # jsonl / tfds: the field holding the text
     d.decode_errors = "strict"        # strict (error naming the file) | skip | replace
-    # Stages before the configured task: "end:defs[:key_len:value_len[:doc_length:batch_size]],...".
-    # e.g. "500:0:4:4:64:128" trains until step 500 on 64-token documents, 128 rows a step.
-    d.curriculum = ""
     return d
 
 
@@ -191,6 +187,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = _train_fields()
     c.memory = _memory_fields()
     c.mesh = _mesh_fields()
+    # Training stages, in order (empty: one stage, the config itself, to train.steps). Each is a
+    # dict: name, until_step and/or until_accuracy, and overrides of STAGE_FIELDS, e.g.
+    #   dict(name="short_docs", until_step=600, data=dict(doc_length=64, batch_size=128))
+    #   dict(name="r31", until_step=2000, crossbatch=dict(range=31), train=dict(temperature_lr_scale=100))
+    # See `build_stages`.
+    c.stages = []
     return c
 
 
@@ -305,6 +307,7 @@ def from_dict(
     """A config stored as a dict (a checkpoint's `config` item) on top of today's schema: fields the
     schema has gained since keep their defaults; a field it does not know is an error."""
     cfg = base_config()
+    stored = _upgrade_stored(stored)
 
     def fill(node, values, prefix):
         for key, value in values.items():
@@ -321,6 +324,31 @@ def from_dict(
     apply_overrides(cfg, overrides)
     validate(cfg, platform)
     return cfg
+
+
+def _upgrade_stored(stored: dict) -> dict:
+    """A stored config of an earlier schema in today's terms: the positional `data.curriculum`
+    ("end:defs[:key_len:value_len[:doc_length:rows]],...", stages before the configured task) and
+    `crossbatch.switch_range` / `switch_accuracy` (a range switch at a training accuracy) become
+    `stages`."""
+    data, x = dict(stored.get("data", {})), dict(stored.get("crossbatch", {}))
+    curriculum = data.pop("curriculum", "")
+    switch, switch_acc = x.pop("switch_range", -1), x.pop("switch_accuracy", 0.98)
+    if "curriculum" not in stored.get("data", {}) and "switch_range" not in stored.get("crossbatch", {}):
+        return stored
+    stages = []
+    for i, part in enumerate(p for p in curriculum.split(",") if p):
+        f = [int(v) for v in part.split(":")]
+        f += [4, 4, 0, 0][len(f) - 2:]
+        over = dict(num_definitions=f[1], key_length=f[2], value_length=f[3])
+        over.update({k: v for k, v in (("doc_length", f[4]), ("batch_size", f[5])) if v})
+        stages.append(dict(name=f"curriculum_{i}", until_step=f[0], data=over))
+    if switch >= 0:
+        stages.append(dict(name=f"r{x.get('range', 1)}", until_accuracy=switch_acc))
+        stages.append(dict(name=f"r{switch}", crossbatch=dict(range=switch)))
+    elif stages:
+        stages.append(dict(name="task"))
+    return {**stored, "data": data, "crossbatch": x, "stages": stages}
 
 
 def check_platform(cfg, platform: str | None = None) -> None:
@@ -343,8 +371,11 @@ def padded_vocab(m) -> int:
 
 
 def max_range(cfg) -> int:
+    """The largest crossbatch range a config's train steps (every stage) and evaluations use."""
     x = cfg.crossbatch
-    rs = [x.range] + ([x.switch_range] if x.switch_range >= 0 else []) + list(x.eval_ranges)
+    rs = [x.range] + list(x.eval_ranges)
+    for stage in cfg.get("stages", []):
+        rs.append(stage.get("crossbatch", {}).get("range", x.range))
     return max(rs)
 
 
@@ -421,8 +452,9 @@ def _validate_batch(cfg) -> None:
     rows = d.batch_size // t.microbatches
     _check(rows % x.k_packing == 0, "train.microbatches",
            f"microbatch of {rows} rows splits a k-packed stream (k_packing={x.k_packing})")
-    _check(max_range(cfg) <= rows - 1, "crossbatch.range",
-           f"r={max_range(cfg)} needs at least {max_range(cfg) + 1} rows per microbatch, "
+    r = max([x.range] + list(x.eval_ranges))
+    _check(r <= rows - 1, "crossbatch.range",
+           f"r={r} needs at least {r + 1} rows per microbatch, "
            f"a microbatch has {rows} (data.batch_size / train.microbatches)")
 
 
@@ -461,56 +493,142 @@ def validate(cfg, platform: str | None = None) -> None:
         check(cfg)
     _check_attention(cfg, platform)
     _validate_task(cfg)
-    if cfg.data.curriculum:
-        for stage in parse_curriculum(cfg.data.curriculum):
-            stage_config(cfg, stage)
+    build_stages(cfg)
 
 
-def parse_curriculum(text: str) -> list[tuple[int, int, int, int, int, int]]:
-    """'300:4,600:12:2:2,900:0:4:4:64:128' -> (end_step, definitions, key_length, value_length,
-    doc_length, batch_size) per stage; definitions 0 = as many as fit, doc_length / batch_size 0 =
-    as configured. After the last stage the configured task runs."""
-    stages = []
-    try:
-        for part in text.split(","):
-            fields = [int(f) for f in part.split(":")]
-            if len(fields) not in (2, 4, 6):
-                raise ValueError
-            fields += [4, 4, 0, 0][len(fields) - 2:]
-            if min(fields[2:4]) < 1 or min(fields[1], fields[4], fields[5]) < 0:
-                raise ValueError
-            stages.append(tuple(fields))
-    except ValueError:
-        raise ConfigError(
-            f"config field 'data.curriculum': cannot parse '{text}' (expected "
-            "'end_step:definitions[:key_length:value_length[:doc_length:batch_size]],...')"
-        ) from None
-    steps = [s[0] for s in stages]
-    if steps != sorted(steps):
-        raise ConfigError("config field 'data.curriculum': stage end steps must increase")
-    return stages
+# --- training stages ---------------------------------------------------------------------------
+
+# What a stage may change: the data it trains on, the crossbatch it trains with, its learning rates.
+STAGE_FIELDS = {
+    "data": ("doc_length", "query_length", "seq_len", "batch_size", "num_definitions", "key_length",
+             "value_length", "num_train_docs"),
+    "crossbatch": ("range", "range_min", "sample_range", "stepping", "doc_mask", "implementation"),
+    "train": ("learning_rate", "temperature_lr_scale", "microbatches"),
+}
+STAGE_KEYS = ("name", "until_step", "until_accuracy")
 
 
-def stage_config(cfg, stage) -> ml_collections.ConfigDict:
-    """The config a curriculum stage trains with: the task's, with the stage's data fields."""
-    _, defs, key_len, value_len, doc_len, rows = stage
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: it trains with `cfg` (the run's config with the stage's overrides) from
+    the step the previous stage ended at until step `until_step`, or earlier once the mean training
+    accuracy of its last three progress lines reaches `until_accuracy` (> 0). `lr_scale`
+    multiplies the run's learning-rate schedule (the stage's learning_rate / train.learning_rate)."""
+    index: int
+    name: str
+    until_step: int
+    until_accuracy: float
+    cfg: Any
+    lr_scale: float
+    num_docs: int | None             # training documents the stage needs (None: data.num_train_docs)
+
+    @property
+    def temperature_scale(self) -> float:
+        return float(self.cfg.train.temperature_lr_scale)
+
+
+def _stage_error(i, name, message) -> ConfigError:
+    return ConfigError(f"config field 'stages[{i}]' ({name!r}): {message}")
+
+
+def _coerce(value, current, field):
+    if isinstance(current, bool) != isinstance(value, bool) or (
+            isinstance(current, str) != isinstance(value, str)):
+        raise ConfigError(f"{field}: expected a {type(current).__name__}, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(current)):
+        raise ConfigError(f"{field}: expected a {type(current).__name__}, got {value!r}")
+    return value
+
+
+def _stage_overrides(cfg, i, name, spec) -> ml_collections.ConfigDict:
+    """The run's config with stage `spec`'s overrides (each checked against STAGE_FIELDS)."""
     out = ml_collections.ConfigDict(cfg.to_dict())
-    d = out.data
-    d.num_definitions, d.key_length, d.value_length = defs, key_len, value_len
-    if doc_len:
-        d.query_length = doc_len * cfg.data.query_length // cfg.data.doc_length
-        d.doc_length = doc_len
-        d.seq_len = doc_len // (cfg.data.doc_length // cfg.data.seq_len)
-    if rows:
-        d.batch_size = rows
-    d.curriculum = ""
-    try:
-        validate(out)
-    except ConfigError as e:
-        raise ConfigError(
-            f"config field 'data.curriculum': stage {stage} gives an invalid config: {e}"
-        ) from None
+    out.stages = []
+    for section, values in spec.items():
+        if section in STAGE_KEYS:
+            continue
+        if section not in STAGE_FIELDS or not isinstance(values, dict):
+            known = ", ".join(list(STAGE_KEYS) + list(STAGE_FIELDS))
+            raise _stage_error(i, name, f"unknown key '{section}' (a stage has {known})")
+        for field, value in values.items():
+            path = f"{section}.{field}"
+            if field not in STAGE_FIELDS[section]:
+                what = "unknown field" if field not in cfg[section] else "a field a stage cannot change"
+                close = difflib.get_close_matches(field, STAGE_FIELDS[section], n=2, cutoff=0.5)
+                hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else ""
+                raise _stage_error(i, name, f"'{path}' is {what} (a stage may set {section}."
+                                   f"{{{', '.join(STAGE_FIELDS[section])}}}){hint}")
+            try:
+                out[section][field] = _coerce(value, cfg[section][field], f"'{path}'")
+            except ConfigError as e:
+                raise _stage_error(i, name, str(e)) from None
+    d, base = out.data, cfg.data
+    given = spec.get("data", {})
+    if "doc_length" in given:   # the window and the query region keep their share of a document
+        if "seq_len" not in given:
+            d.seq_len = max(d.doc_length * base.seq_len // base.doc_length, 1)
+        if "query_length" not in given:
+            d.query_length = max(d.doc_length * base.query_length // base.doc_length, 1)
+    out.crossbatch.eval_ranges = [out.crossbatch.range]   # the run evaluates with its own data
     return out
+
+
+def build_stages(cfg) -> list[Stage]:
+    """The run's stages, each with its validated config. No stages configured: one stage, the
+    config itself, to train.steps. A stage ends at its until_step (train.steps when unset) or
+    earlier at its until_accuracy; the run ends when the last stage does."""
+    specs = list(cfg.get("stages", []))
+    if not specs:
+        return [Stage(0, "train", int(cfg.train.steps), 0.0, cfg, 1.0, None)]
+    out, names, previous_end = [], set(), 0
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config field 'stages[{i}]': a stage is a dict, got {spec!r}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"config field 'stages[{i}]': every stage needs a 'name' (a non-empty string)")
+        if name in names:
+            raise _stage_error(i, name, "the name repeats; stage names must be unique")
+        names.add(name)
+        until = spec.get("until_step")
+        acc = spec.get("until_accuracy", 0.0)
+        last = i == len(specs) - 1
+        if until is None and not acc and not last:
+            raise _stage_error(i, name, "needs until_step or until_accuracy (only the last stage may "
+                               "run to train.steps)")
+        if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
+            raise _stage_error(i, name, f"until_step must be an integer, got {until!r}")
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
+            raise _stage_error(i, name, f"until_accuracy must lie in [0, 1], got {acc!r}")
+        explicit = until is not None
+        until = until if explicit else cfg.train.steps
+        if (explicit or last) and (until <= previous_end or until > cfg.train.steps):
+            raise _stage_error(
+                i, name, f"until_step={until} is out of order: stages must end at increasing steps, after "
+                f"the previous stage's {previous_end} and at most train.steps={cfg.train.steps}")
+        stage_cfg = _stage_overrides(cfg, i, name, spec)
+        try:
+            validate(stage_cfg)
+        except ConfigError as e:
+            raise _stage_error(i, name, f"gives an invalid config: {e}") from None
+        streams = stage_cfg.data.batch_size // stage_cfg.crossbatch.k_packing
+        # documents the stage needs, when its length is known (no accuracy stage before or in it)
+        known = not acc and all(not s.until_accuracy for s in out)
+        docs = min((until - previous_end) * streams, stage_cfg.data.num_train_docs) if known else None
+        out.append(Stage(i, name, int(until), float(acc), stage_cfg,
+                         float(stage_cfg.train.learning_rate / cfg.train.learning_rate), docs))
+        previous_end = until if explicit else previous_end
+    return out
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage a run without records of earlier stage ends trains `step` in (by until_step)."""
+    for stage in stages:
+        if step < stage.until_step:
+            return stage
+    return stages[-1]
 
 
 def _flat(d, prefix=""):

@@ -66,20 +66,65 @@ def test_other_bad_fields():
         load("--config.model.mem_positionals=alibi")
     with pytest.raises(config_lib.ConfigError, match="data.batch_size"):
         load("--config.data.batch_size=7")
-    with pytest.raises(config_lib.ConfigError, match="curriculum"):
-        load("--config.data.curriculum=abc")
-    with pytest.raises(config_lib.ConfigError, match=r"data.curriculum.*stage .*data.batch_size"):
-        load("--config.data.curriculum=10:0:4:4:64:7")  # 7 rows do not hold k=2 chunks
 
 
-def test_curriculum_stage_configs():
-    cfg = load("--config.data.curriculum=10:2:1:1,20:0:4:4:32:16")
-    stages = config_lib.parse_curriculum(cfg.data.curriculum)
-    assert stages == [(10, 2, 1, 1, 0, 0), (20, 0, 4, 4, 32, 16)]
-    a, b = (config_lib.stage_config(cfg, s) for s in stages)
-    assert (a.data.num_definitions, a.data.key_length, a.data.doc_length) == (2, 1, 128)
-    assert (b.data.doc_length, b.data.query_length, b.data.seq_len, b.data.batch_size) == (32, 16, 16, 16)
-    assert cfg.data.doc_length == 128 and cfg.data.seq_len == 64  # the task itself is unchanged
+def stages(*specs, steps=20):
+    return load(f"--config.train.steps={steps}", f"--config.stages={list(specs)!r}")
+
+
+def test_stage_configs():
+    cfg = stages(dict(name="short", until_step=5, data=dict(doc_length=32, batch_size=16)),
+                 dict(name="wide", until_accuracy=0.9, crossbatch=dict(range=3, sample_range=True),
+                      train=dict(learning_rate=5e-4, temperature_lr_scale=10.0)),
+                 dict(name="last", until_step=20))
+    a, b, c = config_lib.build_stages(cfg)
+    # a stage's window and query region keep their share of its documents (128 -> 32: T 64 -> 16)
+    assert (a.cfg.data.doc_length, a.cfg.data.seq_len, a.cfg.data.query_length, a.cfg.data.batch_size) == (
+        32, 16, 16, 16)
+    assert a.until_step == 5 and a.num_docs == 5 * 8 and a.lr_scale == 1.0
+    assert b.cfg.crossbatch.range == 3 and b.cfg.crossbatch.sample_range and b.num_docs is None
+    assert b.until_step == 20 and b.until_accuracy == 0.9       # an accuracy stage: at most to the end
+    assert b.lr_scale == pytest.approx(0.5) and b.temperature_scale == 10.0
+    assert c.cfg.crossbatch.range == 1 and c.cfg.data.doc_length == 128   # the run's own config
+    assert cfg.data.doc_length == 128 and cfg.crossbatch.range == 1      # the run itself is unchanged
+    assert config_lib.max_range(cfg) == 3
+    assert [s.name for s in config_lib.build_stages(load())] == ["train"]  # no stages: one
+
+
+@pytest.mark.parametrize("specs, match", [
+    ([dict(name="a", until_step=5, crossbatch=dict(rnage=3))],
+     r"stages\[0\]' \('a'\): 'crossbatch.rnage' is unknown field.*did you mean crossbatch.range"),
+    ([dict(name="a", until_step=5, model=dict(hidden_size=8))], r"stages\[0\].*unknown key 'model'"),
+    ([dict(name="a", until_step=5, train=dict(steps=8))], r"'train.steps' is a field a stage cannot change"),
+    ([dict(name="a", until_step=5), dict(name="b", until_step=5)], r"stages\[1\]' \('b'\).*out of order"),
+    ([dict(name="a", until_step=9), dict(name="b", until_step=4)], r"stages\[1\].*out of order"),
+    ([dict(name="a", until_step=30)], r"until_step=30 is out of order.*train.steps=20"),
+    ([dict(name="a", until_step=5, crossbatch=dict(range=8))],
+     r"stages\[0\]' \('a'\): gives an invalid config: .*crossbatch.range.*r=8 needs at least 9 rows"),
+    ([dict(name="a", until_step=5, data=dict(batch_size=7))], r"stages\[0\].*data.batch_size"),
+    ([dict(name="a"), dict(name="b")], r"stages\[0\].*needs until_step or until_accuracy"),
+    ([dict(until_step=5)], r"stages\[0\]': every stage needs a 'name'"),
+    ([dict(name="a", until_step=5), dict(name="a")], r"stages\[1\].*name repeats"),
+    ([dict(name="a", until_accuracy=1.5)], r"until_accuracy must lie in \[0, 1\]"),
+    ([dict(name="a", until_step=5, crossbatch=dict(range="3"))], r"'crossbatch.range': expected a int"),
+    (["oops"], r"stages\[0\]': a stage is a dict"),
+])
+def test_bad_stages_are_refused_naming_the_stage(specs, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        stages(*specs)
+
+
+def test_earlier_schemas_curriculum_becomes_stages():
+    stored = load().to_dict()
+    stored.pop("stages")
+    stored["data"]["curriculum"] = "10:2:1:1,20:0:4:4:32:16"
+    stored["crossbatch"].update(switch_range=3, switch_accuracy=0.9)
+    stored["train"]["steps"] = 40
+    cfg = config_lib.from_dict(stored)
+    got = [(s.name, s.until_step, s.until_accuracy, s.cfg.data.key_length, s.cfg.data.doc_length,
+            s.cfg.data.batch_size, s.cfg.crossbatch.range) for s in config_lib.build_stages(cfg)]
+    assert got == [("curriculum_0", 10, 0.0, 1, 128, 8, 1), ("curriculum_1", 20, 0.0, 4, 32, 16, 1),
+                   ("r1", 40, 0.9, 4, 128, 8, 1), ("r3", 40, 0.0, 4, 128, 8, 3)]
 
 
 def test_cli_reports_config_errors(tmp_path):

@@ -187,4 +187,74 @@ def test_sampled_range_compiles_once(tmp_path, data_dir):
     ranges = [json.loads(line)["range"] for line in open(tmp_path / "metrics.jsonl")
               if json.loads(line)["split"] == "train"]
     assert len(ranges) == 12 and len(set(ranges)) > 1 and set(ranges) <= {0, 1, 2, 3}
-    assert list(trainer._train_steps) == [3]  # one program, r passed as a traced scalar
+    assert [k[0] for k in trainer._train_steps] == [3]  # one program, r passed as a traced scalar
+
+
+def test_stage_scales_equal_a_smaller_learning_rate(tmp_path):
+    """A stage's lr_scale is the schedule's learning rate times the scale (AdamW's update is linear
+    in it), and its temperature scale multiplies the qk_norm temperatures' updates on top: checked
+    against optax run with the smaller learning rate itself."""
+    batch = _batch(tiny())
+    common = ("--config.model.qk_norm=memory", "--config.train.warmup_steps=0", "--config.train.weight_decay=0.1")
+    a = Trainer(tiny("--config.train.learning_rate=1e-2", *common), str(tmp_path / "a"), quiet=True)
+    b = Trainer(tiny("--config.train.learning_rate=2.5e-3", *common), str(tmp_path / "b"), quiet=True)
+    p0 = jax.tree.map(np.asarray, jax.device_get(a.state["params"]))
+    with mesh_lib.use_mesh(a.mesh):
+        a.state, ma = a.train_step_fn(1)(a.state, to_global(batch, a.mesh), jnp.int32(1), 0.25, 4.0)
+    with mesh_lib.use_mesh(b.mesh):
+        b.state, mb = b.train_step_fn(1)(b.state, to_global(batch, b.mesh), jnp.int32(1))
+    assert float(ma["learning_rate"]) == pytest.approx(float(mb["learning_rate"]))
+    pa, pb = (jax.tree_util.tree_flatten_with_path(jax.device_get(t.state["params"]))[0] for t in (a, b))
+    temperatures = 0
+    for (path, x), (_, y), z in zip(pa, pb, jax.tree.leaves(p0)):
+        if "qk_temperature" in jax.tree_util.keystr(path):
+            temperatures += 1
+            np.testing.assert_allclose(np.asarray(x) - z, 4.0 * (np.asarray(y) - z), rtol=1e-4, atol=1e-9)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8)
+    assert temperatures > 0
+
+
+STAGED = ("--config.train.steps=9", "--config.train.log_every=1", "--config.train.eval_every=0",
+          "--config.train.checkpoint_every=0", "--config.stages=" + repr([
+              dict(name="short", until_step=3, data=dict(doc_length=64, batch_size=16)),
+              dict(name="until_acc", until_accuracy=1e-9),
+              dict(name="wide", crossbatch=dict(range=3), train=dict(learning_rate=5e-4))]))
+
+
+@pytest.mark.slow
+def test_stages_run_in_order_and_resume_exactly(tmp_path, data_dir):
+    """Stages end at their step or training accuracy, each with its data, range and learning rate;
+    a run stopped inside a stage resumes it (data position and accuracy window) bit for bit."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    full = Trainer(tiny(*STAGED), a, quiet=True)
+    summary = full.run()
+    assert [(s["name"], s["start"], s["end"]) for s in summary["stages"]] == [
+        ("short", 0, 3), ("until_acc", 3, 6), ("wide", 6, 9)]
+    assert "train accuracy" in summary["stages"][1]["reason"] and summary["max_train_range"] == 3
+    assert "warnings" not in summary
+    rows = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["range"] for r in train] == [1] * 6 + [3] * 3
+    assert [r["stage"] for r in train] == [0] * 3 + [1] * 3 + [2] * 3
+    sched = full.schedule
+    for r in train[6:]:
+        assert r["learning_rate"] == pytest.approx(float(sched(r["step"] - 1)) * 0.5, rel=1e-6)
+    first = Trainer(tiny(*STAGED), b, quiet=True)
+    assert first.run(until=5)["steps"] == 5
+    second = Trainer(tiny(*STAGED), b, quiet=True)
+    assert [(s["name"], s["end"]) for s in second.run()["stages"]] == [
+        ("short", 3), ("until_acc", 6), ("wide", 9)]
+    la = [r["loss"] for r in train]
+    lb = [json.loads(line)["loss"] for line in open(os.path.join(b, "metrics.jsonl"))
+          if json.loads(line)["split"] == "train"]
+    assert la == lb
+    for x, y in zip(jax.tree.leaves(jax.device_get(full.state)), jax.tree.leaves(jax.device_get(second.state))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_summary_warns_when_training_never_exceeded_r1(tmp_path, data_dir):
+    summary = loop.train(tiny("--config.train.steps=2", "--config.train.eval_every=0"), str(tmp_path),
+                         checkpoints=False, quiet=True)
+    assert summary["max_train_range"] == 1
+    assert "not expected to read large memories" in summary["warnings"][0]

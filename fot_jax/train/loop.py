@@ -1,5 +1,6 @@
-"""The training loop: mesh, sharded state, jitted steps, curriculum and range schedule, periodic
-evaluation (at several crossbatch ranges), metrics and the end-of-run report."""
+"""The training loop: mesh, sharded state, jitted steps, training stages (data, crossbatch range,
+learning rates, each until a step or a training accuracy), periodic evaluation (at several
+crossbatch ranges), metrics and the end-of-run report."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,16 +58,17 @@ class RunState:
     start_step: int
     done: int                       # steps completed
     until: int | None
-    range: int                      # the crossbatch range now (switch_range moves it)
-    switched: bool
     data_state: dict | None         # the restored data position (applies when its stage starts)
     run_start: float
+    stage: Any = None               # the config_lib.Stage being trained
+    stage_start: int = 0            # the step it started at
+    stage_ends: list = dataclasses.field(default_factory=list)   # [{name, start, end, reason}]
     last_time: float = 0.0          # of the last progress line
     last_step: int = 0
-    stage_index: int | None = None
-    stage_cfg: Any = None
     batcher: Any = None
+    batcher_stage: int | None = None
     range_max: int = 0
+    max_range_trained: int = 0
     pending: dict | None = None     # the last step's metrics, still on the device
     history: list = dataclasses.field(default_factory=list)
     acc_window: list = dataclasses.field(default_factory=list)
@@ -93,6 +95,21 @@ class NoCheckpoints:
         pass
 
 
+class TrainStep:
+    """A jitted train step: `(state, batch, r, lr_scale=1, temperature_scale=1) -> (state,
+    metrics)`. The two scales are runtime scalars (a stage that changes them compiles nothing)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, state, batch, r, lr_scale=1.0, temperature_scale=1.0):
+        return self.jitted(state, batch, r, jnp.float32(lr_scale), jnp.float32(temperature_scale))
+
+    def lower(self, state, batch, r):
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        return self.jitted.lower(state, batch, r, scalar, scalar)
+
+
 def crossbatch_spec(cfg, range_max: int) -> CrossbatchSpec:
     x = cfg.crossbatch
     return CrossbatchSpec(range_max=int(range_max), k_packing=x.k_packing, stepping=x.stepping,
@@ -107,14 +124,14 @@ def batch_shardings(mesh) -> dict:
     return {name: s for name in BATCH_FIELDS}
 
 
-def jit_train_step(cfg, graphdef, tx, mesh, state_shardings, range_max: int, schedule=None):
-    """The jitted train step for crossbatch range `range_max`: explicit shardings, donated state."""
+def jit_train_step(cfg, graphdef, tx, mesh, state_shardings, range_max: int, schedule=None) -> TrainStep:
+    """The jitted train step for crossbatch range `range_max` (and cfg's crossbatch layout and
+    microbatches): explicit shardings, donated state."""
     rep = mesh_lib.replicated(mesh)
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, spec=crossbatch_spec(cfg, range_max),
-                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train),
-                           temperature_lr_scale=float(cfg.train.temperature_lr_scale))
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train))
+    return TrainStep(jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh), rep, rep, rep),
+                             out_shardings=(state_shardings, rep), donate_argnums=(0,)))
 
 
 def check_batch_divides(cfg, mesh) -> None:
@@ -230,8 +247,7 @@ class Trainer:
         self.attention_backend = kernels.resolve(cfg.model.attention_backend)
         self._train_steps = {}
         self._eval_steps = {}
-        self.stages = config_lib.parse_curriculum(cfg.data.curriculum) if cfg.data.curriculum else []
-        self._stage_cfgs = [config_lib.stage_config(cfg, s) for s in self.stages]
+        self.stages = config_lib.build_stages(cfg)
         self.writer = None
         self.hooks = self._make_hooks()
 
@@ -239,11 +255,15 @@ class Trainer:
     def _batch_shardings(self):
         return batch_shardings(self.mesh)
 
-    def train_step_fn(self, range_max: int):
-        if range_max not in self._train_steps:
-            self._train_steps[range_max] = jit_train_step(self.cfg, self.graphdef, self.tx, self.mesh,
-                                                          self.state_shardings, range_max, self.schedule)
-        return self._train_steps[range_max]
+    def train_step_fn(self, range_max: int, cfg=None) -> TrainStep:
+        """The train step for `range_max` with `cfg`'s (a stage's) crossbatch layout and microbatches."""
+        cfg = cfg or self.cfg
+        x = cfg.crossbatch
+        key = (range_max, x.k_packing, x.stepping, x.doc_mask, x.implementation, cfg.train.microbatches)
+        if key not in self._train_steps:
+            self._train_steps[key] = jit_train_step(cfg, self.graphdef, self.tx, self.mesh,
+                                                    self.state_shardings, range_max, self.schedule)
+        return self._train_steps[key]
 
     def eval_step_fn(self, r: int):
         if r not in self._eval_steps:
@@ -255,18 +275,6 @@ class Trainer:
         return self._eval_steps[r]
 
     # -- data ----------------------------------------------------------------------------------
-    def stage(self, step: int):
-        """(index, config, documents the stage consumes or None for the full set) at `step`;
-        index len(stages) is the configured task."""
-        begin = 0
-        for i, stage in enumerate(self.stages):
-            if step < stage[0]:
-                cfg = self._stage_cfgs[i]
-                streams = cfg.data.batch_size // cfg.crossbatch.k_packing
-                return i, cfg, min((stage[0] - begin) * streams, cfg.data.num_train_docs)
-            begin = stage[0]
-        return len(self.stages), self.cfg, None
-
     def _host_batcher(self, cfg, split, num_docs=None):
         check_batch_divides(cfg, self.mesh)
         return make_batcher(cfg, split, num_docs=num_docs, host_index=jax.process_index(),
@@ -366,16 +374,14 @@ class Trainer:
         return self._finish(rs)
 
     def _make_hooks(self) -> list:
-        """After each step, in this order: progress line and metrics, the range switch, held-out
+        """After each step, in this order: progress line and metrics, the end of a stage, held-out
         evaluation (best checkpoint, early stop), periodic checkpoint, the agreed stop."""
-        t, x = self.cfg.train, self.cfg.crossbatch
-        hooks = [Hook(t.log_every, self._log_progress, at_end=True)]
-        if x.switch_range >= 0:
-            hooks.append(Hook(t.log_every, self._switch_range, at_end=True))
-        hooks += [Hook(t.eval_every, self._evaluate_hook, at_end=True),
-                  Hook(t.checkpoint_every, self._checkpoint_hook),
-                  Hook(1, self._stop_hook)]
-        return hooks
+        t = self.cfg.train
+        return [Hook(t.log_every, self._log_progress, at_end=True),
+                Hook(1, self._stage_hook),
+                Hook(t.eval_every, self._evaluate_hook, at_end=True),
+                Hook(t.checkpoint_every, self._checkpoint_hook),
+                Hook(1, self._stop_hook)]
 
     def _start(self, until) -> "RunState":
         """Restores (or initialises from train.init_from), logs the run and returns its state."""
@@ -396,66 +402,96 @@ class Trainer:
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                  f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against "
                  f"{peak_source}, steps {start}->{t.steps}")
-        rs = RunState(start_step=start, done=start, until=until, range=x.range, switched=False,
-                      data_state=data_state, run_start=time.perf_counter())
+        rs = RunState(start_step=start, done=start, until=until, data_state=data_state,
+                      run_start=time.perf_counter())
         rs.last_time, rs.last_step = rs.run_start, start
-        if data_state is not None and "range" in data_state:
-            rs.range, rs.switched = int(data_state["range"]), bool(data_state["switched"])
+        if data_state is not None and "stage" in data_state:
+            # an earlier schema's range switch counts as the stage after the curriculum's
+            index = int(data_state["stage"]) + int(bool(data_state.get("switched", False)))
+            self._begin_stage(rs, self.stages[min(index, len(self.stages) - 1)],
+                              int(data_state.get("stage_start", start)), resumed=True)
+            rs.stage_ends = list(data_state.get("stage_ends", []))
+            rs.acc_window = list(data_state.get("acc_window", []))
+        else:
+            self._begin_stage(rs, config_lib.stage_at(self.stages, start), start, resumed=start > 0)
         return rs
 
-    def _enter_stage(self, rs, step):
-        """The batcher of the curriculum stage (or the configured task) that `step` belongs to."""
-        index, stage_cfg, stage_docs = self.stage(step)
-        if rs.batcher is not None and index == rs.stage_index:
+    def _begin_stage(self, rs, stage, step, resumed=False):
+        rs.stage, rs.stage_start, rs.acc_window = stage, step, []
+        c = stage.cfg
+        x = c.crossbatch
+        r = f"r={x.range_min}..{x.range}" if x.sample_range else f"r={x.range}"
+        self.log(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}' "
+                 f"{'resumed at' if resumed else 'from'} step {step}: {describe_data(c.data)}, {r}, "
+                 f"lr x{stage.lr_scale:g}, temperature lr x{stage.temperature_scale:g}, until step "
+                 f"{stage.until_step}" + (f" or train accuracy {stage.until_accuracy:g}"
+                                          if stage.until_accuracy else ""))
+        rs.history.append({"step": step, "begin_stage": stage.name})
+
+    def _enter_stage(self, rs):
+        """The batcher of the stage being trained (restored to the checkpoint's position)."""
+        stage = rs.stage
+        if rs.batcher is not None and rs.batcher_stage == stage.index:
             return
-        name = describe_data(stage_cfg.data)
-        self.log(f"data: from step {step}: {name}")
-        rs.batcher = self._host_batcher(stage_cfg, "train", stage_docs)
-        rs.stage_index, rs.stage_cfg = index, stage_cfg
-        rs.history.append({"step": step, "stage": name})
-        if rs.data_state is not None and rs.data_state.get("stage") == index:
-            rs.batcher.restore(rs.data_state["batcher"])
+        rs.batcher = self._host_batcher(stage.cfg, "train", stage.num_docs)
+        rs.batcher_stage = stage.index
+        ds = rs.data_state
+        if ds is not None and ds.get("stage") == stage.index and ds.get("batcher") is not None:
+            rs.batcher.restore(ds["batcher"])
 
     def _step(self, rs, step):
-        self._enter_stage(rs, step)
-        x = self.cfg.crossbatch
+        self._enter_stage(rs)
+        stage = rs.stage
+        x = stage.cfg.crossbatch
         if x.sample_range:
             # stateless per step, so a resumed run draws the same r as an uninterrupted one
             rng = np.random.default_rng([self.cfg.train.seed, 7, step])
-            rs.range_max, r = rs.range, int(rng.integers(x.range_min, rs.range + 1))
+            rs.range_max, r = x.range, int(rng.integers(x.range_min, x.range + 1))
         else:
-            rs.range_max = r = rs.range
+            rs.range_max = r = x.range
         batch = to_global(next(rs.batcher).as_dict(), self.mesh)
-        self.state, metrics = self.train_step_fn(rs.range_max)(self.state, batch, jnp.int32(r))
+        self.state, metrics = self.train_step_fn(rs.range_max, stage.cfg)(
+            self.state, batch, jnp.int32(r), stage.lr_scale, stage.temperature_scale)
         if rs.pending is not None:       # checked one step late: no wait on the step just issued
             self._check(rs.pending)
         rs.pending, rs.done = dict(metrics, range=r), step + 1
 
     def _log_progress(self, rs):
-        t, sd = self.cfg.train, rs.stage_cfg.data
+        t, sd = self.cfg.train, rs.stage.cfg.data
         m = {k: float(v) for k, v in jax.device_get(rs.pending).items()}
         self._check(m)
         now = time.perf_counter()
         tps = (rs.done - rs.last_step) * sd.batch_size * sd.seq_len / max(now - rs.last_time, 1e-9)
         mfu = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max) / self.peak
-        m.update(tokens_per_s=tps, mfu=mfu, curriculum_stage=rs.stage_index)
+        m.update(tokens_per_s=tps, mfu=mfu, stage=rs.stage.index)
+        early = t.stop_at_accuracy > 0 or any(s.until_accuracy for s in self.stages)
         self.log(metrics_lib.progress_line(rs.done, t.steps, m, tps, mfu, now - rs.run_start, rs.start_step,
-                                           may_stop_early=t.stop_at_accuracy > 0))
+                                           may_stop_early=early))
         self.writer.write(rs.done, m)
         rs.history.append({**m, "step": rs.done})
         rs.last_time, rs.last_step = now, rs.done
         rs.acc_window.append(m["accuracy"])
 
-    def _switch_range(self, rs):
-        """crossbatch.switch_range: once train accuracy holds switch_accuracy (mean of the last
-        three progress lines) on the configured task, the range moves to switch_range."""
-        x = self.cfg.crossbatch
+    def _stage_hook(self, rs):
+        """Ends the stage at its until_step, or at its until_accuracy (the mean training accuracy
+        of its last three progress lines, checked when a progress line is written); the next stage
+        begins, or after the last one the run ends."""
+        stage, reason = rs.stage, None
         recent = rs.acc_window[-3:]
-        if (not rs.switched and rs.stage_index == len(self.stages) and len(recent) == 3
-                and np.mean(recent) >= x.switch_accuracy):
-            rs.range, rs.switched = x.switch_range, True
-            self.log(f"crossbatch range switched to r={rs.range} at step {rs.done} "
-                     f"(train accuracy {np.mean(recent):.3f})")
+        if rs.done >= stage.until_step:
+            reason = f"until_step {stage.until_step}"
+        elif (stage.until_accuracy and rs.last_step == rs.done and len(recent) == 3
+              and np.mean(recent) >= stage.until_accuracy):
+            reason = f"train accuracy {np.mean(recent):.3f} >= {stage.until_accuracy:g}"
+        if reason is None:
+            return
+        rs.stage_ends.append({"name": stage.name, "start": rs.stage_start, "end": rs.done, "reason": reason})
+        if len(self.stages) > 1:
+            self.log(f"stage '{stage.name}' ends at step {rs.done}: {reason}")
+        if stage.index + 1 < len(self.stages):
+            self._begin_stage(rs, self.stages[stage.index + 1], rs.done)
+        elif rs.done < self.cfg.train.steps:
+            rs.stop = "stages"
 
     def _evaluate_hook(self, rs):
         t, done = self.cfg.train, rs.done
@@ -493,7 +529,7 @@ class Trainer:
         step = int(jax.device_get(self.state["step"]))
         final_eval = rs.final_eval if rs.final_eval is not None else self._eval_and_log(step)
         summary = {"steps": step, "seconds": time.perf_counter() - rs.run_start,
-                   "eval": {str(k): v for k, v in final_eval.items()}}
+                   "eval": {str(k): v for k, v in final_eval.items()}, **self._stage_summary(rs, step)}
         if rs.stop == "preempted" or (rs.until is not None and step < t.steps):
             self.checkpoints.close()
             self.writer.close()
@@ -507,11 +543,32 @@ class Trainer:
             plot_history(rs.history, paths.join(self.workdir, "curve.png"))
         return summary
 
+    def _stage_summary(self, rs, step) -> dict:
+        """The stages run (name, steps, why each ended), the largest training range, and a warning
+        when a model with memory layers never trained with r > 1: it is not expected to read large
+        memories (its memory layers never had to tell its own context from other documents')."""
+        ends = list(rs.stage_ends)
+        if not ends or ends[-1]["name"] != rs.stage.name:
+            ends.append({"name": rs.stage.name, "start": rs.stage_start, "end": step,
+                         "reason": "train.steps" if step >= self.cfg.train.steps else "stopped"})
+        trained = max(self.stages[i].cfg.crossbatch.range for i in range(rs.stage.index + 1))
+        out = {"stages": ends, "max_train_range": trained}
+        if self.cfg.model.mem_layers and trained <= 1:
+            out["warnings"] = [
+                f"crossbatch range never exceeded r=1 in training (largest r={trained}): the memory "
+                "layers never had to tell their own context from other documents', so this model is "
+                "not expected to read large memories; train with larger r in a later stage (see "
+                "configs/dictionary_lookup_memory.py)"]
+            self.log("warning: " + out["warnings"][0])
+        return out
+
     def _data_state(self, rs):
-        if rs.batcher is None:
+        if rs.stage is None:
             return None
-        return {"stage": rs.stage_index, "batcher": global_batcher_state(rs.batcher.state()),
-                "range": rs.range, "switched": rs.switched}
+        own = rs.batcher is not None and rs.batcher_stage == rs.stage.index
+        return {"stage": rs.stage.index, "stage_start": rs.stage_start, "stage_ends": rs.stage_ends,
+                "acc_window": [float(a) for a in rs.acc_window[-3:]],
+                "batcher": global_batcher_state(rs.batcher.state()) if own else None}
 
     def _check(self, m):
         loss = float(jax.device_get(m["loss"]))
@@ -543,9 +600,9 @@ def plot_history(history, path):
             evals.setdefault(r, []).append((h["step"], v["accuracy"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     for h in history:
-        if "stage" in h and h["step"] > 0:
+        if "begin_stage" in h and h["step"] > 0:
             ax.axvline(h["step"], color="grey", ls=":", lw=1)
-            ax.text(h["step"], 0.98, " " + h["stage"], rotation=90, va="top", fontsize=7, color="grey")
+            ax.text(h["step"], 0.98, " " + h["begin_stage"], rotation=90, va="top", fontsize=7, color="grey")
     if train:
         ax.plot(*zip(*train), label="train (loss tokens)", alpha=0.6)
     for r, pts in sorted(evals.items()):

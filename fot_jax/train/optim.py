@@ -41,10 +41,12 @@ def make_optimizer(t):
 def scale_temperature_updates(updates, scale: float):
     """Multiplies the optimizer's updates of the qk_norm temperatures by `scale`
     (`train.temperature_lr_scale`). Applied to the updates, after the optimizer, so the optimizer
-    state has the same structure whatever the scale (checkpoints stay restorable)."""
-    if scale == 1.0:
+    state has the same structure whatever the scale (checkpoints stay restorable). `scale` may be
+    a traced scalar (a stage's scale is a runtime input of the train step)."""
+    if isinstance(scale, (int, float)) and scale == 1.0:
         return updates
+
     def one(path, u):
         names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        return u * scale if "qk_temperature" in names else u
+        return u * jnp.asarray(scale, u.dtype) if "qk_temperature" in names else u
     return jax.tree_util.tree_map_with_path(one, updates)

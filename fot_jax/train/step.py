@@ -33,11 +33,13 @@ def split_microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatches: int, schedule,
-               temperature_lr_scale: float = 1.0):
+def train_step(state, batch, r, lr_scale=1.0, temperature_scale=1.0, *, graphdef, tx, spec: CrossbatchSpec,
+               microbatches: int, schedule):
     """One optimizer step on the global batch. Gradients are token-weighted: the sum over all
     microbatches of d(loss_sum), divided by the total number of loss tokens, which equals the
-    gradient of the whole batch's mean loss."""
+    gradient of the whole batch's mean loss. `lr_scale` multiplies the optimizer's updates (AdamW's
+    update is linear in its learning rate, so this is the schedule's learning rate times
+    lr_scale); `temperature_scale` multiplies the qk_norm temperatures' updates on top."""
     params = state["params"]
 
     def grad_sums(mb):
@@ -59,14 +61,15 @@ def train_step(state, batch, r, *, graphdef, tx, spec: CrossbatchSpec, microbatc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    updates = scale_temperature_updates(updates, temperature_lr_scale)
+    updates = scale_temperature_updates(updates, temperature_scale)
+    updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
     new_params = optax.apply_updates(params, updates)
     metrics = {
         "loss": loss_sum / denom,
         "accuracy": correct / denom,
         "tokens": count,
         "grad_norm": optax.tree.norm(grads),
-        "learning_rate": schedule(state["step"]),
+        "learning_rate": schedule(state["step"]) * lr_scale,
         "step": state["step"],
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
