@@ -321,3 +321,55 @@ def test_bad_input_is_a_clear_error_and_leaves_state():
         rt.ingest([np.array([3, 99]), np.arange(3, 10)])
     after = jax.tree.map(np.asarray, rt.state)
     jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_grouped_windows_equal_window_by_window(monkeypatch, sharded):
+    """With one memory layer, windows without logits run INGEST_GROUP at a time: the stores (ring
+    buffer wrapped several times) and the logits after them equal window-by-window ingestion."""
+    from fot_jax.infer import runtime as runtime_lib
+    model = llama.create(_cfg().model, seed=7)
+    mesh = jax.make_mesh((8,), ("memory",), axis_types=(AxisType.Auto,)) if sharded else None
+    settings = MemorySettings(top_k=5, capacity=128, dtype="float32", last_context_length=6, chunk=16)
+    docs = [np.random.default_rng(8).integers(3, 50, 300), np.random.default_rng(9).integers(3, 50, 201)]
+    out = []
+    for group in (runtime_lib.INGEST_GROUP, 1):
+        monkeypatch.setattr(runtime_lib, "INGEST_GROUP", group)
+        rt = MemoryRuntime(model, 2, settings, mesh=mesh)
+        last = rt.ingest(docs)
+        out.append((last, jax.device_get(rt.state.stores[0]), rt._group_fn._cache_size()))
+    (la, sa, ga), (lb, sb, _) = out
+    assert ga >= 1                                   # the grouped path ran
+    np.testing.assert_array_equal(np.asarray(sa.positions), np.asarray(sb.positions))
+    # the same keys and values up to float32 rounding (a [G*B, W] batch sums in another order)
+    np.testing.assert_allclose(np.asarray(sa.keys), np.asarray(sb.keys), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(sa.values), np.asarray(sb.values), atol=2e-5)
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+
+
+def test_rewind_answers_several_questions_on_one_memory():
+    """mark / rewind: each question is read and answered on top of the same memory and cache, as
+    a fresh runtime that read the document and then only that question."""
+    model = llama.create(_cfg().model, seed=8)
+    settings = MemorySettings(top_k=6, capacity=64, dtype="float32", last_context_length=5, chunk=16)
+    doc = np.random.default_rng(10).integers(3, 50, 45)
+    questions = [[7, 8, 9], [11, 12], [13, 14, 15, 16]]
+    rt = MemoryRuntime(model, 1, settings)
+    rt.ingest([doc])
+    mark = rt.mark()
+    got = []
+    for q in questions:
+        got.append(rt.generate([q], max_new_tokens=4, stop_token=-1, continue_documents=True)[0])
+        rt.rewind(mark)
+    for q, answer in zip(questions, got):
+        fresh = MemoryRuntime(model, 1, settings)
+        fresh.ingest([doc])
+        np.testing.assert_array_equal(fresh.generate([q], 4, stop_token=-1, continue_documents=True)[0], answer)
+    # taking back tokens that have moved to memory is refused, and the state is unchanged
+    rt.generate([list(range(3, 20))], max_new_tokens=1, stop_token=-1, continue_documents=True)
+    before = (rt.cache_len.copy(), rt.doc_pos.copy())
+    with pytest.raises(MemoryRuntimeError, match="cannot rewind to position"):
+        rt.rewind(mark)
+    assert (rt.cache_len, rt.doc_pos) == before
+    with pytest.raises(MemoryRuntimeError, match="at least one prompt token"):
+        rt.generate([[]], max_new_tokens=1, continue_documents=True)

@@ -12,7 +12,12 @@ window `W` and `last_context_length` `C`:
 Rows advance together; shorter rows are padded, and padding is never written anywhere.
 
 Every step is one jitted program per input shape (`[B, W]` windows, `[B, Tc]` tail pieces,
-`[B, 1]` generation), reused as memory fills; the runtime state is donated into each call.
+`[B, 1]` generation), reused as memory fills; the runtime state is donated into each call. With a
+single memory layer, windows whose logits nobody reads are independent of each other (nothing
+below that layer reads memory), so they run in groups of up to INGEST_GROUP windows a call.
+`mark()` / `rewind(mark)` take rows back to an earlier point of their documents while the tokens
+after it are still in the local cache (several questions about one long document, each read
+and answered on top of the same memory).
 In `single_doc` mode memory and cache are cleared for each new document; in `multi_doc` mode the
 previous document's cache moves to memory and memory is kept.
 """
@@ -86,6 +91,7 @@ class MemorySettings:
 
 
 DECODE_BLOCK = 64   # tokens decoded on the device per call
+INGEST_GROUP = 16   # windows per call when windows are independent (one memory layer, no logits)
 
 
 class MemoryRuntime:
@@ -115,6 +121,8 @@ class MemoryRuntime:
         self._extend_fn = jax.jit(self._extend_step, donate_argnums=1)
         self._flush_fn = jax.jit(self._flush_step, donate_argnums=0)
         self._reset_fn = jax.jit(self._reset_step, donate_argnums=0)
+        self._group_fn = jax.jit(self._group_step, donate_argnums=1)
+        self._rewind_fn = jax.jit(self._rewind_step, donate_argnums=0)
         self._decode_fn = jax.jit(self._decode_step, donate_argnums=1, static_argnums=(7, 8))
 
     # -- state --------------------------------------------------------------------------------
@@ -174,6 +182,23 @@ class MemoryRuntime:
         )
         state = dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
         return state, (logits if return_logits else None)
+
+    def _group_step(self, params, state: RuntimeState, tokens, n_valid):
+        """Windows [B, G*W] -> memory, G windows at once (one memory layer: each window's keys and
+        values depend on that window alone). n_valid [B]: tokens of the group that are real."""
+        model = nnx.merge(self.graphdef, params)
+        b, gt = tokens.shape
+        w, layer = self.window, self.mem_layers[0]
+        positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b * (gt // w), w))
+        new_kv, _ = model.forward(tokens.reshape(-1, w), positions, inference=True, keys_through_layer=layer)
+        k, v = (x.reshape(b, gt, *x.shape[2:]) for x in new_kv[layer])
+        offsets = jnp.arange(gt, dtype=jnp.int32)[None, :]
+        stores = self._write_memory(state.stores, [(k, v)], state.doc_pos[:, None] + offsets,
+                                    jnp.broadcast_to(state.doc_id[:, None], (b, gt)), offsets < n_valid[:, None])
+        return dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
+
+    def _rewind_step(self, state: RuntimeState, drop):
+        return dataclasses.replace(state, cache_len=state.cache_len - drop, doc_pos=state.doc_pos - drop)
 
     def _extend_step(self, params, state: RuntimeState, tokens, n_valid):
         model = nnx.merge(self.graphdef, params)
@@ -277,7 +302,10 @@ class MemoryRuntime:
         window_logits = bool(return_logits) and not tail_only
         vocab_logits = []
         n_windows = int(math.ceil(prefix.max() / w)) if prefix.max() > 0 else 0
-        for j in range(n_windows):
+        first = 0
+        if not window_logits and len(self.mem_layers) == 1 and n_windows > 1:
+            first = self._ingest_groups(docs, prefix, n_windows)
+        for j in range(first, n_windows):
             tokens = np.zeros((self.batch, w), np.int32)
             n_valid = np.clip(prefix - j * w, 0, w)
             for b, d in enumerate(docs):
@@ -298,6 +326,45 @@ class MemoryRuntime:
             parts = [lg[b, :n[b]] for lg, n in vocab_logits] + [tail_logits[b]]
             rows.append(np.concatenate(parts, axis=0))
         return last, rows
+
+    def _ingest_groups(self, docs, prefix, n_windows) -> int:
+        """The windows of `prefix` tokens per row in groups (see INGEST_GROUP); returns the number of
+        windows read (whole groups; the rest go one by one)."""
+        w = self.window
+        g = min(INGEST_GROUP, self.settings.capacity // w, 1 << (n_windows.bit_length() - 1))
+        groups = n_windows // g
+        for j in range(groups):
+            tokens = np.zeros((self.batch, g * w), np.int32)
+            n_valid = np.clip(prefix - j * g * w, 0, g * w)
+            for b, d in enumerate(docs):
+                tokens[b, :n_valid[b]] = d[j * g * w: j * g * w + n_valid[b]]
+            self.state = self._group_fn(self.params, self.state, jnp.asarray(tokens),
+                                        jnp.asarray(n_valid, jnp.int32))
+            self.doc_pos += n_valid
+        return groups * g
+
+    def mark(self) -> np.ndarray:
+        """Each row's position in its document now, for `rewind`."""
+        return self.doc_pos.copy()
+
+    def rewind(self, mark) -> None:
+        """Takes each row back to `mark` (from `mark()`): the tokens read or generated since are
+        forgotten. Only tokens still in the local cache can be taken back; memory is unchanged."""
+        mark = np.asarray(mark, np.int64).reshape(-1)
+        if mark.shape != (self.batch,):
+            raise MemoryRuntimeError(f"a mark has one position per row ({self.batch}), got {mark.shape}")
+        cache_start = self.doc_pos - self.cache_len
+        bad = (mark < cache_start) | (mark > self.doc_pos)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise MemoryRuntimeError(
+                f"row {b} cannot rewind to position {mark[b]}: its local cache holds positions "
+                f"{cache_start[b]}..{self.doc_pos[b]} (tokens moved to memory, or a new document, "
+                "cannot be taken back)")
+        drop = self.doc_pos - mark
+        self.state = self._rewind_fn(self.state, jnp.asarray(drop, jnp.int32))
+        self.cache_len -= drop
+        self.doc_pos -= drop
 
     def _extend_all(self, pieces, keep_logits):
         """Extends each row's cache with its tokens, in pieces of at most `tail` tokens, moving a
@@ -336,9 +403,11 @@ class MemoryRuntime:
             np.concatenate(c, 0) if c else np.zeros((0, last.shape[1]), np.float32) for c in collected
         ]
 
-    def extend(self, tokens):
-        """Appends tokens (one list per row) to the current documents; returns the last logits [B, V]."""
-        return self._extend_all(self._check_tokens(tokens), False)[0]
+    def extend(self, tokens, return_logits: bool = False):
+        """Appends tokens (one list per row) to the current documents; returns the last logits
+        [B, V] and, with return_logits, each row's logits of its tokens [L_b, V]."""
+        last, rows = self._extend_all(self._check_tokens(tokens), return_logits)
+        return (last, rows) if return_logits else last
 
     def _decode_step(self, params, state: RuntimeState, logits, key, finished, n, stop, temperature, top_p):
         """Up to `n` tokens per row on the device: sample, record, and (unless every row has
@@ -374,8 +443,9 @@ class MemoryRuntime:
         return state, logits, key, finished, out, i
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token: int | None = None, on_token=None):
-        """Ingests the prompts, then samples (greedy at temperature 0) up to max_new_tokens per row;
+                 seed: int = 0, stop_token: int | None = None, on_token=None, continue_documents=False):
+        """Ingests the prompts (with continue_documents: appends them to the current documents,
+        memory kept), then samples (greedy at temperature 0) up to max_new_tokens per row;
         a row stops after `stop_token` (default: the model's eos; -1: never). `on_token(row, token)`
         is called for each token as it is sampled (streaming). Returns a list of token arrays.
 
@@ -389,7 +459,9 @@ class MemoryRuntime:
                 f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}"
             )
         stop = self.model_config.eos_token_id if stop_token is None else stop_token
-        logits = jnp.asarray(self.ingest(prompts))
+        if continue_documents and any(len(p) == 0 for p in prompts):
+            raise MemoryRuntimeError("continue_documents needs at least one prompt token per row")
+        logits = jnp.asarray(self.extend(prompts) if continue_documents else self.ingest(prompts))
         key, finished = jax.random.key(seed), jnp.zeros(self.batch, bool)
         out = [[] for _ in range(self.batch)]
         produced, block = 0, (1 if on_token is not None else DECODE_BLOCK)
