@@ -191,12 +191,14 @@ def _eval_memory_scaling(args, cfg, model, out_dir):
     from fot_jax.data import dictionary
     from fot_jax.evals import memory
     from fot_jax.parallel.mesh import memory_mesh
+    if args.query_windows < 1 or args.num_docs < 1:
+        raise UsageError("--query-windows and --num-docs must be at least 1")
     baseline = load_model(args.baseline) if args.baseline else None
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else memory.DEFAULT_SIZES
     mesh = memory_mesh(args.memory_shards) if args.memory_shards > 1 else None
     rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
                                  baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype,
-                                 mesh=mesh)
+                                 mesh=mesh, query_windows=args.query_windows, generate=args.generate)
     title = f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"
     print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"), title))
     memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
@@ -500,6 +502,11 @@ def _add_eval(sub):
                    help="documents per point (passkey: seeds per length; perplexity: spans per document)")
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
+    p.add_argument("--query-windows", type=int, default=1,
+                   help="memory_scaling: query windows read on top of each document's memory (25 queries each)")
+    p.add_argument("--generate", action="store_true",
+                   help="memory_scaling: also greedy answers (generate) on documents built outside the "
+                        "training data, as many questions as the teacher-forced measure")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
     p.add_argument("--tasks", help="harness: lm-evaluation-harness task names (comma-separated)")
     p.add_argument("--limit", type=float, help="harness: examples per task (or a fraction)")

@@ -44,12 +44,60 @@ def test_memory_scaling_accuracy_is_counted_on_the_query_values(trained):
         assert 0.0 <= r["fot_accuracy"] <= 1.0 and 0.0 <= r["baseline_accuracy"] <= 1.0
         tokens, mask = memory._doc(cfg, 0, r["tokens_in_memory"], "test", 0)
         assert r["queries"] == 2 * mask.sum() // cfg.data.value_length
-    # _accuracy against a perfect predictor built from the document itself
+    # counting against a perfect predictor built from the query window itself
     tokens, mask = memory._doc(cfg, 1, 256, "test", 0)
-    perfect = np.eye(64)[np.concatenate([tokens[1:], [0]])]
-    assert memory._accuracy(perfect, tokens, mask, 0) == (mask.sum(), mask.sum())
-    wrong = np.eye(64)[np.zeros_like(tokens)]
-    assert memory._accuracy(wrong, tokens, mask, 0)[0] == 0
+    window, wmask = tokens[-cfg.data.query_length:], mask[-cfg.data.query_length:]
+    perfect = np.eye(64)[np.concatenate([window[1:], [0]])]
+    assert memory._hits(perfect, window, wmask) == (wmask.sum(), wmask.sum())
+    wrong = np.eye(64)[np.zeros_like(window)]
+    assert memory._hits(wrong, window, wmask)[0] == 0
+
+
+def test_more_query_windows_read_the_same_memory(trained):
+    """Query window j, read after rewinding to the end of the definitions, scores as a fresh
+    runtime that reads the definitions and then only window j; each window asks distinct keys
+    that the document defines, with their values."""
+    cfg, model = load_model(trained)
+    q = cfg.data.query_length
+    (defs, windows), = memory._documents(cfg, 512, 1, 3, "test", 0)
+    keys, values = memory._records(defs, memory.dictionary.KEY)
+    defined = {tuple(k): tuple(v) for k, v in zip(keys, values)}
+    for tokens, mask in windows[1:]:
+        qk, qv = memory._records(tokens, memory.dictionary.QUERY)
+        assert len(qk) == (q - 1) // 10 and len({tuple(k) for k in qk}) == len(qk)
+        assert all(defined[tuple(k)] == tuple(v) for k, v in zip(qk, qv))
+        assert mask.sum() == 4 * len(qk) and tokens[-1] == memory.dictionary.EOS
+    row, = memory.memory_scaling(cfg, model, sizes=[512], num_docs=1, top_k=4, mem_dtype="float32",
+                                 query_windows=3, log=lambda *_: None)
+    settings = memory.MemorySettings(top_k=4, capacity=512, dtype="float32", last_context_length=q)
+    hits = total = 0
+    for tokens, mask in windows:
+        rt = memory.MemoryRuntime(model, 1, settings)
+        _, (tail,) = rt.ingest([np.concatenate([defs, tokens])], return_logits="tail")
+        h, n = memory._hits(tail, tokens, mask)
+        hits, total = hits + h, total + n
+    assert row["queries"] == total // 4 and row["fot_accuracy"] == pytest.approx(hits / total, abs=1e-9)
+
+
+def test_generated_answers_on_own_documents(trained):
+    """Documents built outside the training builder (unique keys, the documented layout), and
+    greedy answers through rewind equal a fresh runtime per question."""
+    cfg, model = load_model(trained)
+    (defs, keys, values), = memory.own_documents(300, 1, 3, seed=5)
+    assert defs[0] == memory.dictionary.BOS and defs.size == 300
+    k_all, v_all = memory._records(defs, memory.dictionary.KEY)
+    assert len(k_all) == 299 // 10 and len({tuple(k) for k in k_all}) == len(k_all)
+    assert {tuple(k) for k in keys} <= {tuple(k) for k in k_all}
+    settings = memory.MemorySettings(top_k=4, capacity=512, dtype="float32", last_context_length=64)
+    got = memory.generation_accuracy(cfg, model, 300, 1, 3, settings, seed=5)
+    right = answers = 0
+    for k, v in zip(keys, values):
+        rt = memory.MemoryRuntime(model, 1, memory.MemorySettings(
+            top_k=4, capacity=512, dtype="float32", last_context_length=cfg.model.max_position_embeddings - 10))
+        rt.ingest([defs])
+        out = rt.generate([np.concatenate([[5], k, [4]])], 4, stop_token=-1, continue_documents=True)[0]
+        right, answers = right + int((out == v).sum()), answers + int((out == v).all())
+    assert got == {"generate_accuracy": right / 12, "generate_answers": answers / 3}
 
 
 def test_distraction_mass_is_a_share_that_falls_with_distractors(trained):

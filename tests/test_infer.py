@@ -373,3 +373,21 @@ def test_rewind_answers_several_questions_on_one_memory():
     assert (rt.cache_len, rt.doc_pos) == before
     with pytest.raises(MemoryRuntimeError, match="at least one prompt token"):
         rt.generate([[]], max_new_tokens=1, continue_documents=True)
+
+
+def test_stores_that_cannot_fit_are_refused_with_the_shards_they_need():
+    gib = 2 ** 30
+    from fot_jax.infer.runtime import check_store_fits, store_bytes
+    check_store_fits(8 * gib, 1, "cpu", None, 24 * gib)                 # fits the host
+    with pytest.raises(MemoryRuntimeError, match=r"do not fit this host's 24.0 GiB.*at least 2 hosts"):
+        check_store_fits(30 * gib, 8, "cpu", None, 24 * gib)          # CPU shards share one host
+    check_store_fits(100 * gib, 8, "tpu", 16 * gib, 24 * gib)
+    with pytest.raises(MemoryRuntimeError, match=r"1 tpu device\(s\) of 16.0 GiB: they need at least 7 memory "
+                                                  r"shards \(--memory-shards 8\)"):
+        check_store_fits(100 * gib, 1, "tpu", 16 * gib, 24 * gib)
+    c = _cfg()   # 1 memory layer, 2 kv heads x 8 dims: 2 * 2 * 8 * 2 bytes + 8 = 72 bytes a token (bf16)
+    assert store_bytes(c.model, 3, 1000, "bfloat16") == 3 * 1000 * 72
+    # the runtime refuses before allocating anything
+    model = llama.create(c.model, seed=1)
+    with pytest.raises(MemoryRuntimeError, match="1 row\\(s\\) x 4,398,046,511,104 tokens of memory"):
+        MemoryRuntime(model, 1, MemorySettings(capacity=2 ** 42))

@@ -12,6 +12,7 @@ contexts of other documents, for models trained with different crossbatch ranges
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fot_jax.data import dictionary
-from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
+from fot_jax.infer.runtime import MemoryRuntime, MemorySettings, store_bytes
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 
 DEFAULT_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
@@ -40,59 +41,182 @@ def _doc(cfg, index, definition_tokens, split, seed):
     return tokens, mask
 
 
-def _accuracy(logits, tokens, mask, offset):
-    """logits [n, V] of tokens[offset: offset + n]; accuracy of next-token predictions on mask."""
-    n = logits.shape[0]
+def _records(tokens: np.ndarray, marker: int, key_length: int = 4, value_length: int = 4):
+    """(keys [n, key_length], values [n, value_length]) of the records that start with `marker`."""
+    record = key_length + value_length + 2
+    starts = np.flatnonzero(tokens == marker)
+    starts = starts[starts + record <= tokens.size]
+    idx = starts[:, None] + np.arange(record)[None, :]
+    rec = tokens[idx]
+    return rec[:, 1:1 + key_length], rec[:, 2 + key_length:]
+
+
+def _query_window(keys, values, query_length: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A query region (query_length tokens, eos last) asking distinct defined keys, laid out as the
+    dictionary builder lays out a document's query region; returns tokens and the value-token mask."""
+    key_len, value_len = keys.shape[1], values.shape[1]
+    record = key_len + value_len + 2
+    n = min((query_length - 1) // record, len(keys))
+    asked = rng.choice(len(keys), size=n, replace=False)
+    rec = np.empty((n, record), np.int32)
+    rec[:, 0], rec[:, 1:1 + key_len], rec[:, 1 + key_len] = dictionary.QUERY, keys[asked], dictionary.VALUE
+    rec[:, 2 + key_len:] = values[asked]
+    tokens = np.full(query_length, dictionary.PAD, np.int32)
+    mask = np.zeros(query_length, bool)
+    tokens[:rec.size], tokens[-1] = rec.reshape(-1), dictionary.EOS
+    mask[:rec.size] = np.tile(np.arange(record) >= 2 + key_len, n)
+    return tokens, mask
+
+
+def _documents(cfg, size, num_docs, windows, split, seed):
+    """Per document: its definitions (bos included, `size` tokens) and `windows` query windows
+    [(tokens, value mask)]: the first is the dictionary builder's own query region, the others ask
+    other defined keys of the same document."""
+    q = cfg.data.query_length
+    out = []
+    for i in range(num_docs):
+        tokens, mask = _doc(cfg, i, size, split, seed)
+        defs = tokens[:-q]
+        keys, values = _records(defs, dictionary.KEY, cfg.data.key_length, cfg.data.value_length)
+        rng = np.random.default_rng([seed, dictionary.SPLIT_IDS[split], i, 1])
+        more = [_query_window(keys, values, q, rng) for _ in range(windows - 1)]
+        out.append((defs, [(tokens[-q:], mask[-q:])] + more))
+    return out
+
+
+def _hits(logits, tokens, mask):
+    """Correct next-token predictions on `mask` for a window's logits [q, V] of `tokens` [q] (the
+    first token is predicted by what comes before it and is never a value token)."""
     pred = np.argmax(logits[:-1], axis=-1)
-    target = tokens[offset + 1: offset + n]
-    m = mask[offset + 1: offset + n]
-    return int((pred[m] == target[m]).sum()), int(m.sum())
+    m = mask[1:]
+    return int((pred[m] == tokens[1:][m]).sum()), int(m.sum())
 
 
 def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: int = 32, baseline=None,
                    split: str = "test", seed: int = 0, search: str = "exact", mem_dtype: str = "bfloat16",
-                   mesh=None, log=print) -> list[dict]:
-    """Rows {tokens_in_memory, fot_accuracy, baseline_accuracy, queries, seconds}. `baseline` is
-    (cfg, model) of a model without memory, evaluated on the last window it can hold. With a mesh
-    that has a `memory` axis, the stores are sharded over it (how 16M tokens fit on a pod)."""
-    w = cfg.model.max_position_embeddings
-    q = cfg.data.query_length
+                   mesh=None, log=print, query_windows: int = 1, generate: bool = False) -> list[dict]:
+    """Rows {tokens_in_memory, fot_accuracy, baseline_accuracy, queries, seconds, ...} per size.
+
+    Each of `num_docs` documents holds `size` tokens of definitions, read window by window into
+    memory (LongLLaMA windowing, `fot_jax.infer.runtime`), and `query_windows` query windows of
+    `query_length` tokens, each read on top of that memory (`MemoryRuntime.rewind` between them):
+    accuracy of the value tokens, teacher-forced. `baseline` is (cfg, model) of a model without
+    memory, evaluated on the last window it can hold. With a mesh that has a `memory` axis, the
+    stores are sharded over it. `generate`: also greedy answers (`MemoryRuntime.generate`) to
+    as many questions on documents built independently of the training data (`own_documents`)."""
+    w, q = cfg.model.max_position_embeddings, cfg.data.query_length
     rows = []
     for size in sizes:
         start = time.perf_counter()
-        docs = [_doc(cfg, i, size, split, seed) for i in range(num_docs)]
         unit = w * (mesh.shape["memory"] if mesh is not None else 1)
         capacity = -(-max(size, w) // unit) * unit
         settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
                                   last_context_length=q)
-        rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)
-        _, tails = rt.ingest([t for t, _ in docs], return_logits="tail")
+        rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)   # refuses stores that cannot fit
+        docs = _documents(cfg, size, num_docs, query_windows, split, seed)
         hits = total = 0
-        for (tokens, mask), lg in zip(docs, tails):
-            h, n = _accuracy(lg, tokens, mask, len(tokens) - lg.shape[0])
-            hits, total = hits + h, total + n
-        row = {
-            "tokens_in_memory": size,
-            "fot_accuracy": hits / total,
-            "queries": total // cfg.data.value_length,
-        }
+        _, tails = rt.ingest([np.concatenate([d, win[0][0]]) for d, win in docs], return_logits="tail")
+        ingest_s = time.perf_counter() - start
+        mark = rt.mark() - q                       # each row's position after its definitions
+        for j in range(query_windows):
+            if j:
+                rt.rewind(mark)
+                _, tails = rt.extend([win[j][0] for _, win in docs], return_logits=True)
+            for (_, win), lg in zip(docs, tails):
+                h, n = _hits(lg, *win[j])
+                hits, total = hits + h, total + n
+        row = {"tokens_in_memory": size, "fot_accuracy": hits / total,
+               "queries": total // cfg.data.value_length}
         if baseline is not None:
-            bcfg, bmodel = baseline
-            bw = bcfg.model.max_position_embeddings
-            window = np.stack([t[-bw:] if len(t) >= bw else np.pad(t, (bw - len(t), 0)) for t, _ in docs])
-            logits = np.asarray(_plain_forward(bmodel, jnp.asarray(window)))
-            bh = bn = 0
-            for (tokens, mask), lg in zip(docs, logits):
-                seen = min(len(tokens), bw)
-                h, n = _accuracy(lg[bw - seen:, :bcfg.model.vocab_size], tokens, mask, len(tokens) - seen)
-                bh, bn = bh + h, bn + n
-            row["baseline_accuracy"] = bh / bn
-        row["seconds"] = time.perf_counter() - start
-        log(f"memory {size:>8,} tokens: FoT accuracy {row['fot_accuracy']:.4f}"
+            row["baseline_accuracy"] = _baseline_accuracy(baseline, docs)
+        if generate:
+            row.update(generation_accuracy(cfg, model, size, num_docs, row["queries"] // num_docs, settings,
+                                           mesh=mesh, seed=seed))
+        row["ingest_seconds"], row["seconds"] = ingest_s, time.perf_counter() - start
+        row["store_gib"] = store_bytes(cfg.model, num_docs, capacity, mem_dtype) / 2 ** 30
+        row["peak_rss_gib"] = peak_rss_gib()
+        del rt
+        log(f"memory {size:>10,} tokens: FoT accuracy {row['fot_accuracy']:.4f}"
             + (f", baseline {row['baseline_accuracy']:.4f}" if baseline is not None else "")
-            + f" ({row['queries']} queries, {row['seconds']:.1f}s)")
+            + (f", generated {row['generate_accuracy']:.4f} (answers {row['generate_answers']:.4f})"
+               if generate else "")
+            + f" ({row['queries']} queries, {row['seconds']:.1f} s, ingest {ingest_s:.1f} s, "
+              f"stores {row['store_gib']:.2f} GiB, peak RSS {row['peak_rss_gib']:.1f} GiB)")
         rows.append(row)
     return rows
+
+
+def _baseline_accuracy(baseline, docs) -> float:
+    """A model without memory on the last window it can hold of definitions + each query window."""
+    bcfg, bmodel = baseline
+    bw = bcfg.model.max_position_embeddings
+    hits = total = 0
+    for j in range(len(docs[0][1])):
+        full = [np.concatenate([d[-bw:], win[j][0]]) for d, win in docs]
+        window = np.stack([t[-bw:] if len(t) >= bw else np.pad(t, (bw - len(t), 0)) for t in full])
+        logits = np.asarray(_plain_forward(bmodel, jnp.asarray(window)))[:, :, :bcfg.model.vocab_size]
+        for (_, win), lg in zip(docs, logits):
+            tokens, mask = win[j]
+            h, n = _hits(lg[bw - len(tokens):], tokens, mask)
+            hits, total = hits + h, total + n
+    return hits / total
+
+
+def own_documents(size: int, num_docs: int, queries: int, seed: int = 0, key_length: int = 4,
+                  value_length: int = 4):
+    """Dictionary documents built here, independently of the training builder: per document the
+    definitions (`size` tokens: bos, then `<k> key <v> value` records with unique keys drawn one by
+    one, then padding) and `queries` (key, value) pairs asked of them."""
+    rng = np.random.default_rng([seed, 991])
+    record = key_length + value_length + 2
+    out = []
+    for _ in range(num_docs):
+        n = (size - 1) // record
+        seen, keys = set(), []
+        while len(keys) < n:
+            k = tuple(int(t) for t in rng.integers(dictionary.FIRST_SYMBOL, dictionary.VOCAB_SIZE, key_length))
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+        keys = np.array(keys, np.int32).reshape(n, key_length)
+        values = rng.integers(dictionary.FIRST_SYMBOL, dictionary.VOCAB_SIZE, (n, value_length)).astype(np.int32)
+        body = np.concatenate([np.full((n, 1), dictionary.KEY), keys, np.full((n, 1), dictionary.VALUE), values],
+                              axis=1).reshape(-1)
+        defs = np.full(size, dictionary.PAD, np.int32)
+        defs[0], defs[1:1 + body.size] = dictionary.BOS, body
+        asked = rng.choice(n, size=min(queries, n), replace=False)
+        out.append((defs, keys[asked], values[asked]))
+    return out
+
+
+def generation_accuracy(cfg, model, size, num_docs, queries, settings, mesh=None, seed=0) -> dict:
+    """Greedy answers: each question `<q> key <v>` is appended to its document (definitions read
+    into memory as `fot-jax generate` reads a prompt) and the value generated; then the runtime
+    rewinds to the end of the definitions for the next question. Returns the share of value tokens
+    generated right (as the teacher-forced accuracy counts them) and of answers wholly right."""
+    w = cfg.model.max_position_embeddings
+    vlen = cfg.data.value_length
+    docs = own_documents(size, num_docs, queries, seed, cfg.data.key_length, vlen)
+    record = cfg.data.key_length + vlen + 2
+    gen_settings = dataclasses.replace(settings, last_context_length=w - record)   # room for a question
+    rt = MemoryRuntime(model, num_docs, gen_settings, mesh=mesh)
+    rt.ingest([d for d, _, _ in docs])
+    mark = rt.mark()
+    right = answers = total = 0
+    for i in range(min(len(k) for _, k, _ in docs)):
+        prompts = [np.concatenate([[dictionary.QUERY], k[i], [dictionary.VALUE]]) for _, k, _ in docs]
+        out = rt.generate(prompts, vlen, stop_token=-1, continue_documents=True)
+        rt.rewind(mark)
+        for (_, _, v), got in zip(docs, out):
+            ok = got[:vlen] == v[i]
+            right, answers, total = right + int(ok.sum()), answers + int(ok.all()), total + 1
+    return {"generate_accuracy": right / (total * vlen), "generate_answers": answers / total}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 @nnx.jit

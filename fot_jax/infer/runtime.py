@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,39 @@ class MemorySettings:
             raise MemoryRuntimeError("last_context_length must be positive")
 
 
+def store_bytes(model_config, batch: int, capacity: int, dtype: str) -> int:
+    """Bytes of a runtime's memory stores: keys and values [B, Hkv, N, D] per memory layer, and
+    positions and document ids [B, N] (int32)."""
+    m = model_config
+    per_token = 2 * m.num_kv_heads * config_lib.head_dim(m) * jnp.dtype(dtype).itemsize + 8
+    return batch * capacity * per_token * len(m.mem_layers)
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_store_fits(total: int, shards: int, platform: str, device_bytes: int | None, host_bytes: int,
+                     what: str = "") -> None:
+    """Refuses stores of `total` bytes that `shards` devices cannot hold (90% of a device's memory
+    for them; CPU devices share the host's memory however many shards), saying how many shards or
+    hosts they would need."""
+    gib = 2 ** 30
+    if platform != "cpu" and device_bytes:
+        need = -(-total // int(0.9 * device_bytes))
+        if need > shards:
+            raise MemoryRuntimeError(
+                f"{what}memory stores of {total / gib:.1f} GiB do not fit {shards} {platform} device(s) of "
+                f"{device_bytes / gib:.1f} GiB: they need at least {need} memory shards "
+                f"(--memory-shards {1 << (need - 1).bit_length()})")
+    elif total > 0.9 * host_bytes:
+        hosts = -(-total // int(0.9 * host_bytes))
+        raise MemoryRuntimeError(
+            f"{what}memory stores of {total / gib:.1f} GiB do not fit this host's {host_bytes / gib:.1f} GiB "
+            f"(its CPU devices share it however many shards): they need the memory of at least {hosts} "
+            "hosts, e.g. memory shards over the devices of that many hosts or accelerators")
+
+
 DECODE_BLOCK = 64   # tokens decoded on the device per call
 INGEST_GROUP = 16   # windows per call when windows are independent (one memory layer, no logits)
 
@@ -108,6 +142,12 @@ class MemoryRuntime:
         self.model_config, self.settings, self.batch = m, settings, batch
         self.mesh, self.memory_axis = mesh, memory_axis
         self.mem_layers = list(m.mem_layers)
+        shards = mesh.shape.get(memory_axis, 1) if mesh is not None else 1
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        limit = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
+        check_store_fits(store_bytes(m, batch, settings.capacity, settings.dtype), shards, device.platform,
+                         limit, host_memory_bytes(),
+                         what=f"{batch} row(s) x {settings.capacity:,} tokens of memory: ")
         self.graphdef, self.params = nnx.split(model, nnx.Param)
         if mesh is not None:  # parameters replicated over the mesh that holds the stores
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
