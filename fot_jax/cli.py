@@ -503,7 +503,8 @@ def _add_eval(sub):
     p.add_argument("--memory-shards", type=int, default=1,
                    help="memory_scaling: shard each store along N over this many devices")
     p.add_argument("--query-windows", type=int, default=1,
-                   help="memory_scaling: query windows read on top of each document's memory (25 queries each)")
+                   help="memory_scaling: query windows read on top of each document's memory "
+                        "(25 queries each)")
     p.add_argument("--generate", action="store_true",
                    help="memory_scaling: also greedy answers (generate) on documents built outside the "
                         "training data, as many questions as the teacher-forced measure")

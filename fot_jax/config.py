@@ -7,10 +7,10 @@ command line alike. `validate(cfg)` runs before anything is compiled.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import math
-import dataclasses
 import os
 from typing import Any, Iterable
 

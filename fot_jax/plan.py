@@ -144,7 +144,8 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     cfg = config_lib.from_dict(cfg.to_dict(), platform=platform)   # a copy, checked for `platform`
     # the stage with the largest crossbatch attention: (r + 1) contexts of rows x T tokens
     cfg = max((s.cfg for s in config_lib.build_stages(cfg)),
-              key=lambda c: ((c.crossbatch.range + 1) * c.data.batch_size * c.data.seq_len, c.data.batch_size))
+              key=lambda c: ((c.crossbatch.range + 1) * c.data.batch_size * c.data.seq_len,
+                             c.data.batch_size))
     cfg.model.attention_backend = kernels.resolve(cfg.model.attention_backend, platform)
     if platform != "cpu" and cfg.model.scan_unroll == 0:
         cfg.model.scan_unroll = 1            # what `auto` means on the pod's chips

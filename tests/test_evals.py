@@ -93,7 +93,8 @@ def test_generated_answers_on_own_documents(trained):
     right = answers = 0
     for k, v in zip(keys, values):
         rt = memory.MemoryRuntime(model, 1, memory.MemorySettings(
-            top_k=4, capacity=512, dtype="float32", last_context_length=cfg.model.max_position_embeddings - 10))
+            top_k=4, capacity=512, dtype="float32",
+            last_context_length=cfg.model.max_position_embeddings - 10))
         rt.ingest([defs])
         out = rt.generate([np.concatenate([[5], k, [4]])], 4, stop_token=-1, continue_documents=True)[0]
         right, answers = right + int((out == v).sum()), answers + int((out == v).all())

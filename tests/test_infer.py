@@ -364,7 +364,8 @@ def test_rewind_answers_several_questions_on_one_memory():
     for q, answer in zip(questions, got):
         fresh = MemoryRuntime(model, 1, settings)
         fresh.ingest([doc])
-        np.testing.assert_array_equal(fresh.generate([q], 4, stop_token=-1, continue_documents=True)[0], answer)
+        again = fresh.generate([q], 4, stop_token=-1, continue_documents=True)[0]
+        np.testing.assert_array_equal(again, answer)
     # taking back tokens that have moved to memory is refused, and the state is unchanged
     rt.generate([list(range(3, 20))], max_new_tokens=1, stop_token=-1, continue_documents=True)
     before = (rt.cache_len.copy(), rt.doc_pos.copy())
@@ -382,8 +383,9 @@ def test_stores_that_cannot_fit_are_refused_with_the_shards_they_need():
     with pytest.raises(MemoryRuntimeError, match=r"do not fit this host's 24.0 GiB.*at least 2 hosts"):
         check_store_fits(30 * gib, 8, "cpu", None, 24 * gib)          # CPU shards share one host
     check_store_fits(100 * gib, 8, "tpu", 16 * gib, 24 * gib)
-    with pytest.raises(MemoryRuntimeError, match=r"1 tpu device\(s\) of 16.0 GiB: they need at least 7 memory "
-                                                  r"shards \(--memory-shards 8\)"):
+    with pytest.raises(MemoryRuntimeError,
+                       match=r"1 tpu device\(s\) of 16.0 GiB: they need at least 7 memory shards "
+                             r"\(--memory-shards 8\)"):
         check_store_fits(100 * gib, 1, "tpu", 16 * gib, 24 * gib)
     c = _cfg()   # 1 memory layer, 2 kv heads x 8 dims: 2 * 2 * 8 * 2 bytes + 8 = 72 bytes a token (bf16)
     assert store_bytes(c.model, 3, 1000, "bfloat16") == 3 * 1000 * 72

@@ -195,7 +195,8 @@ def test_stage_scales_equal_a_smaller_learning_rate(tmp_path):
     in it), and its temperature scale multiplies the qk_norm temperatures' updates on top: checked
     against optax run with the smaller learning rate itself."""
     batch = _batch(tiny())
-    common = ("--config.model.qk_norm=memory", "--config.train.warmup_steps=0", "--config.train.weight_decay=0.1")
+    common = ("--config.model.qk_norm=memory", "--config.train.warmup_steps=0",
+              "--config.train.weight_decay=0.1")
     a = Trainer(tiny("--config.train.learning_rate=1e-2", *common), str(tmp_path / "a"), quiet=True)
     b = Trainer(tiny("--config.train.learning_rate=2.5e-3", *common), str(tmp_path / "b"), quiet=True)
     p0 = jax.tree.map(np.asarray, jax.device_get(a.state["params"]))
@@ -249,7 +250,8 @@ def test_stages_run_in_order_and_resume_exactly(tmp_path, data_dir):
     lb = [json.loads(line)["loss"] for line in open(os.path.join(b, "metrics.jsonl"))
           if json.loads(line)["split"] == "train"]
     assert la == lb
-    for x, y in zip(jax.tree.leaves(jax.device_get(full.state)), jax.tree.leaves(jax.device_get(second.state))):
+    leaves = [jax.tree.leaves(jax.device_get(t.state)) for t in (full, second)]
+    for x, y in zip(*leaves):
         np.testing.assert_array_equal(x, y)
 
 

@@ -169,18 +169,20 @@ def own_documents(size: int, num_docs: int, queries: int, seed: int = 0, key_len
     one, then padding) and `queries` (key, value) pairs asked of them."""
     rng = np.random.default_rng([seed, 991])
     record = key_length + value_length + 2
+    first = dictionary.FIRST_SYMBOL
     out = []
     for _ in range(num_docs):
         n = (size - 1) // record
         seen, keys = set(), []
         while len(keys) < n:
-            k = tuple(int(t) for t in rng.integers(dictionary.FIRST_SYMBOL, dictionary.VOCAB_SIZE, key_length))
+            k = tuple(int(t) for t in rng.integers(first, dictionary.VOCAB_SIZE, key_length))
             if k not in seen:
                 seen.add(k)
                 keys.append(k)
         keys = np.array(keys, np.int32).reshape(n, key_length)
-        values = rng.integers(dictionary.FIRST_SYMBOL, dictionary.VOCAB_SIZE, (n, value_length)).astype(np.int32)
-        body = np.concatenate([np.full((n, 1), dictionary.KEY), keys, np.full((n, 1), dictionary.VALUE), values],
+        values = rng.integers(first, dictionary.VOCAB_SIZE, (n, value_length)).astype(np.int32)
+        marks = [np.full((n, 1), m) for m in (dictionary.KEY, dictionary.VALUE)]
+        body = np.concatenate([marks[0], keys, marks[1], values],
                               axis=1).reshape(-1)
         defs = np.full(size, dictionary.PAD, np.int32)
         defs[0], defs[1:1 + body.size] = dictionary.BOS, body

@@ -234,7 +234,8 @@ class MemoryRuntime:
         k, v = (x.reshape(b, gt, *x.shape[2:]) for x in new_kv[layer])
         offsets = jnp.arange(gt, dtype=jnp.int32)[None, :]
         stores = self._write_memory(state.stores, [(k, v)], state.doc_pos[:, None] + offsets,
-                                    jnp.broadcast_to(state.doc_id[:, None], (b, gt)), offsets < n_valid[:, None])
+                                    jnp.broadcast_to(state.doc_id[:, None], (b, gt)),
+                                    offsets < n_valid[:, None])
         return dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
 
     def _rewind_step(self, state: RuntimeState, drop):

@@ -385,7 +385,7 @@ class Trainer:
 
     def _start(self, until) -> "RunState":
         """Restores (or initialises from train.init_from), logs the run and returns its state."""
-        t, x = self.cfg.train, self.cfg.crossbatch
+        t = self.cfg.train
         self.writer = metrics_lib.MetricWriter(self.workdir)
         self.peak, peak_source = metrics_lib.peak_flops()
         restored = self.checkpoints.restore(self.state, self.state_shardings)
