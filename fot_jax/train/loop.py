@@ -553,6 +553,9 @@ class Trainer:
                          "reason": "train.steps" if step >= self.cfg.train.steps else "stopped"})
         trained = max(self.stages[i].cfg.crossbatch.range for i in range(rs.stage.index + 1))
         out = {"stages": ends, "max_train_range": trained}
+        if len(self.stages) > 1:
+            self.log("stages: " + ", ".join(f"{e['name']} {e['start']}-{e['end']} ({e['reason']})"
+                                            for e in ends))
         if self.cfg.model.mem_layers and trained <= 1:
             out["warnings"] = [
                 f"crossbatch range never exceeded r=1 in training (largest r={trained}): the memory "
