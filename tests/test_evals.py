@@ -126,13 +126,23 @@ def test_eval_and_generate_commands(trained, tmp_path, capsys):
                 out,
                 "--memory-shards",
                 "8",
+                "--query-windows",
+                "2",
+                "--generate",
                 "--config.memory.top_k=4",
             ]
         )
         == 0
     )
     assert os.path.exists(os.path.join(out, "memory_scaling.png"))
-    assert len(json.load(open(os.path.join(out, "memory_scaling.json")))) == 2
+    rows = json.load(open(os.path.join(out, "memory_scaling.json")))
+    assert len(rows) == 2 and all(r["queries"] == 2 * 6 for r in rows)   # 2 windows of 64 tokens: 6 each
+    for r in rows:
+        assert 0 <= r["generate_accuracy"] <= 1 and r["store_gib"] > 0 and r["peak_rss_gib"] > 0
+    assert cli.main(["eval", "--workdir", trained, "--sizes", "128", "--query-windows", "0"]) == 2
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", trained, "--sizes", str(2 ** 40), "--out", out]) == 2
+    assert "do not fit this host" in capsys.readouterr().err
     assert (
         cli.main(["eval", "--workdir", trained, "--task", "distraction", "--num-docs", "1", "--out", out])
         == 0
