@@ -106,6 +106,8 @@ def _data_fields() -> ml_collections.ConfigDict:
     d.num_definitions = 0             # 0: as many as fit; >0: fewer records (a training stage)
     d.key_length = 4                  # dictionary lookup: tokens per key
     d.value_length = 4                # dictionary lookup: tokens per value
+    d.near_miss = 0.0                 # dictionary lookup: share of keys that are near misses of earlier
+                                      # ones (one or two symbols changed): hard negatives
     # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
     d.source = ""  # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
     d.tokenizer = (
@@ -501,7 +503,7 @@ def validate(cfg, platform: str | None = None) -> None:
 # What a stage may change: the data it trains on, the crossbatch it trains with, its learning rates.
 STAGE_FIELDS = {
     "data": ("doc_length", "query_length", "seq_len", "batch_size", "num_definitions", "key_length",
-             "value_length", "num_train_docs"),
+             "value_length", "near_miss", "num_train_docs"),
     "crossbatch": ("range", "range_min", "sample_range", "stepping", "doc_mask", "implementation"),
     "train": ("learning_rate", "temperature_lr_scale", "microbatches"),
 }

@@ -33,14 +33,34 @@ def regions(doc_length: int, query_length: int) -> tuple[int, int]:
 def describe(d) -> str:
     """A dictionary-lookup data section (or curriculum stage) in one line."""
     return (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, docs of {d.doc_length}, "
-            f"T={d.seq_len}, {d.batch_size} rows")
+            f"T={d.seq_len}, {d.batch_size} rows" + (f", near-miss keys {d.near_miss:g}" if d.near_miss else ""))
+
+
+def _near_miss_keys(keys: np.ndarray, share: float, rng) -> np.ndarray:
+    """Replaces about `share` of the keys (after the first) by an earlier key of the document with
+    one or two symbols changed, keeping keys unique: hard negatives, which a lookup must tell
+    from the key it asks for (in a large memory most keys that score near a query are such)."""
+    seen = {tuple(k) for k in keys}
+    n, key_len = keys.shape
+    for i in np.flatnonzero(rng.random(n) < share):
+        if i == 0:
+            continue
+        new = keys[rng.integers(i)].copy()
+        where = rng.choice(key_len, size=min(key_len, int(rng.integers(1, 3))), replace=False)
+        new[where] = rng.integers(FIRST_SYMBOL, VOCAB_SIZE, where.size)
+        if tuple(new) not in seen:
+            seen.discard(tuple(keys[i]))
+            seen.add(tuple(new))
+            keys[i] = new
+    return keys
 
 
 def make_document(seed: int, split: str, index: int, doc_length: int = 512,
                   query_length: int = 256, num_definitions: int = 0, key_length: int = 4,
-                  value_length: int = 4) -> dict[str, np.ndarray]:
+                  value_length: int = 4, near_miss: float = 0.0) -> dict[str, np.ndarray]:
     """Content tokens (length doc_length - 2) and loss mask (1 on queried value tokens).
-    key_length / value_length other than 4 give the shorter records of a curriculum."""
+    key_length / value_length other than 4 give the shorter records of a training stage;
+    near_miss > 0 makes that share of the keys near misses of earlier ones (`_near_miss_keys`)."""
     record = key_length + value_length + 2
     def_len, query_len = regions(doc_length, query_length)
     if def_len < record or query_len < record:
@@ -56,6 +76,8 @@ def make_document(seed: int, split: str, index: int, doc_length: int = 512,
     keys = np.stack([(codes // NUM_SYMBOLS ** j) % NUM_SYMBOLS for j in range(key_length)], 1) + FIRST_SYMBOL
     values = rng.integers(FIRST_SYMBOL, VOCAB_SIZE, size=(n_defs, value_length))
     asked = rng.choice(n_defs, size=n_queries, replace=False)
+    if near_miss > 0:
+        keys = _near_miss_keys(keys, near_miss, np.random.default_rng([seed, SPLIT_IDS[split], index, 5]))
 
     def records(marker, idx):
         rec = np.empty((len(idx), record), np.int32)
@@ -79,6 +101,8 @@ def make_document(seed: int, split: str, index: int, doc_length: int = 512,
 
 def validate(cfg) -> None:
     d, m = cfg.data, cfg.model
+    if not 0 <= d.near_miss <= 1:
+        raise ConfigError(f"config field 'data.near_miss': must lie in [0, 1], got {d.near_miss}")
     if m.vocab_size < VOCAB_SIZE:
         raise ConfigError(f"config field 'model.vocab_size': dictionary lookup needs {VOCAB_SIZE} tokens, "
                           f"got {m.vocab_size}")
@@ -104,12 +128,14 @@ def builder_class():
 
     class DictionaryLookupConfig(tfds.core.BuilderConfig):
         def __init__(self, *, doc_length=512, query_length=256, num_definitions=0,
-                     num_train=20000, num_eval=512, seed=0, key_length=4, value_length=4):
+                     num_train=20000, num_eval=512, seed=0, key_length=4, value_length=4, near_miss=0.0):
             name = (f"len{doc_length}_q{query_length}_defs{num_definitions}"
                     f"_train{num_train}_eval{num_eval}_seed{seed}")
             if (key_length, value_length) != (4, 4):
                 name += f"_k{key_length}v{value_length}"
-            self.key_length, self.value_length = key_length, value_length
+            if near_miss:
+                name += f"_nm{near_miss:g}"
+            self.key_length, self.value_length, self.near_miss = key_length, value_length, near_miss
             super().__init__(name=name, description="dictionary lookup documents")
             self.doc_length, self.query_length = doc_length, query_length
             self.num_definitions, self.seed = num_definitions, seed
@@ -138,7 +164,7 @@ def builder_class():
             c = self.builder_config
             for i in range(count):
                 yield i, make_document(c.seed, split, i, c.doc_length, c.query_length,
-                                       c.num_definitions, c.key_length, c.value_length)
+                                       c.num_definitions, c.key_length, c.value_length, c.near_miss)
 
     DictionaryLookup.__module__ = __name__
     _BUILDER = (DictionaryLookup, DictionaryLookupConfig)
@@ -150,13 +176,13 @@ _BUILDER = None
 
 def data_source(split: str, *, data_dir: str = "", doc_length=512, query_length=256,
                 num_definitions=0, num_train=20000, num_eval=512, seed=0, key_length=4,
-                value_length=4):
+                value_length=4, near_miss=0.0):
     """Prepares (once) and opens a split as a random-access source of documents."""
     builder_cls, config_cls = builder_class()
     config = config_cls(doc_length=doc_length, query_length=query_length,
                         num_definitions=num_definitions, num_train=num_train,
                         num_eval=num_eval, seed=seed, key_length=key_length,
-                        value_length=value_length)
+                        value_length=value_length, near_miss=near_miss)
     builder = builder_cls(config=config, data_dir=default_data_dir(data_dir),
                           file_format="array_record")
     builder.download_and_prepare()

@@ -20,7 +20,7 @@ def _dictionary_source(cfg, split, num_docs):
     return dictionary.data_source(
         split, data_dir=d.data_dir, doc_length=d.doc_length, query_length=d.query_length,
         num_definitions=d.num_definitions, num_train=num_docs or d.num_train_docs, num_eval=d.num_eval_docs,
-        seed=d.seed, key_length=d.key_length, value_length=d.value_length)
+        seed=d.seed, key_length=d.key_length, value_length=d.value_length, near_miss=d.near_miss)
 
 
 def _text_source(cfg, split, num_docs):
