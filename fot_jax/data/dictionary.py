@@ -31,9 +31,10 @@ def regions(doc_length: int, query_length: int) -> tuple[int, int]:
 
 
 def describe(d) -> str:
-    """A dictionary-lookup data section (or curriculum stage) in one line."""
+    """A dictionary-lookup data section (or training stage) in one line."""
+    hard = f", near-miss keys {d.near_miss:g}" if d.near_miss else ""
     return (f"{d.num_definitions or 'all'} defs, {d.key_length}:{d.value_length}, docs of {d.doc_length}, "
-            f"T={d.seq_len}, {d.batch_size} rows" + (f", near-miss keys {d.near_miss:g}" if d.near_miss else ""))
+            f"T={d.seq_len}, {d.batch_size} rows{hard}")
 
 
 def _near_miss_keys(keys: np.ndarray, share: float, rng) -> np.ndarray:
