@@ -66,6 +66,8 @@ def test_other_bad_fields():
         load("--config.model.mem_positionals=alibi")
     with pytest.raises(config_lib.ConfigError, match="data.batch_size"):
         load("--config.data.batch_size=7")
+    with pytest.raises(config_lib.ConfigError, match=r"data.near_miss.*\[0, 1\]"):
+        load("--config.data.near_miss=1.5")
 
 
 def stages(*specs, steps=20):

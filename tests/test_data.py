@@ -160,3 +160,28 @@ def test_short_records_curriculum():
     rec = rec[rec[:, 0] != D.PAD]
     assert len(rec) == D.NUM_SYMBOLS and len({r[1] for r in rec}) == D.NUM_SYMBOLS
     assert doc["loss_mask"].sum() == min(255 // 4, D.NUM_SYMBOLS)
+
+
+def test_near_miss_keys_are_unique_hard_negatives():
+    """near_miss: that share of keys differ from an earlier key of the document in one or two
+    symbols; keys stay unique, queries still ask defined keys with their values, deterministic."""
+    from itertools import combinations
+
+    def keys_and_queries(doc):
+        t = doc["tokens"]
+        defs = t[:D.regions(512, 256)[0]][:250].reshape(-1, 10)
+        qs = t[D.regions(512, 256)[0]:][:250].reshape(-1, 10)
+        return defs[defs[:, 0] == D.KEY], qs[qs[:, 0] == D.QUERY]
+
+    near = plain = 0
+    for i in range(8):
+        hard = D.make_document(0, "train", i, near_miss=0.5)
+        assert np.array_equal(hard["tokens"], D.make_document(0, "train", i, near_miss=0.5)["tokens"])
+        defs, qs = keys_and_queries(hard)
+        assert len({tuple(r[1:5]) for r in defs}) == len(defs)
+        table = {tuple(r[1:5]): tuple(r[6:10]) for r in defs}
+        assert all(table[tuple(r[1:5])] == tuple(r[6:10]) for r in qs)
+        near += sum((a[1:5] == b[1:5]).sum() >= 2 for a, b in combinations(defs, 2))
+        d0, _ = keys_and_queries(D.make_document(0, "train", i))
+        plain += sum((a[1:5] == b[1:5]).sum() >= 2 for a, b in combinations(d0, 2))
+    assert near > 5 * max(plain, 1)

@@ -81,7 +81,8 @@ def test_more_query_windows_read_the_same_memory(trained):
 
 def test_generated_answers_on_own_documents(trained):
     """Documents built outside the training builder (unique keys, the documented layout), and
-    greedy answers through rewind equal a fresh runtime per question."""
+    greedy answers through rewind equal a fresh runtime per question (definitions read, committed
+    to memory, then the question)."""
     cfg, model = load_model(trained)
     (defs, keys, values), = memory.own_documents(300, 1, 3, seed=5)
     assert defs[0] == memory.dictionary.BOS and defs.size == 300
@@ -92,10 +93,10 @@ def test_generated_answers_on_own_documents(trained):
     got = memory.generation_accuracy(cfg, model, 300, 1, 3, settings, seed=5)
     right = answers = 0
     for k, v in zip(keys, values):
-        rt = memory.MemoryRuntime(model, 1, memory.MemorySettings(
-            top_k=4, capacity=512, dtype="float32",
-            last_context_length=cfg.model.max_position_embeddings - 10))
+        rt = memory.MemoryRuntime(model, 1, settings)
         rt.ingest([defs])
+        rt.commit()
+        assert rt.cache_len[0] == 0
         out = rt.generate([np.concatenate([[5], k, [4]])], 4, stop_token=-1, continue_documents=True)[0]
         right, answers = right + int((out == v).sum()), answers + int((out == v).all())
     assert got == {"generate_accuracy": right / 12, "generate_answers": answers / 3}

@@ -12,7 +12,6 @@ contexts of other documents, for models trained with different crossbatch ranges
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -192,17 +191,16 @@ def own_documents(size: int, num_docs: int, queries: int, seed: int = 0, key_len
 
 
 def generation_accuracy(cfg, model, size, num_docs, queries, settings, mesh=None, seed=0) -> dict:
-    """Greedy answers: each question `<q> key <v>` is appended to its document (definitions read
-    into memory as `fot-jax generate` reads a prompt) and the value generated; then the runtime
+    """Greedy answers: the definitions are read into memory (ingested, then the last local window
+    committed to memory too, so that a question starts a local context of its own, as queries do
+    in training), each question `<q> key <v>` is appended and the value generated, and the runtime
     rewinds to the end of the definitions for the next question. Returns the share of value tokens
     generated right (as the teacher-forced accuracy counts them) and of answers wholly right."""
-    w = cfg.model.max_position_embeddings
     vlen = cfg.data.value_length
     docs = own_documents(size, num_docs, queries, seed, cfg.data.key_length, vlen)
-    record = cfg.data.key_length + vlen + 2
-    gen_settings = dataclasses.replace(settings, last_context_length=w - record)   # room for a question
-    rt = MemoryRuntime(model, num_docs, gen_settings, mesh=mesh)
+    rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)
     rt.ingest([d for d, _, _ in docs])
+    rt.commit()
     mark = rt.mark()
     right = answers = total = 0
     for i in range(min(len(k) for _, k, _ in docs)):

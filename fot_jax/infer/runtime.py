@@ -384,6 +384,12 @@ class MemoryRuntime:
             self.doc_pos += n_valid
         return groups * g
 
+    def commit(self) -> None:
+        """Moves every row's local cache to memory (as a window would be): what was read so far is
+        then only in memory, and what comes next starts a fresh local context. For a document
+        that is to be consulted through memory, e.g. before several questions about it."""
+        self._flush(self.cache_len > 0)
+
     def mark(self) -> np.ndarray:
         """Each row's position in its document now, for `rewind`."""
         return self.doc_pos.copy()

@@ -550,7 +550,8 @@ class Trainer:
         ends = list(rs.stage_ends)
         if not ends or ends[-1]["name"] != rs.stage.name:
             ends.append({"name": rs.stage.name, "start": rs.stage_start, "end": step,
-                         "reason": "train.steps" if step >= self.cfg.train.steps else "stopped"})
+                         "reason": "train.steps" if step >= self.cfg.train.steps else
+                         {"accuracy": "train.stop_at_accuracy"}.get(rs.stop, "stopped")})
         trained = max(self.stages[i].cfg.crossbatch.range for i in range(rs.stage.index + 1))
         out = {"stages": ends, "max_train_range": trained}
         if len(self.stages) > 1:
