@@ -609,7 +609,8 @@ def build_stages(cfg) -> list[Stage]:
         if (explicit or last) and (until <= previous_end or until > cfg.train.steps):
             raise _stage_error(
                 i, name, f"until_step={until} is out of order: stages must end at increasing steps, after "
-                f"the previous stage's {previous_end} and at most train.steps={cfg.train.steps}")
+                f"the previous stage's {previous_end} and at most train.steps={cfg.train.steps} (fewer "
+                "steps: shorten the stages, or train without them with --config.stages=[])")
         stage_cfg = _stage_overrides(cfg, i, name, spec)
         try:
             validate(stage_cfg)

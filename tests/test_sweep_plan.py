@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=2",
         "--config.model.mem_layers=[1]", "--config.model.max_position_embeddings=64",
         "--config.model.last_context_length=64", "--config.data.seq_len=64", "--config.data.doc_length=128",
-        "--config.data.query_length=64", "--config.data.num_train_docs=128",
+        "--config.data.query_length=64", "--config.stages=[]", "--config.data.num_train_docs=128",
         "--config.data.num_eval_docs=32", "--config.train.steps=3", "--config.train.eval_every=0",
         "--config.train.eval_batches=1", "--config.train.log_every=1"]
 
