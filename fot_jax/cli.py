@@ -299,8 +299,18 @@ EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "distraction": _eval_distr
               "few_shot": _eval_few_shot}
 
 
+def _host_devices(count: int) -> None:
+    """At least `count` CPU devices (simulated on one host) unless XLA_FLAGS already says how many;
+    effective while JAX's backends have not started (accelerators are unaffected)."""
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={count}").strip()
+
+
 def cmd_eval(args, overrides):
     from fot_jax.checkpoint import load_model
+    if args.memory_shards > 1:       # on a CPU host: the shards' simulated devices
+        _host_devices(args.memory_shards)
     for path in [args.baseline] if args.baseline else []:
         _existing_workdir(path, "--baseline")
     for path in args.compare or []:
