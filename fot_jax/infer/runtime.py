@@ -230,7 +230,13 @@ class MemoryRuntime:
         b, gt = tokens.shape
         w, layer = self.window, self.mem_layers[0]
         positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b * (gt // w), w))
-        new_kv, _ = model.forward(tokens.reshape(-1, w), positions, inference=True, keys_through_layer=layer)
+        windows = tokens.reshape(-1, w)
+        shards = self.mesh.shape.get(self.memory_axis, 1) if self.mesh is not None else 1
+        if shards > 1 and windows.shape[0] % shards == 0:   # the forward split over the shards' devices
+            split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.memory_axis))
+            windows = jax.lax.with_sharding_constraint(windows, split)
+            positions = jax.lax.with_sharding_constraint(positions, split)
+        new_kv, _ = model.forward(windows, positions, inference=True, keys_through_layer=layer)
         k, v = (x.reshape(b, gt, *x.shape[2:]) for x in new_kv[layer])
         offsets = jnp.arange(gt, dtype=jnp.int32)[None, :]
         stores = self._write_memory(state.stores, [(k, v)], state.doc_pos[:, None] + offsets,
