@@ -299,12 +299,14 @@ EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "distraction": _eval_distr
               "few_shot": _eval_few_shot}
 
 
-def _host_devices(count: int) -> None:
-    """At least `count` CPU devices (simulated on one host) unless XLA_FLAGS already says how many;
+def _host_devices(count: int, replace: bool = False) -> None:
+    """`count` CPU devices simulated on this host (kept as XLA_FLAGS has it, unless `replace`);
     effective while JAX's backends have not started (accelerators are unaffected)."""
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={count}").strip()
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if any(f.startswith(flag) for f in flags) and not replace:
+        return
+    os.environ["XLA_FLAGS"] = " ".join([f for f in flags if not f.startswith(flag)] + [f"{flag}={count}"])
 
 
 def cmd_eval(args, overrides):
@@ -364,9 +366,7 @@ def cmd_plan(args, overrides):
             "config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) or a full --mesh"
         )
     # Simulated CPU devices for the pod's shape; must be set before JAX starts its backend.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    _host_devices(devices, replace=True)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     if len(jax.devices()) < devices:

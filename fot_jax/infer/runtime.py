@@ -353,10 +353,7 @@ class MemoryRuntime:
         if not window_logits and len(self.mem_layers) == 1 and n_windows > 1:
             first = self._ingest_groups(docs, prefix, n_windows)
         for j in range(first, n_windows):
-            tokens = np.zeros((self.batch, w), np.int32)
-            n_valid = np.clip(prefix - j * w, 0, w)
-            for b, d in enumerate(docs):
-                tokens[b, :n_valid[b]] = d[j * w: j * w + n_valid[b]]
+            tokens, n_valid = _slice_rows(docs, j * w, np.clip(prefix - j * w, 0, w), w)
             self.state, logits = self._window_fn(self.params, self.state, jnp.asarray(tokens),
                                                  jnp.asarray(n_valid, jnp.int32), window_logits)
             self.doc_pos += n_valid
@@ -381,10 +378,7 @@ class MemoryRuntime:
         g = min(INGEST_GROUP, self.settings.capacity // w, 1 << (n_windows.bit_length() - 1))
         groups = n_windows // g
         for j in range(groups):
-            tokens = np.zeros((self.batch, g * w), np.int32)
-            n_valid = np.clip(prefix - j * g * w, 0, g * w)
-            for b, d in enumerate(docs):
-                tokens[b, :n_valid[b]] = d[j * g * w: j * g * w + n_valid[b]]
+            tokens, n_valid = _slice_rows(docs, j * g * w, np.clip(prefix - j * g * w, 0, g * w), g * w)
             self.state = self._group_fn(self.params, self.state, jnp.asarray(tokens),
                                         jnp.asarray(n_valid, jnp.int32))
             self.doc_pos += n_valid
@@ -433,9 +427,7 @@ class MemoryRuntime:
             t = min(self.tail, 1 << int(max(lengths - done) - 1).bit_length())
             n_valid = np.minimum(lengths - done, t)
             self._flush((n_valid > 0) & (self.cache_len + n_valid > self.window))
-            tokens = np.zeros((self.batch, t), np.int32)
-            for b, p in enumerate(pieces):
-                tokens[b, :n_valid[b]] = p[done[b]: done[b] + n_valid[b]]
+            tokens, _ = _slice_rows(pieces, done, n_valid, t)
             self.state, logits = self._extend_fn(self.params, self.state, jnp.asarray(tokens),
                                                  jnp.asarray(n_valid, jnp.int32))
             if keep_logits:
@@ -537,6 +529,16 @@ class MemoryRuntime:
         self.cache_len = np.asarray(self.state.cache_len).astype(np.int64)
         self.doc_pos = np.asarray(self.state.doc_pos).astype(np.int64)
         return [np.array(o, np.int32) for o in out]
+
+
+def _slice_rows(docs, start, n_valid, width: int):
+    """Row b: n_valid[b] tokens of docs[b] from start (a position, or one per row), zero-padded
+    to `width`. Returns (tokens [B, width] int32, n_valid)."""
+    starts = np.broadcast_to(np.asarray(start), (len(docs),))
+    tokens = np.zeros((len(docs), width), np.int32)
+    for b, d in enumerate(docs):
+        tokens[b, :n_valid[b]] = d[starts[b]: starts[b] + n_valid[b]]
+    return tokens, n_valid
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
