@@ -25,7 +25,6 @@ the first row, and the ingest's achieved GFLOP/s against a matmul measured in th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -123,46 +122,61 @@ def torch_row(directory, args, prompt, top_k, name):
     return (name, t_ingest, t_gen - t_ingest, None, out, rss)
 
 
-def original_row(directory, src, args, prompt):
-    """The original LongLLaMA code on the same weights (dense memory, its default)."""
-    import torch
-    sys.path.insert(0, os.path.abspath(src))
-    for needed in ("modeling_longllama", "configuration_longllama"):
-        if importlib.util.find_spec(needed) is None:
+ORIGINAL_CHILD = """
+import importlib, json, os, resource, sys, time, types
+import torch
+directory, src, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
+package = types.ModuleType("longllama_original")    # its modules import each other relatively
+package.__path__ = [src]
+sys.modules["longllama_original"] = package
+LongLlamaConfig = importlib.import_module("longllama_original.configuration_longllama").LongLlamaConfig
+LongLlamaForCausalLM = importlib.import_module("longllama_original.modeling_longllama").LongLlamaForCausalLM
+torch.set_num_threads(threads)
+cfg = LongLlamaConfig.from_pretrained(directory)
+cfg.last_context_length = window
+model = LongLlamaForCausalLM.from_pretrained(directory, config=cfg, torch_dtype=torch.float32).eval()
+ids = torch.as_tensor([prompt], dtype=torch.long)
+def ingest():
+    with torch.no_grad():
+        return model(input_ids=ids, last_context_length=window)
+def gen(n):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              last_context_length=window)
+def best(fn):
+    out, t = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
+    return t, out
+gen(2)
+t_ingest, _ = best(ingest)
+t_first, _ = best(lambda: gen(1))
+t_gen, out = best(lambda: gen(new))
+versions = dict(transformers=importlib.import_module("transformers").__version__, torch=torch.__version__)
+print(json.dumps([t_ingest, t_first, t_gen, out[0, len(prompt):].tolist(),
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, versions]))
+"""
+
+
+def original_row(directory, src, python, args, prompt):
+    """The original LongLLaMA code on the same weights (dense memory, its default), in a process of
+    its own started by `python` (an environment with the transformers version that code was written
+    for), so that its peak resident memory is its own."""
+    src = os.path.abspath(os.path.expanduser(src))
+    for needed in ("modeling_longllama", "configuration_longllama", "longllama_utils"):
+        if not os.path.isfile(os.path.join(src, needed + ".py")):
             raise SystemExit(f"--longllama {src}: no {needed}.py there (give the directory that holds the "
-                             "original LongLLaMA modeling code)")
-    from configuration_longllama import LongLlamaConfig
-    from modeling_longllama import LongLlamaForCausalLM
-    torch.set_num_threads(args.threads)
-    cfg = LongLlamaConfig.from_pretrained(directory)
-    cfg.last_context_length = args.window
-    model = LongLlamaForCausalLM.from_pretrained(directory, config=cfg, torch_dtype=torch.float32).eval()
-    ids = torch.as_tensor(prompt[None], dtype=torch.long)
-
-    @torch.no_grad()
-    def ingest():
-        return model(input_ids=ids, last_context_length=args.window)
-
-    @torch.no_grad()
-    def gen():
-        return model.generate(
-            input_ids=ids,
-            max_new_tokens=args.new,
-            min_new_tokens=args.new,
-            do_sample=False,
-            last_context_length=args.window,
-        )
-    ingest()
-    t_ingest, _ = best_of(ingest, args.repeats)
-    t_gen, out = best_of(gen, args.repeats)
-    return (
-        "original LongLLaMA (dense)",
-        t_ingest,
-        t_gen - t_ingest,
-        None,
-        out[0, len(prompt) :].tolist(),
-        None,
-    )
+                             "original LongLLaMA modeling code, its src/)")
+    spec = json.dumps([directory, src, args.window, args.new, args.repeats, args.threads, prompt.tolist()])
+    done = subprocess.run([python, "-c", ORIGINAL_CHILD, spec], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"original LongLLaMA ({python}) failed:\n{done.stderr[-3000:]}")
+    t_ingest, t_first, t_gen, out, rss, versions = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"original LongLLaMA: {src} under transformers {versions['transformers']}, "
+          f"torch {versions['torch']}")
+    # generate() re-reads the whole prompt: its generation time is what follows the first token
+    return ("original LongLLaMA (dense)", t_ingest, (t_gen - t_first) * args.new / max(args.new - 1, 1),
+            t_first, out, rss)
 
 
 def matmul_gflops(width):
@@ -199,6 +213,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--longllama", default=None, help="directory of the original LongLLaMA modeling code")
+    parser.add_argument("--longllama-python", default=sys.executable,
+                        help="interpreter for the original code (an environment with transformers 4.x, which "
+                             "that code was written for)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
     c = make_config(args, [1, 3])
@@ -225,7 +242,8 @@ def main():
             rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, None, "fot_jax.torch (dense)"))
             rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, args.top_k, "fot_jax.torch (exact)"))
         if args.longllama:
-            rows.append(original_row(os.path.join(tmp, "hf"), args.longllama, args, prompt))
+            rows.append(original_row(os.path.join(tmp, "hf"), args.longllama, args.longllama_python, args,
+                                     prompt))
     mm = matmul_gflops(args.width)
     flops = ingest_flops(c.model, args.length, args.window)
     print(f"model: 4 x {args.width}, window {args.window}, memory layers [1, 3], vocab 32000; prompt "

@@ -215,19 +215,22 @@ def test_device_decode_loop_equals_host_loop_with_stops_streaming_and_sampling()
         for _ in range(n):
             key, sub = jax.random.split(key)
             tok = np.asarray(sample(jnp.asarray(logits), sub, temperature, 0.9))
-            for b in range(2):
-                if not finished[b]:
-                    out[b].append(int(tok[b]))
-                    finished[b] = tok[b] == stop
+            live = ~finished
+            for b in np.flatnonzero(live):
+                out[b].append(int(tok[b]))
+                finished[b] = tok[b] == stop
+            # a row's document is its prompt and what it generated, its stop token included
+            last = rt.extend([[int(tok[b])] if live[b] else [] for b in range(2)])
+            logits = np.where(live[:, None], last, logits)
             if finished.all():
                 break
-            logits = rt.extend([[int(t)] for t in tok])
-        return out, rt.cache_len.copy()
+        return out, rt.doc_pos.copy(), rt.cache_len.copy()
 
-    free, _ = host_loop(-1, 30, 0.8)
+    free, _, _ = host_loop(-1, 30, 0.8)
     stop = free[0][4]                       # row 0 stops at its 5th token; row 1 wherever it meets it
-    want, want_len = host_loop(stop, 30, 0.8)
-    assert len(want[0]) == 5
+    want, want_pos, want_len = host_loop(stop, 30, 0.8)
+    assert len(want[0]) == 5 and len(want[1]) > 5
+    np.testing.assert_array_equal(want_pos, [40 + 5, 23 + len(want[1])])
     rt = MemoryRuntime(model, batch=2, settings=settings)
     streamed = []
     got = rt.generate(docs, 30, temperature=0.8, top_p=0.9, seed=3, stop_token=stop,
@@ -236,6 +239,7 @@ def test_device_decode_loop_equals_host_loop_with_stops_streaming_and_sampling()
     assert sorted(streamed) == sorted((b, t) for b in range(2) for t in want[b])
     assert [t for b, t in streamed if b == 1] == want[1]
     np.testing.assert_array_equal(rt.cache_len, want_len)
+    np.testing.assert_array_equal(rt.doc_pos, want_pos)
     # and without streaming (one device call for all tokens): the same tokens
     rt = MemoryRuntime(model, batch=2, settings=settings)
     got = rt.generate(docs, 30, temperature=0.8, top_p=0.9, seed=3, stop_token=stop)

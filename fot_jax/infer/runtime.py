@@ -455,36 +455,45 @@ class MemoryRuntime:
         return (last, rows) if return_logits else last
 
     def _decode_step(self, params, state: RuntimeState, logits, key, finished, n, stop, temperature, top_p):
-        """Up to `n` tokens per row on the device: sample, record, and (unless every row has
-        stopped) extend the cache with the sampled token, moving a full cache to memory first.
-        Returns the state, the next logits, key and finished flags, tokens [B, DECODE_BLOCK]
-        (-1 after a row's stop) and the number of steps taken."""
+        """Up to `n` tokens per row on the device: sample, record, and extend each row that had
+        not stopped with its token (its stop token included), so that a row's document is its
+        prompt and what it generated. Returns the state, the next logits, key and finished flags,
+        tokens [B, DECODE_BLOCK] (-1 after a row's stop) and the number of steps taken.
+
+        Two nested loops and no conditional around the state: the outer one moves the full caches
+        of rows still generating to memory (a masked write), the inner one decodes until some
+        such row's cache is full. A `lax.cond` whose branches carry the memory stores makes XLA
+        copy every store on every token."""
         b = logits.shape[0]
         vocab = self.model_config.vocab_size
-        ones = jnp.ones(b, jnp.int32)
 
-        def cond(c):
-            i, _, _, _, finished, _ = c
-            return (i < n) & ~jnp.all(finished)
+        def must_flush(state, finished):
+            return (state.cache_len >= self.window) & ~finished
 
-        def extend(state, tok):
-            full = state.cache_len + 1 > self.window
-            state = jax.lax.cond(jnp.any(full), lambda s: self._flush_step(s, full), lambda s: s, state)
-            state, logits = self._extend_step(params, state, tok[:, None], ones)
-            return state, logits[:, 0, :vocab].astype(jnp.float32)
-
-        def body(c):
+        def step(c):
             i, state, logits, key, finished, out = c
             key, sub = jax.random.split(key)
             tok = sample(logits, sub, temperature, top_p)
             out = out.at[:, i].set(jnp.where(finished, -1, tok))
+            live = ~finished
+            state, logits = self._extend_step(params, state, tok[:, None], live.astype(jnp.int32))
             finished = finished | (tok == stop)
-            state, logits = jax.lax.cond(jnp.all(finished), lambda s, t: (s, logits), extend, state, tok)
-            return i + 1, state, logits, key, finished, out
+            return i + 1, state, logits[:, 0, :vocab].astype(jnp.float32), key, finished, out
+
+        def going(c):
+            i, _, _, _, finished, _ = c
+            return (i < n) & ~jnp.all(finished)
+
+        def segment(c):
+            i, state, logits, key, finished, out = c
+            state = self._flush_step(state, must_flush(state, finished))
+            return jax.lax.while_loop(
+                lambda c: going(c) & ~jnp.any(must_flush(c[1], c[4])), step,
+                (i, state, logits, key, finished, out))
 
         out = jnp.full((b, DECODE_BLOCK), -1, jnp.int32)
         i, state, logits, key, finished, out = jax.lax.while_loop(
-            cond, body, (jnp.int32(0), state, logits, key, finished, out))
+            going, segment, (jnp.int32(0), state, logits, key, finished, out))
         return state, logits, key, finished, out, i
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

@@ -35,6 +35,7 @@ GROUP = 16
 
 ROW_BLOCK = 256      # queries scanned together (kv-head rows x positions)
 TILE = 1 << 20       # float32 scores per chunk: a tile that stays in cache
+KV_TILE = 1 << 18    # float32 key (and value) elements a dense chunk converts: cached, not a store copy
 
 
 def auto_chunk(rows: int, n: int, group: int = GROUP) -> int:
@@ -252,7 +253,9 @@ def dense_sums(q, keys, values, valid, *, chunk: int = 0, dtype: str = "bfloat16
     """Partial sums over every valid entry (no top-k): an online softmax over chunks of N."""
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
-    chunk = min(chunk or auto_chunk(b * hkv * nq, n), n)
+    if not chunk:   # scores and the chunk's keys and values upcast to float32 all stay in cache
+        chunk = min(auto_chunk(b * hkv * nq, n), max(256, 1 << (KV_TILE // (b * hkv * d)).bit_length() - 1))
+    chunk = min(chunk, n)
     keys, dtype = _as_bits(keys, dtype)
     values, _ = _as_bits(values, dtype)
     ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
