@@ -20,7 +20,11 @@ the first row, and the ingest's achieved GFLOP/s against a matmul measured in th
 
     python benchmarks/generate.py                          # L = 8192, N = 128
     python benchmarks/generate.py --length 2048 --new 32   # quick
-    python benchmarks/generate.py --longllama ~/src/long_llama/src
+    python benchmarks/generate.py --longllama ~/src/long_llama/src --longllama-python ~/ll/bin/python
+    python benchmarks/generate.py --workdir runs/smol_fot --longllama ...   # a trained model
+
+The original code was written for transformers 4.x (4.39 works; transformers 5 changed what it
+relies on): give an interpreter of an environment with `torch` and `transformers<5`.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ def jax_rows(model, args, prompt, capacity):
     rows = []
     for search in ("dense", "exact"):
         settings = MemorySettings(top_k=args.top_k, capacity=capacity, search=search, dtype="bfloat16",
-                                  last_context_length=args.window)
+                                  last_context_length=args.last)
         rt = MemoryRuntime(model, 1, settings)
         rt.generate([prompt], 2, stop_token=-1)        # compile ingest, extend and decode programs
         t_ingest, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
@@ -114,7 +118,7 @@ print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE
 def torch_row(directory, args, prompt, top_k, name):
     """fot_jax.torch in a process of its own (torch and fot_jax.torch only), so that its peak
     resident memory is its own."""
-    spec = json.dumps([directory, top_k, args.window, args.new, args.repeats, args.threads, prompt.tolist()])
+    spec = json.dumps([directory, top_k, args.last, args.new, args.repeats, args.threads, prompt.tolist()])
     done = subprocess.run([sys.executable, "-c", TORCH_CHILD, spec], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
@@ -167,7 +171,7 @@ def original_row(directory, src, python, args, prompt):
         if not os.path.isfile(os.path.join(src, needed + ".py")):
             raise SystemExit(f"--longllama {src}: no {needed}.py there (give the directory that holds the "
                              "original LongLLaMA modeling code, its src/)")
-    spec = json.dumps([directory, src, args.window, args.new, args.repeats, args.threads, prompt.tolist()])
+    spec = json.dumps([directory, src, args.last, args.new, args.repeats, args.threads, prompt.tolist()])
     done = subprocess.run([python, "-c", ORIGINAL_CHILD, spec], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"original LongLLaMA ({python}) failed:\n{done.stderr[-3000:]}")
@@ -195,10 +199,51 @@ def ingest_flops(m, length, window):
     """Forward FLOPs of LongLLaMA windowing over `length` tokens: weights plus local attention;
     memory attention (queries x stored entries) on the memory layers."""
     d, h = m.hidden_size, m.intermediate_size
-    per_token = m.num_layers * (2 * 4 * d * d + 2 * 3 * d * h) + 2 * d * m.vocab_size / window
+    kv = m.num_kv_heads * (d // m.num_heads)
+    per_token = m.num_layers * (2 * (2 * d * d + 2 * d * kv) + 2 * 3 * d * h) + 2 * d * m.vocab_size / window
     attn = m.num_layers * 2 * 2 * d * (window / 2)
     mem = len(m.mem_layers) * 2 * 2 * d * (length / 2)
     return length * (per_token + attn + mem)
+
+
+def mha_copy(src, dst, m):
+    """The exported model with each key-value head repeated for its query heads: the same
+    function as a multi-head model, which the original LongLLaMA code (multi-head only) can load."""
+    from safetensors.numpy import load_file, save_file
+    g, hd = m.num_heads // m.num_kv_heads, m.hidden_size // m.num_heads
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if name.endswith(".safetensors"):
+            tensors = load_file(path)
+            for key, w in tensors.items():
+                if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+                    w = np.repeat(w.reshape(m.num_kv_heads, hd, -1), g, axis=0)
+                    tensors[key] = np.ascontiguousarray(w.reshape(m.num_heads * hd, -1))
+            save_file(tensors, os.path.join(dst, name), metadata={"format": "pt"})
+        elif name == "config.json":
+            with open(path) as f:
+                hf = json.load(f)
+            hf["num_key_value_heads"] = m.num_heads
+            with open(os.path.join(dst, name), "w") as f:
+                json.dump(hf, f)
+        elif os.path.isfile(path):
+            with open(path, "rb") as f, open(os.path.join(dst, name), "wb") as out:
+                out.write(f.read())
+    return dst
+
+
+def load_workdir(args):
+    """(config, model, the same model without memory layers) of a trained or imported workdir."""
+    import copy
+
+    from fot_jax.checkpoint import load_model
+    cfg, model = load_model(args.workdir)
+    plain_cfg = copy.deepcopy(cfg.model)
+    plain_cfg.mem_layers = []
+    plain = llama.create(plain_cfg, seed=0)
+    nnx.update(plain, nnx.state(model, nnx.Param))
+    return cfg, model, plain
 
 
 def main():
@@ -209,6 +254,9 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--workdir", default=None,
+                        help="a trained or imported model (its window and memory layers) instead of "
+                             "the random 4-layer model")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -218,37 +266,56 @@ def main():
                              "that code was written for)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
-    c = make_config(args, [1, 3])
-    model = llama.create(c.model, seed=0)
-    prompt = np.random.default_rng(0).integers(3, c.model.vocab_size, args.length).astype(np.int32)
+    if args.workdir:
+        c, model, plain = load_workdir(args)
+        args.window = c.model.max_position_embeddings
+        name = f"{args.workdir} ({c.model.num_layers} x {c.model.hidden_size})"
+    else:
+        c = make_config(args, [1, 3])
+        model = llama.create(c.model, seed=0)
+        plain = llama.create(make_config(args, []).model, seed=0)
+        name = f"random 4 x {args.width}"
+    m = c.model
+    args.last = min(m.last_context_length, args.window)
+    prompt = np.random.default_rng(0).integers(3, m.vocab_size, args.length).astype(np.int32)
     capacity = -(-args.length // args.window) * args.window
     rows = jax_rows(model, args, prompt, capacity)
-    plain = llama.create(make_config(args, []).model, seed=0)
     graphdef, params = nnx.split(plain)
     windows = jnp.asarray(prompt[: args.length // args.window * args.window].reshape(-1, args.window))
     forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[:, -1])
     jax.block_until_ready(forward(params, windows))
     t_ingest, _ = best_of(lambda: jax.block_until_ready(forward(params, windows)), args.repeats)
-    rt = MemoryRuntime(plain, 1, MemorySettings(capacity=capacity, last_context_length=args.window))
+    rt = MemoryRuntime(plain, 1, MemorySettings(capacity=capacity, last_context_length=args.last))
     rt.generate([prompt], 2, stop_token=-1)
     t_gen, _ = best_of(lambda: rt.generate([prompt], args.new, stop_token=-1) and None, args.repeats)
     t_tail, _ = best_of(lambda: rt.ingest([prompt]), args.repeats)
     rows.append(("fot_jax, no memory", t_ingest, t_gen - t_tail, None, None, None))
     with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = os.path.join(tmp, "hf")
         if not args.no_torch or args.longllama:
-            save_params(os.path.join(tmp, "run"), c, nnx.state(model, nnx.Param))
-            api.export_model(os.path.join(tmp, "run"), os.path.join(tmp, "hf"), log=lambda *_: None)
+            run = args.workdir
+            if run is None:
+                run = os.path.join(tmp, "run")
+                save_params(run, c, nnx.state(model, nnx.Param))
+            api.export_model(run, hf_dir, log=lambda *_: None)
         if not args.no_torch:
-            rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, None, "fot_jax.torch (dense)"))
-            rows.append(torch_row(os.path.join(tmp, "hf"), args, prompt, args.top_k, "fot_jax.torch (exact)"))
+            rows.append(torch_row(hf_dir, args, prompt, None, "fot_jax.torch (dense)"))
+            rows.append(torch_row(hf_dir, args, prompt, args.top_k, "fot_jax.torch (exact)"))
         if args.longllama:
-            rows.append(original_row(os.path.join(tmp, "hf"), args.longllama, args.longllama_python, args,
-                                     prompt))
-    mm = matmul_gflops(args.width)
-    flops = ingest_flops(c.model, args.length, args.window)
-    print(f"model: 4 x {args.width}, window {args.window}, memory layers [1, 3], vocab 32000; prompt "
-          f"{args.length:,} tokens, {args.new} generated (greedy); store bfloat16; top-k {args.top_k}; "
-          f"best of {args.repeats}; float32 matmul {mm:.0f} GFLOP/s in this run")
+            if m.num_kv_heads < m.num_heads:   # the original code is multi-head only
+                hf_dir = mha_copy(hf_dir, os.path.join(tmp, "hf_mha"), m)
+            rows.append(original_row(hf_dir, args.longllama, args.longllama_python, args, prompt))
+    mm = matmul_gflops(m.hidden_size)
+    flops = ingest_flops(m, args.length, args.window)
+    print(f"model: {name}, window {args.window}, last context {args.last}, memory layers "
+          f"{list(m.mem_layers)}, heads {m.num_heads} (key-value {m.num_kv_heads}), vocab {m.vocab_size}; "
+          f"prompt {args.length:,} tokens, {args.new} generated (greedy); store bfloat16; "
+          f"top-k {args.top_k}; best of {args.repeats}; {args.threads} thread(s); float32 matmul {mm:.0f} "
+          "GFLOP/s in this run")
+    if args.longllama and m.num_kv_heads < m.num_heads:
+        print(f"original LongLLaMA: multi-head only, so it runs the same model with each key-value head "
+              f"repeated for its {m.num_heads // m.num_kv_heads} query heads (the same function, "
+              f"{m.num_heads // m.num_kv_heads}x the memory)")
     print(f"{'runtime':<30} {'ingest tok/s':>12} {'GFLOP/s':>8} {'gen tok/s':>10} {'TTFT s':>7} "
           f"{'ingest vs 1st':>13} {'gen vs 1st':>10} {'same tokens':>11} {'peak RSS':>9}")
     ref = rows[0]

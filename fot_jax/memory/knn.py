@@ -70,22 +70,26 @@ def _insert(vals, idx, x, xi, act):
 def _merge_chunk(vals, idx, s, ok, start, group):
     """Merge one chunk's scores into the running top-k (vals, idx) [R, k].
 
-    s [B, R/B, C] are the raw scores, ok [B, C] the candidates. The whole chunk is read once, for
-    its group maxima (groups of `group` consecutive keys, masked), and those once more for the
-    maxima of `group` consecutive groups. Then entries move into the list one per row per
-    iteration, best first, while some row has a maximum above its k-th score; an iteration
-    touches one supergroup, one group and the list of each row: the next entry of a group is
-    found by ranking its few scores, so the scores are never rewritten. Once the list has filled,
-    a chunk takes a few iterations: the cost is the score matmul plus one read of its output, not
-    a top-k over the chunk."""
-    nb, per_b, c = s.shape
-    r, n_groups = nb * per_b, c // group
+    s [B, Hkv, C, Q] are the raw scores, keys-major (R = B * Hkv * Q rows), ok [B, C] the
+    candidates. The whole chunk is read once, for its group maxima (groups of `group` consecutive
+    keys, masked: an elementwise max of `group` rows of Q scores, which vectorizes), and those
+    once more for the maxima of `group` consecutive groups. Then entries move into the list one
+    per row per iteration, best first, while some row has a maximum above its k-th score; an
+    iteration touches one supergroup, one group and the list of each row: the next entry of a
+    group is found by ranking its few scores, so the scores are never rewritten. Once the list
+    has filled, a chunk takes a few iterations: the cost is the score matmul plus one read of its
+    output, not a top-k over the chunk."""
+    nb, hkv, c, nq = s.shape
+    r, n_groups = nb * hkv * nq, c // group
     sup = group if n_groups % group == 0 else n_groups                   # groups per supergroup
-    grouped = s.reshape(r, n_groups, group)
+    grouped = s.reshape(nb, hkv, n_groups, group, nq)
     ok_grouped = ok.reshape(nb, n_groups, group)
-    rows, row_b, ar = jnp.arange(r), jnp.arange(r) // per_b, jnp.arange(group)
-    gm = jax.lax.cond(jnp.all(ok), lambda: jnp.max(grouped, axis=-1),
-                      lambda: jnp.max(jnp.where(ok[:, None, :], s, -jnp.inf).reshape(grouped.shape), axis=-1))
+    rows, ar = jnp.arange(r), jnp.arange(group)
+    row_b, row_h, row_q = rows // (hkv * nq), rows // nq % hkv, rows % nq
+    masked = ok_grouped[:, None, :, :, None]
+    gm = jax.lax.cond(jnp.all(ok), lambda: jnp.max(grouped, axis=3),
+                      lambda: jnp.max(jnp.where(masked, grouped, -jnp.inf), axis=3))
+    gm = jnp.moveaxis(gm, 2, 3).reshape(r, n_groups)                        # [R, groups]: 1/group of s
     gm2 = jnp.max(gm.reshape(r, n_groups // sup, sup), axis=-1)
 
     def cond(carry):
@@ -99,7 +103,7 @@ def _merge_chunk(vals, idx, s, ok, start, group):
         sub = gm.reshape(r, -1, sup)[rows, si]                                      # [R, sup]
         gi = si * sup + _first(sub == x[:, None], sup)
         t = taken[rows, gi]
-        grp = jnp.where(ok_grouped[row_b, gi], grouped[rows, gi], -jnp.inf)        # [R, group]
+        grp = jnp.where(ok_grouped[row_b, gi], grouped[row_b, row_h, gi, :, row_q], -jnp.inf)  # [R, group]
         better = (grp[:, None, :] > grp[:, :, None]) | ((grp[:, None, :] == grp[:, :, None])
                                                         & (ar[None, None, :] < ar[None, :, None]))
         rank = jnp.sum(better, axis=-1)                                             # 0 = best
@@ -161,22 +165,25 @@ def _scan_block(qs, keys, valid, top_k, chunk, search, recall_target, group, dty
     grp = group if chunk % group == 0 else 1
     n_chunks = -(-n // chunk)
 
-    def scores(i):
+    def scores(i, spec):
         start = jnp.minimum(i * chunk, n - chunk)  # the last chunk may overlap the one before
         kc = as_float(jax.lax.dynamic_slice_in_dim(keys, start, chunk, axis=2), dtype)
         ok = jax.lax.dynamic_slice_in_dim(valid, start, chunk, axis=1)
         ok = ok & (start + jnp.arange(chunk) >= i * chunk)  # not seen in an earlier chunk
-        return start, jnp.einsum("bhqd,bhcd->bhqc", qs, kc, preferred_element_type=jnp.float32), ok
+        return start, jnp.einsum(spec, qs, kc, preferred_element_type=jnp.float32), ok
 
     def body(i, carry):
-        start, s, ok = scores(i)
         if search == "approx":
+            start, s, ok = scores(i, "bhqd,bhcd->bhqc")
             s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(-1, chunk)
             return _approx_merge(*carry, s, start, recall_target)
-        return _merge_chunk(*carry, s.reshape(b, hkv * nq, chunk), ok, start, grp)
+        # keys-major scores [B, Hkv, C, Q]: the matmul runs as fast, and the group maxima are
+        # elementwise maxima of whole rows instead of short reductions along a row
+        start, s, ok = scores(i, "bhqd,bhcd->bhcq")
+        return _merge_chunk(*carry, s, ok, start, grp)
 
     # the first chunk fills the list with one top-k (cheaper than inserting k entries one by one)
-    _, s, ok = scores(0)
+    _, s, ok = scores(0, "bhqd,bhcd->bhqc")
     s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(b * hkv * nq, chunk)
     k0 = min(top_k, chunk)
     v, i = jax.lax.top_k(s, k0)
