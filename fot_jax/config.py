@@ -164,6 +164,10 @@ def _memory_fields() -> ml_collections.ConfigDict:
     mem.search = "exact"  # exact | approx (jax.lax.approx_max_k, fast on TPU) | dense (every entry)
     mem.recall_target = 0.95          # approx search only
     mem.chunk = 0                     # keys scored at once (0 = auto: a cache-sized score tile)
+    # log-n scaling: a memory layer's attention logits x max(1, ln n / ln logn_base), n the keys a
+    # query sees (memory entries and local keys); 0 = off. A model trained with n keys in view
+    # keeps its softmax as sharp when memory holds far more (inference only)
+    mem.logn_base = 0
     return mem
 
 
@@ -432,6 +436,8 @@ def _validate_memory(cfg) -> None:
     _check(mem.search in SEARCH_MODES, "memory.search", f"'{mem.search}' is not one of {SEARCH_MODES}")
     _check(0 < mem.recall_target <= 1, "memory.recall_target", "must lie in (0, 1]")
     _check(mem.chunk >= 0, "memory.chunk", "must be 0 (auto) or positive")
+    _check(mem.logn_base == 0 or mem.logn_base >= 2, "memory.logn_base",
+           f"must be 0 (off) or at least 2 keys, got {mem.logn_base}")
     _check(0 < m.last_context_length, "model.last_context_length", "must be positive")
 
 

@@ -44,11 +44,12 @@ def _rope(x, pos, theta):
 class Reference:
     """One document, processed exactly as DESIGN "Memory attention" states."""
 
-    def __init__(self, model, m, top_k, capacity, last_context):
+    def __init__(self, model, m, top_k, capacity, last_context, logn_base=0):
         self.p = jax.tree.map(
             lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param))
         )
         self.m, self.top_k, self.capacity, self.c = m, top_k, capacity, last_context
+        self.logn_base = logn_base
         self.w = m.max_position_embeddings
         self.memory = {l: [] for l in m.mem_layers}       # list of (k [Hkv, D], v) oldest first
         self.cache = [[] for _ in range(m.num_layers)]    # list of (k_raw, v)
@@ -99,12 +100,15 @@ class Reference:
                 kvh = head // g
                 for t in range(len(tokens)):
                     n_local = s0 + t + 1
-                    s_loc = keys[:n_local, kvh] @ q[t, head]
+                    qt = q[t, head]
+                    if is_mem and self.logn_base:   # log-n: n = memory entries + local keys in view
+                        qt = qt * max(1.0, np.log(len(self.memory[i]) + n_local) / np.log(self.logn_base))
+                    s_loc = keys[:n_local, kvh] @ qt
                     v_loc = vals[:n_local, kvh]
                     if is_mem and self.memory[i]:
                         mk = np.array([e[0][kvh] for e in self.memory[i]])
                         mv = np.array([e[1][kvh] for e in self.memory[i]])
-                        sm = mk @ q[t, head]
+                        sm = mk @ qt
                         top = np.argsort(-sm, kind="stable")[: self.top_k]
                         s_loc = np.concatenate([sm[top], s_loc])
                         v_loc = np.concatenate([mv[top], v_loc])
@@ -156,6 +160,8 @@ CASES = {
     "none_qknorm_topk_tied": dict(model=dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True,
                                              num_kv_heads=4), top_k=7, capacity=32),
     "no_memory_layers": dict(model=dict(mem_layers=[]), top_k=4, capacity=32),  # local cache only
+    # log-n scaling: memory layers' logits x ln(n) / ln(8) once a query sees more than 8 keys
+    "as_first_topk_logn_qknorm": dict(model=dict(qk_norm="memory"), top_k=5, capacity=48, logn_base=8),
 }
 
 
@@ -165,7 +171,7 @@ def test_ingest_matches_numpy_windowing(case):
     c = _cfg(**spec["model"])
     model = llama.create(c.model, seed=3)
     settings = MemorySettings(top_k=spec["top_k"], capacity=spec["capacity"], dtype="float32",
-                              last_context_length=6, chunk=16)
+                              last_context_length=6, chunk=16, logn_base=spec.get("logn_base", 0))
     rt = MemoryRuntime(model, batch=2, settings=settings)
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, 50, 75), rng.integers(3, 50, 53)]    # 4+ windows of 16, tails of 6
@@ -173,7 +179,8 @@ def test_ingest_matches_numpy_windowing(case):
     # without logits the windows stop at the last memory layer (exact): same final logits
     np.testing.assert_allclose(MemoryRuntime(model, batch=2, settings=settings).ingest(docs), last, atol=1e-5)
     for b, doc in enumerate(docs):
-        ref = Reference(model, c.model, spec["top_k"], spec["capacity"], 6).ingest(doc)
+        ref = Reference(model, c.model, spec["top_k"], spec["capacity"], 6,
+                        spec.get("logn_base", 0)).ingest(doc)
         assert logits[b].shape == ref.shape
         np.testing.assert_allclose(logits[b], ref, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(last[b], ref[-1], atol=1e-4, rtol=1e-4)

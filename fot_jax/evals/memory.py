@@ -110,7 +110,7 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
         unit = w * (mesh.shape["memory"] if mesh is not None else 1)
         capacity = -(-max(size, w) // unit) * unit
         settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
-                                  last_context_length=q)
+                                  last_context_length=q, logn_base=cfg.memory.logn_base)
         rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)   # refuses stores that cannot fit
         docs = _documents(cfg, size, num_docs, query_windows, split, seed)
         hits = total = 0

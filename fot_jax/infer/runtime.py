@@ -65,15 +65,19 @@ class MemorySettings:
     chunk: int = 0
     dtype: str = "bfloat16"
     last_context_length: int = 1024
+    logn_base: int = 0
 
     @classmethod
     def from_config(cls, cfg):
         mem = cfg.memory
         return cls(top_k=mem.top_k, capacity=mem.capacity, mode=mem.mode, overflow=mem.overflow,
                    search=mem.search, recall_target=mem.recall_target, chunk=mem.chunk,
-                   dtype=cfg.model.mem_dtype, last_context_length=cfg.model.last_context_length)
+                   dtype=cfg.model.mem_dtype, last_context_length=cfg.model.last_context_length,
+                   logn_base=mem.logn_base)
 
     def check(self, window: int):
+        if self.logn_base != 0 and self.logn_base < 2:
+            raise MemoryRuntimeError(f"memory.logn_base must be 0 (off) or at least 2, got {self.logn_base}")
         if self.search != "dense" and self.top_k <= 0:
             raise MemoryRuntimeError(f"memory.top_k must be positive, got {self.top_k}")
         if self.capacity < window:
@@ -191,6 +195,17 @@ class MemoryRuntime:
                 dtype=st.dtype)
         return fns
 
+    def _memory_scale(self, stores, local_keys):
+        """[B,T] multipliers of the memory layers' queries: max(1, ln n / ln logn_base), n the keys
+        each query sees (the row's memory entries and local_keys [B,T], its causal local keys);
+        None when log-n scaling is off."""
+        base = self.settings.logn_base
+        if not base or not self.mem_layers:
+            return None
+        entries = jnp.minimum(stores[0].written, self.settings.capacity)
+        n = (entries[:, None] + local_keys).astype(jnp.float32)
+        return jnp.maximum(1.0, jnp.log(n) / jnp.log(float(base)))
+
     def _write_memory(self, stores, new_kv, positions, doc_ids, mask):
         out = []
         for j, (k, v) in enumerate(new_kv):  # aligned with self.mem_layers
@@ -213,6 +228,7 @@ class MemoryRuntime:
             inference=True,
             memory_fns=self._memory_fns(state.stores),
             keys_through_layer=last,
+            memory_scale=self._memory_scale(state.stores, positions + 1),
         )
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
@@ -261,6 +277,7 @@ class MemoryRuntime:
             cache=cache,
             cache_valid=cache_valid,
             memory_fns=self._memory_fns(state.stores),
+            memory_scale=self._memory_scale(state.stores, positions + 1),
         )
         slots = jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window)  # window: dropped
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))

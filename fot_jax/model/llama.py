@@ -133,14 +133,17 @@ class Attention(nnx.Module):
         return _dense(out, self.o_proj[...].astype(self.dtype))
 
 
-    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn):
+    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn, q_scale=None):
         """Inference: x [B,T,E] new tokens; cache (k_raw, v) [B,S,Hkv,D] or None (slot j at position j,
         rotated here with cache_cos/sin in memory layers, stored rotated in the others); mask
         `(cache_mask [B,T,S], causal [B,T,T])`, or `(causal,)` without a cache; memory_fn(q
         [B,Hkv,G*T,D]) -> partial sums or None. Returns (out [B,T,E], k, v) with k the new keys as
         the cache stores them: un-rotated in memory layers (what memory stores), rotated at their
-        positions in the others."""
+        positions in the others. q_scale [B,T]: memory layers' queries (so the logits of memory
+        and local keys alike) are multiplied by it (`memory.logn_base`)."""
         q, k_own, k_raw, v = self.project(x, cos, sin)
+        if self.is_memory and q_scale is not None:
+            q = q * q_scale[:, :, None, None].astype(q.dtype)
         # A memory layer caches un-rotated keys (its cache moves to memory, where `as_first` wants
         # them un-rotated) and rotates them at use; other layers cache rotated keys (slot j holds
         # position j either way), which saves rotating the whole cache every generated token.
@@ -212,7 +215,7 @@ class Llama(nnx.Module):
 
     def forward(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
                 crossbatch_range=None, inference: bool = False, cache=None, cache_valid=None, memory_fns=None,
-                keys_through_layer: int | None = None):
+                keys_through_layer: int | None = None, memory_scale=None):
         """The decoder, for training and for inference: `(kv, logits)`.
 
         tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (`inference=False`): each
@@ -224,7 +227,8 @@ class Llama(nnx.Module):
         cache slots and the new tokens up to itself; kv holds per layer the (k, v) [B,T,Hkv,D] of the
         new tokens as the cache stores them. With `keys_through_layer` L, the pass stops once layer
         L's keys and values are known (what memory stores depends on nothing above) and logits is
-        None. Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's padding rows.
+        None. memory_scale [B,T]: multiplies the memory layers' queries (`memory.logn_base`).
+        Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's padding rows.
         """
         m = self.config
         b, t = tokens.shape
@@ -234,7 +238,8 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if inference:
-            x, kv = self._inference_layers(x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer)
+            x, kv = self._inference_layers(x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer,
+                                           memory_scale)
             if x is None:
                 return kv, None
         else:
@@ -263,7 +268,8 @@ class Llama(nnx.Module):
                     x = run_layer(layer, x, cos, sin, segment_ids, r)
         return x
 
-    def _inference_layers(self, x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer):
+    def _inference_layers(self, x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer,
+                          memory_scale=None):
         m = self.config
         b, t = x.shape[:2]
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
@@ -284,7 +290,7 @@ class Llama(nnx.Module):
             layer_cache = None if cache is None else cache[i]
             fn = None if memory_fns is None else memory_fns[i]
             attn, k_raw, v = layer.self_attn.infer(
-                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn
+                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn, memory_scale
             )
             h = x + attn
             x = h + layer.mlp(layer.post_attention_layernorm(h))
