@@ -39,15 +39,18 @@ CASES = {
     "as_first_topk_fifo": (dict(), 5, 32),                      # 75 tokens > capacity 32: FIFO drops
     "none_qknorm_topk_tied": (dict(mem_positionals="none", qk_norm="memory", tie_embeddings=True), 7, 64),
     "as_first_topk_bfloat16_store": (dict(), 5, 64, "bfloat16"),  # selection in the store's precision
+    # log-n scaling past a full (FIFO) store; the export records the base, fot_jax.torch reads it
+    "qknorm_topk_fifo_logn": (dict(qk_norm="memory"), 5, 32, "float32", 8),
 }
 
 
 @needs_torch
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
-    overrides, top_k, capacity, *store_dtype = CASES[case]
-    store_dtype = store_dtype[0] if store_dtype else "float32"
+    overrides, top_k, capacity, *rest = CASES[case]
+    store_dtype, logn_base = (list(rest) + ["float32", 0][len(rest):])[:2]
     c = _cfg(**overrides)
+    c.memory.logn_base = logn_base
     config_lib.validate(c)
     model = llama.create(c.model, seed=3)
     save_params(str(tmp_path / "run"), c, nnx.state(model, nnx.Param))
@@ -62,6 +65,7 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
         last_context_length=6,
         chunk=16,
         search="dense" if top_k is None else "exact",
+        logn_base=logn_base,
     )
     _, (expected,) = MemoryRuntime(model, 1, settings).ingest([doc], return_logits=True)
     gen = MemoryGenerator(tm, top_k=top_k, capacity=capacity, mem_dtype=store_dtype)

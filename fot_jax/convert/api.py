@@ -54,6 +54,7 @@ def model_config_from_hf(hf_config: dict, overrides=()):
     if recorded:                                   # exported by fot_jax: memory as it ran there
         cfg.memory.search = recorded.get("search", cfg.memory.search)
         cfg.memory.top_k = int(recorded.get("top_k", cfg.memory.top_k))
+        cfg.memory.logn_base = int(recorded.get("logn_base", 0))
     elif hf_config.get("model_type") == "longllama":
         # LongLLaMA checkpoints were evaluated with dense attention over all memory: reproduce that;
         # top-k is an explicit choice (--config.memory.search=exact)

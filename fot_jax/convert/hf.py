@@ -235,7 +235,8 @@ LONGLLAMA_AUTO_MAP = {
 def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = False, memory=None) -> dict:
     """config.json of an exported model: the LongLLaMA format (stock LLaMA loaders read the LLaMA
     fields and ignore the rest). `memory` (a config's `memory` section) is recorded as
-    `fot_jax_memory` (search mode and top-k), so that an import runs memory as the exporter did."""
+    `fot_jax_memory` (search mode, top-k and log-n base), so that an import (and `fot_jax.torch`)
+    runs memory as the exporter did."""
     c = hf_llama_config(m)
     c.update(
         model_type="longllama",
@@ -251,7 +252,8 @@ def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = Fal
         initializer_range=m.init_std,
     )
     if memory is not None:
-        c["fot_jax_memory"] = {"search": memory.search, "top_k": int(memory.top_k)}
+        c["fot_jax_memory"] = {"search": memory.search, "top_k": int(memory.top_k),
+                               "logn_base": int(memory.get("logn_base", 0))}
     if fot_extensions:
         c["fot_jax"] = {"qk_norm": m.qk_norm, "qk_temperature_init": m.qk_temperature_init,
                         "mem_attention": m.mem_attention, "vocab_multiple": m.vocab_multiple}

@@ -68,7 +68,7 @@ class LongLlama(torch.nn.Module):
     def _p(self, i, name):
         return self.w[f"model.layers.{i}.{name}"]
 
-    def forward_tokens(self, tokens, pos0, cache, memory, top_k, select_dtype=torch.float32):
+    def forward_tokens(self, tokens, pos0, cache, memory, top_k, select_dtype=torch.float32, logn_base=0):
         """One document's new tokens [T] at positions pos0.. ; cache: per layer (k, v) buffers
         [W, Hkv, D] whose first pos0 slots hold the earlier tokens (slot j at position j), keys as
         the layer attends to them (rotated at their positions where it uses RoPE: the cache is
@@ -76,7 +76,9 @@ class LongLlama(torch.nn.Module):
         place. memory: per memory layer (k [Hkv,N,D], v) or None. Returns logits [T, V] (float32)
         and per layer the new tokens' raw keys [T, Hkv, D] (what memory stores) and values.
         `select_dtype`: the precision top-k selection scores queries in (the store's dtype, as
-        fot_jax's exact search does); the selected entries' scores are float32."""
+        fot_jax's exact search does); the selected entries' scores are float32. `logn_base`: a
+        memory layer's queries x max(1, ln n / ln logn_base), n the memory entries and local keys
+        a query sees (0: off)."""
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
         t = tokens.shape[0]
         pos = pos0 + torch.arange(t)
@@ -95,12 +97,16 @@ class LongLlama(torch.nn.Module):
             else:
                 q = q * d ** -0.5
             new_kv.append((k, v))
+            mem = memory.get(i) if (memory is not None and is_mem) else None
+            if is_mem and logn_base:
+                n = (0 if mem is None else mem[0].shape[1]) + pos + 1
+                scale = torch.log(n.float()) / torch.log(torch.tensor(float(logn_base)))
+                q = q * torch.clamp(scale, min=1.0).to(q.dtype)[:, None, None]
             if not (is_mem and not self.mem_positionals):
                 q, k = _rope(q, pos, self.theta), _rope(k, pos, self.theta)
             ck, cv = cache[i]
             ck[pos0: pos0 + t], cv[pos0: pos0 + t] = k, v
             keys, vals = ck[: pos0 + t].transpose(0, 1).float(), cv[: pos0 + t].transpose(0, 1).float()
-            mem = memory.get(i) if (memory is not None and is_mem) else None
             if mem is not None and mem[0].shape[1] == 0:
                 mem = None
             out = _attend(q.transpose(0, 1).float(), keys, vals, pos0, mem, top_k, select_dtype)  # [H, T, D]
@@ -180,8 +186,10 @@ class MemoryGenerator:
     memory attention (every entry); `capacity`: FIFO size of each memory layer's store."""
 
     def __init__(self, model: LongLlama, top_k: int | None = None, capacity: int | None = None,
-                 last_context_length: int | None = None, mem_dtype=None):
+                 last_context_length: int | None = None, mem_dtype=None, logn_base: int | None = None):
         self.model, self.top_k, self.capacity = model, top_k, capacity
+        recorded = (model.config.get("fot_jax_memory") or {}).get("logn_base", 0)
+        self.logn_base = int(recorded if logn_base is None else logn_base)
         self.c = min(last_context_length or model.last_context_length, model.window)
         dt = mem_dtype or model.config.get("mem_dtype", "bfloat16")
         self.mem_dtype = getattr(torch, dt) if isinstance(dt, str) else dt
@@ -227,7 +235,7 @@ class MemoryGenerator:
         scratch = self._window_cache() if n_prefix else None   # a window's own keys, dropped after it
         for s in range(0, n_prefix, w):
             logits, kv = self.model.forward_tokens(tokens[s: min(s + w, n_prefix)], 0, scratch, self.memory,
-                                                   self.top_k, self.mem_dtype)
+                                                   self.top_k, self.mem_dtype, self.logn_base)
             outs.append(logits)
             for l in self.model.mem_layers:
                 self._write(l, *kv[l])
@@ -248,7 +256,7 @@ class MemoryGenerator:
                 self.cache_len = 0
             n = min(len(tokens) - i, self.model.window - self.cache_len)
             logits, kv = self.model.forward_tokens(tokens[i: i + n], self.cache_len, self.cache,
-                                                   self.memory, self.top_k, self.mem_dtype)
+                                                   self.memory, self.top_k, self.mem_dtype, self.logn_base)
             for l in self.model.mem_layers:
                 self.cache_raw[l][self.cache_len: self.cache_len + n] = kv[l][0]
             self.cache_len += n
