@@ -17,6 +17,11 @@ Stages, in one `fot-jax train`:
                         softmax becomes sharp (Adam moves every parameter by about the learning
                         rate a step, and a temperature of 10 needs to reach 30 or more).
 A model that only trained with r <= 1 (the default config) reads 16K tokens of memory, not 256K.
+
+Reading: `memory.logn_base = 8192`, the most keys a memory-layer query sees in training
+((31 + 1) x 256 at r = 31): past that, the memory layer's logits are scaled by ln n / ln 8192
+(n: memory entries and local keys in view), so the softmax stays as sharp with millions of
+entries as it was with thousands (4M tokens: 87.5% -> 94%, 16M: 70% -> 90%+).
 """
 import os
 
@@ -41,6 +46,7 @@ def get_config():
              train=dict(temperature_lr_scale=1000.0)),
     ]
     c.crossbatch.eval_ranges = [0, 1, 31]
+    c.memory.logn_base = (31 + 1) * c.data.seq_len      # inference: log-n scaling past 8,192 keys
     t = c.train
     t.steps = 1900
     t.stop_at_accuracy = 0.0          # the stages decide when training ends

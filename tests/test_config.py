@@ -68,6 +68,8 @@ def test_other_bad_fields():
         load("--config.data.batch_size=7")
     with pytest.raises(config_lib.ConfigError, match=r"data.near_miss.*\[0, 1\]"):
         load("--config.data.near_miss=1.5")
+    with pytest.raises(config_lib.ConfigError, match=r"memory.logn_base.*at least 2 keys, got 1"):
+        load("--config.memory.logn_base=1")
 
 
 def stages(*specs, steps=20):

@@ -116,6 +116,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     m.num_heads, m.num_kv_heads, m.max_position_embeddings = 4, 2, 64
     m.mem_layers, m.mem_positionals, m.last_context_length, m.rope_theta = [1, 2], "as_first", 32, 1e6
     cfg.data.seq_len = 64
+    cfg.memory.logn_base = 4096
     config_lib.validate(cfg)
     model = llama.create(m, seed=5)
     save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
@@ -124,7 +125,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     api.export_model(str(tmp_path / "run"), str(out), max_shard_size="40KB", log=logged.append)
     assert any("grouped-query" in line and "fot_jax.torch" in line for line in logged)   # 4 / 2 heads
     c = json.load(open(out / "config.json"))
-    assert c["fot_jax_memory"] == {"search": "exact", "top_k": 32}                        # how it ran here
+    assert c["fot_jax_memory"] == {"search": "exact", "top_k": 32, "logn_base": 4096}    # how it ran here
     assert c["model_type"] == "longllama" and c["architectures"] == ["LongLlamaForCausalLM"]
     assert c["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
     assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == (
@@ -154,7 +155,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
         "as_first",
         32,
     )
-    assert (cfg2.memory.search, cfg2.memory.top_k) == ("exact", 32)
+    assert (cfg2.memory.search, cfg2.memory.top_k, cfg2.memory.logn_base) == ("exact", 32, 4096)
     # a LongLLaMA checkpoint from elsewhere (no fot_jax record) runs dense memory, as the original code
     del c["fot_jax_memory"]
     json.dump(c, open(out / "config.json", "w"))
