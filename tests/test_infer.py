@@ -320,6 +320,8 @@ def test_bad_input_is_a_clear_error_and_leaves_state():
         MemoryRuntime(model, 1, MemorySettings(capacity=8))
     with pytest.raises(MemoryRuntimeError, match="dtype 'int4'"):
         MemoryRuntime(model, 1, MemorySettings(dtype="int4"))
+    with pytest.raises(MemoryRuntimeError, match="logn_base must be 0 .off. or at least 2, got 1"):
+        MemoryRuntime(model, 1, MemorySettings(logn_base=1))
     rt = MemoryRuntime(model, 2, MemorySettings(top_k=4, capacity=32, dtype="float32", overflow="strict",
                                                 last_context_length=8))
     rt.ingest([np.arange(3, 30), np.arange(3, 20)])
