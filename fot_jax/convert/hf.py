@@ -253,7 +253,7 @@ def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = Fal
     )
     if memory is not None:
         c["fot_jax_memory"] = {"search": memory.search, "top_k": int(memory.top_k),
-                               "logn_base": int(memory.get("logn_base", 0))}
+                               "logn_base": int(memory.logn_base)}
     if fot_extensions:
         c["fot_jax"] = {"qk_norm": m.qk_norm, "qk_temperature_init": m.qk_temperature_init,
                         "mem_attention": m.mem_attention, "vocab_multiple": m.vocab_multiple}

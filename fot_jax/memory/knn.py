@@ -38,10 +38,11 @@ TILE = 1 << 20       # float32 scores per chunk: a tile that stays in cache
 KV_TILE = 1 << 18    # float32 key (and value) elements a dense chunk converts: cached, not a store copy
 
 
-def auto_chunk(rows: int, n: int, group: int = GROUP) -> int:
-    """Keys scored at once for `rows` queries: a score tile of about TILE float32 values stays in
-    cache, which keeps the score matmul at full speed and its one read cheap; at least 256 keys."""
-    c = max(256, group, TILE // max(rows, 1))
+def auto_chunk(rows: int, n: int, group: int = GROUP, tile: int = TILE) -> int:
+    """Keys scored at once for `rows` queries: a score tile of about `tile` float32 values stays in
+    cache, which keeps the score matmul at full speed and its one read cheap; at least 256 keys.
+    (With `rows` the float32 elements of one key, the same bound sizes a chunk of upcast keys.)"""
+    c = max(256, group, tile // max(rows, 1))
     c = 1 << (c.bit_length() - 1)
     return min(c, n)
 
@@ -260,9 +261,8 @@ def dense_sums(q, keys, values, valid, *, chunk: int = 0, dtype: str = "bfloat16
     """Partial sums over every valid entry (no top-k): an online softmax over chunks of N."""
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
-    if not chunk:   # scores and the chunk's keys and values upcast to float32 all stay in cache
-        chunk = min(auto_chunk(b * hkv * nq, n), max(256, 1 << (KV_TILE // (b * hkv * d)).bit_length() - 1))
-    chunk = min(chunk, n)
+    # scores and the chunk's keys and values upcast to float32 all stay in cache
+    chunk = min(chunk or min(auto_chunk(b * hkv * nq, n), auto_chunk(b * hkv * d, n, tile=KV_TILE)), n)
     keys, dtype = _as_bits(keys, dtype)
     values, _ = _as_bits(values, dtype)
     ct = jnp.promote_types(q.dtype, as_float(keys[:0], dtype).dtype)
