@@ -198,8 +198,10 @@ def _eval_memory_scaling(args, cfg, model, out_dir):
     mesh = memory_mesh(args.memory_shards) if args.memory_shards > 1 else None
     rows = memory.memory_scaling(cfg, model, sizes, num_docs=args.num_docs, top_k=cfg.memory.top_k,
                                  baseline=baseline, search=cfg.memory.search, mem_dtype=cfg.model.mem_dtype,
-                                 mesh=mesh, query_windows=args.query_windows, generate=args.generate)
-    title = f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k})"
+                                 mesh=mesh, query_windows=args.query_windows, generate=args.generate,
+                                 layout=args.layout)
+    title = (f"Dictionary lookup accuracy vs tokens in memory (top-k {cfg.memory.top_k}, "
+             f"{args.layout} layout)")
     print(memory.write_table(rows, os.path.join(out_dir, "memory_scaling"), title))
     memory.plot_scaling(rows, os.path.join(out_dir, "memory_scaling.png"), chance=1 / dictionary.NUM_SYMBOLS)
 
@@ -515,6 +517,10 @@ def _add_eval(sub):
     p.add_argument("--query-windows", type=int, default=1,
                    help="memory_scaling: query windows read on top of each document's memory "
                         "(25 queries each)")
+    p.add_argument("--layout", choices=("windows", "stream"), default="windows",
+                   help="memory_scaling: definitions laid out whole in each model window (windows), or "
+                        "back to back so that window boundaries cut some records (stream; the rows "
+                        "then also give the share of such questions and the accuracy on the others)")
     p.add_argument("--generate", action="store_true",
                    help="memory_scaling: also greedy answers (generate) on documents built outside the "
                         "training data, as many questions as the teacher-forced measure")

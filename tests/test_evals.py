@@ -59,7 +59,7 @@ def test_more_query_windows_read_the_same_memory(trained):
     that the document defines, with their values."""
     cfg, model = load_model(trained)
     q = cfg.data.query_length
-    (defs, windows), = memory._documents(cfg, 512, 1, 3, "test", 0)
+    (defs, windows), = memory._documents(cfg, 512, 1, 3, "test", 0, layout="windows")
     keys, values = memory._records(defs, memory.dictionary.KEY)
     defined = {tuple(k): tuple(v) for k, v in zip(keys, values)}
     for tokens, mask in windows[1:]:
@@ -79,17 +79,79 @@ def test_more_query_windows_read_the_same_memory(trained):
     assert row["queries"] == total // 4 and row["fot_accuracy"] == pytest.approx(hits / total, abs=1e-9)
 
 
+def test_layouts_place_whole_records_and_count_cut_ones():
+    """`lay_out` against a record-by-record construction: "stream" puts records back to back after
+    bos; "windows" starts a record only where it ends inside the same window. `_cut_values`
+    marks exactly the value tokens of questions whose definition straddles a boundary."""
+    rng = np.random.default_rng(0)
+    keys = rng.integers(6, 64, (100, 4)).astype(np.int32)
+    values = rng.integers(6, 64, (100, 4)).astype(np.int32)
+    for window in (None, 64, 25):
+        defs, n = memory.lay_out(keys, values, 300, window)
+        expect, pos, i = [memory.dictionary.BOS], 1, 0
+        while i < len(keys):
+            if pos + 10 > 300:
+                break
+            if window and pos // window != (pos + 9) // window:
+                expect.append(memory.dictionary.PAD)
+                pos += 1
+                continue
+            expect += [memory.dictionary.KEY, *keys[i], memory.dictionary.VALUE, *values[i]]
+            pos, i = pos + 10, i + 1
+        expect += [memory.dictionary.PAD] * (300 - len(expect))
+        np.testing.assert_array_equal(defs, expect)
+        assert n == i
+    with pytest.raises(ValueError, match="cannot hold one 10-token record"):
+        memory.lay_out(keys, values, 300, 8)
+    # questions about records 5 (tokens 51..60) and 6 (61..70: cut by the boundary at 64)
+    defs, _ = memory.lay_out(keys, values, 300)
+    d = memory.dictionary
+    q = np.concatenate([[d.QUERY, *keys[k], d.VALUE, *values[k]] for k in (5, 6)])
+    cut = memory._cut_values(defs, q, 64)
+    np.testing.assert_array_equal(cut, np.r_[np.zeros(16, bool), np.ones(4, bool)])
+    assert not memory._cut_values(memory.lay_out(keys, values, 300, 64)[0], q, 64).any()
+
+
+def test_stream_layout_reports_cut_questions(trained):
+    """With records back to back, the row's share of cut questions is what `_cut_values` counts on
+    the same documents, and the whole-record accuracy is the accuracy over the others."""
+    cfg, model = load_model(trained)
+    row, = memory.memory_scaling(cfg, model, sizes=[512], num_docs=2, top_k=4, mem_dtype="float32",
+                                 query_windows=2, layout="stream", log=lambda *_: None)
+    docs = memory._documents(cfg, 512, 2, 2, "test", 0, layout="stream")
+    cut = sum(memory._cut_values(d, t, 64)[m].sum() for d, win in docs for t, m in win)
+    values = sum(m.sum() for _, win in docs for _, m in win)
+    assert 0 < cut < values
+    assert row["cut_queries"] == pytest.approx(cut / values)
+    settings = memory.MemorySettings(top_k=4, capacity=512, dtype="float32", last_context_length=64)
+    hits = total = 0
+    for defs, win in docs:
+        for tokens, mask in win:
+            rt = memory.MemoryRuntime(model, 1, settings)
+            _, (tail,) = rt.ingest([np.concatenate([defs, tokens])], return_logits="tail")
+            h, n = memory._hits(tail, tokens, mask & ~memory._cut_values(defs, tokens, 64))
+            hits, total = hits + h, total + n
+    assert row["whole_accuracy"] == pytest.approx(hits / total, abs=1e-9)
+    windows, = memory.memory_scaling(cfg, model, sizes=[512], num_docs=2, top_k=4, mem_dtype="float32",
+                                     log=lambda *_: None)
+    assert "cut_queries" not in windows
+    with pytest.raises(ValueError, match="layout must be one of"):
+        memory.memory_scaling(cfg, model, sizes=[512], num_docs=1, layout="rows", log=lambda *_: None)
+
+
 def test_generated_answers_on_own_documents(trained):
     """Documents built outside the training builder (unique keys, the documented layout), and
     greedy answers through rewind equal a fresh runtime per question (definitions read, committed
     to memory, then the question)."""
     cfg, model = load_model(trained)
-    (defs, keys, values), = memory.own_documents(300, 1, 3, seed=5)
+    (defs, keys, values), = memory.own_documents(300, 1, 3, seed=5, window=64)
     assert defs[0] == memory.dictionary.BOS and defs.size == 300
     k_all, v_all = memory._records(defs, memory.dictionary.KEY)
-    assert len(k_all) == 299 // 10 and len({tuple(k) for k in k_all}) == len(k_all)
+    # windows of 64 hold 6 whole records (the first: bos and 6), the last 44 tokens 4
+    assert len(k_all) == 4 * 6 + 4 and len({tuple(k) for k in k_all}) == len(k_all)
     assert {tuple(k) for k in keys} <= {tuple(k) for k in k_all}
     settings = memory.MemorySettings(top_k=4, capacity=512, dtype="float32", last_context_length=64)
+    assert cfg.model.max_position_embeddings == 64
     got = memory.generation_accuracy(cfg, model, 300, 1, 3, settings, seed=5)
     right = answers = 0
     for k, v in zip(keys, values):

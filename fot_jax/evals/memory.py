@@ -67,10 +67,44 @@ def _query_window(keys, values, query_length: int, rng) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
-def _documents(cfg, size, num_docs, windows, split, seed):
+LAYOUTS = ("windows", "stream")
+
+
+def record_starts(size: int, record: int, window: int | None = None) -> np.ndarray:
+    """Where the records of definitions of `size` tokens start (bos at 0, then records back to
+    back). With a `window`, each `window`-token window (as `MemoryRuntime.ingest` reads the
+    definitions) holds whole records only, and padding after them: no boundary cuts a record."""
+    if window is None:
+        return 1 + record * np.arange((size - 1) // record)
+    if window < record:
+        raise ValueError(f"a window of {window} tokens cannot hold one {record}-token record")
+    return np.concatenate([max(s, 1) + record * np.arange((min(s + window, size) - max(s, 1)) // record)
+                           for s in range(0, size, window)]).astype(np.int64)
+
+
+def lay_out(keys, values, size: int, window: int | None = None) -> tuple[np.ndarray, int]:
+    """Definitions of `size` tokens: bos, `<k> key <v> value` records at `record_starts`, padding.
+    Returns the tokens and the number of records laid out (the first ones of `keys`)."""
+    key_len, value_len = keys.shape[1], values.shape[1]
+    record = key_len + value_len + 2
+    starts = record_starts(size, record, window)
+    n = min(len(starts), len(keys))
+    rec = np.empty((n, record), np.int32)
+    rec[:, 0], rec[:, 1:1 + key_len], rec[:, 1 + key_len] = dictionary.KEY, keys[:n], dictionary.VALUE
+    rec[:, 2 + key_len:] = values[:n]
+    defs = np.full(size, dictionary.PAD, np.int32)
+    defs[0] = dictionary.BOS
+    defs[starts[:n, None] + np.arange(record)[None, :]] = rec
+    return defs, n
+
+
+def _documents(cfg, size, num_docs, windows, split, seed, layout="stream"):
     """Per document: its definitions (bos included, `size` tokens) and `windows` query windows
-    [(tokens, value mask)]: the first is the dictionary builder's own query region, the others ask
-    other defined keys of the same document."""
+    [(tokens, value mask)] asking distinct defined keys. `layout` "stream": the dictionary
+    builder's document (records back to back); the first query window is the builder's own query
+    region. "windows": the builder's records laid out whole in each model window (`lay_out`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     q = cfg.data.query_length
     out = []
     for i in range(num_docs):
@@ -78,9 +112,29 @@ def _documents(cfg, size, num_docs, windows, split, seed):
         defs = tokens[:-q]
         keys, values = _records(defs, dictionary.KEY, cfg.data.key_length, cfg.data.value_length)
         rng = np.random.default_rng([seed, dictionary.SPLIT_IDS[split], i, 1])
-        more = [_query_window(keys, values, q, rng) for _ in range(windows - 1)]
-        out.append((defs, [(tokens[-q:], mask[-q:])] + more))
+        if layout == "windows":
+            defs, n = lay_out(keys, values, size, cfg.model.max_position_embeddings)
+            keys, values = keys[:n], values[:n]
+            out.append((defs, [_query_window(keys, values, q, rng) for _ in range(windows)]))
+        else:
+            more = [_query_window(keys, values, q, rng) for _ in range(windows - 1)]
+            out.append((defs, [(tokens[-q:], mask[-q:])] + more))
     return out
+
+
+def _cut_values(defs, tokens, window: int, key_length: int = 4, value_length: int = 4) -> np.ndarray:
+    """[len(tokens)] bool: the value tokens of the query records in `tokens` whose definition in
+    `defs` a window boundary cuts (its key and its values are not all in one window)."""
+    record = key_length + value_length + 2
+    starts = np.flatnonzero(defs == dictionary.KEY)
+    starts = starts[starts + record <= defs.size]
+    where = {tuple(defs[s + 1:s + 1 + key_length]): s for s in starts}
+    cut = np.zeros(len(tokens), bool)
+    for s in np.flatnonzero(tokens == dictionary.QUERY):
+        if s + record <= len(tokens):
+            d = where[tuple(tokens[s + 1:s + 1 + key_length])]
+            cut[s + 2 + key_length:s + record] = d // window != (d + record - 1) // window
+    return cut
 
 
 def _hits(logits, tokens, mask):
@@ -93,7 +147,8 @@ def _hits(logits, tokens, mask):
 
 def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: int = 32, baseline=None,
                    split: str = "test", seed: int = 0, search: str = "exact", mem_dtype: str = "bfloat16",
-                   mesh=None, log=print, query_windows: int = 1, generate: bool = False) -> list[dict]:
+                   mesh=None, log=print, query_windows: int = 1, generate: bool = False,
+                   layout: str = "windows") -> list[dict]:
     """Rows {tokens_in_memory, fot_accuracy, baseline_accuracy, queries, seconds, ...} per size.
 
     Each of `num_docs` documents holds `size` tokens of definitions, read window by window into
@@ -102,7 +157,14 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
     accuracy of the value tokens, teacher-forced. `baseline` is (cfg, model) of a model without
     memory, evaluated on the last window it can hold. With a mesh that has a `memory` axis, the
     stores are sharded over it. `generate`: also greedy answers (`MemoryRuntime.generate`) to
-    as many questions on documents built independently of the training data (`own_documents`)."""
+    as many questions on documents built independently of the training data (`own_documents`).
+
+    `layout` "windows" (the default) lays the definitions out whole in each model window;
+    "stream" reads them back to back, so that window boundaries cut some records in two (about
+    one in 25 at W = 256). A model whose memory layers have only local layers below them cannot
+    answer a cut record: its value tokens never saw their key in a local context, so no memory
+    entry ties the two. With "stream" the rows also give the share of questions about cut records
+    (`cut_queries`) and the accuracy on the others (`whole_accuracy`)."""
     w, q = cfg.model.max_position_embeddings, cfg.data.query_length
     rows = []
     for size in sizes:
@@ -112,8 +174,8 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
         settings = MemorySettings(top_k=top_k, capacity=capacity, search=search, dtype=mem_dtype,
                                   last_context_length=q, logn_base=cfg.memory.logn_base)
         rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)   # refuses stores that cannot fit
-        docs = _documents(cfg, size, num_docs, query_windows, split, seed)
-        hits = total = 0
+        docs = _documents(cfg, size, num_docs, query_windows, split, seed, layout)
+        hits = total = whole_hits = whole = 0
         _, tails = rt.ingest([np.concatenate([d, win[0][0]]) for d, win in docs], return_logits="tail")
         ingest_s = time.perf_counter() - start
         mark = rt.mark() - q                       # each row's position after its definitions
@@ -121,16 +183,24 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
             if j:
                 rt.rewind(mark)
                 _, tails = rt.extend([win[j][0] for _, win in docs], return_logits=True)
-            for (_, win), lg in zip(docs, tails):
-                h, n = _hits(lg, *win[j])
+            for (defs, win), lg in zip(docs, tails):
+                tokens, mask = win[j]
+                h, n = _hits(lg, tokens, mask)
                 hits, total = hits + h, total + n
+                if layout == "stream":
+                    cut = _cut_values(defs, tokens, w, cfg.data.key_length, cfg.data.value_length)
+                    h, n = _hits(lg, tokens, mask & ~cut)
+                    whole_hits, whole = whole_hits + h, whole + n
         row = {"tokens_in_memory": size, "fot_accuracy": hits / total,
                "queries": total // cfg.data.value_length}
+        if layout == "stream":
+            row["cut_queries"] = 1 - whole / total
+            row["whole_accuracy"] = whole_hits / max(whole, 1)
         if baseline is not None:
             row["baseline_accuracy"] = _baseline_accuracy(baseline, docs)
         if generate:
             row.update(generation_accuracy(cfg, model, size, num_docs, row["queries"] // num_docs, settings,
-                                           mesh=mesh, seed=seed))
+                                           mesh=mesh, seed=seed, layout=layout))
         row["ingest_seconds"], row["seconds"] = ingest_s, time.perf_counter() - start
         row["store_gib"] = store_bytes(cfg.model, num_docs, capacity, mem_dtype) / 2 ** 30
         row["peak_rss_gib"] = peak_rss_gib()
@@ -162,16 +232,16 @@ def _baseline_accuracy(baseline, docs) -> float:
 
 
 def own_documents(size: int, num_docs: int, queries: int, seed: int = 0, key_length: int = 4,
-                  value_length: int = 4):
+                  value_length: int = 4, window: int | None = None):
     """Dictionary documents built here, independently of the training builder: per document the
     definitions (`size` tokens: bos, then `<k> key <v> value` records with unique keys drawn one by
-    one, then padding) and `queries` (key, value) pairs asked of them."""
+    one, then padding; with a `window`, whole records in each window, `lay_out`) and `queries`
+    (key, value) pairs asked of them."""
     rng = np.random.default_rng([seed, 991])
-    record = key_length + value_length + 2
     first = dictionary.FIRST_SYMBOL
     out = []
     for _ in range(num_docs):
-        n = (size - 1) // record
+        n = len(record_starts(size, key_length + value_length + 2, window))
         seen, keys = set(), []
         while len(keys) < n:
             k = tuple(int(t) for t in rng.integers(first, dictionary.VOCAB_SIZE, key_length))
@@ -180,24 +250,22 @@ def own_documents(size: int, num_docs: int, queries: int, seed: int = 0, key_len
                 keys.append(k)
         keys = np.array(keys, np.int32).reshape(n, key_length)
         values = rng.integers(first, dictionary.VOCAB_SIZE, (n, value_length)).astype(np.int32)
-        marks = [np.full((n, 1), m) for m in (dictionary.KEY, dictionary.VALUE)]
-        body = np.concatenate([marks[0], keys, marks[1], values],
-                              axis=1).reshape(-1)
-        defs = np.full(size, dictionary.PAD, np.int32)
-        defs[0], defs[1:1 + body.size] = dictionary.BOS, body
+        defs, _ = lay_out(keys, values, size, window)
         asked = rng.choice(n, size=min(queries, n), replace=False)
         out.append((defs, keys[asked], values[asked]))
     return out
 
 
-def generation_accuracy(cfg, model, size, num_docs, queries, settings, mesh=None, seed=0) -> dict:
+def generation_accuracy(cfg, model, size, num_docs, queries, settings, mesh=None, seed=0,
+                        layout: str = "windows") -> dict:
     """Greedy answers: the definitions are read into memory (ingested, then the last local window
     committed to memory too, so that a question starts a local context of its own, as queries do
     in training), each question `<q> key <v>` is appended and the value generated, and the runtime
     rewinds to the end of the definitions for the next question. Returns the share of value tokens
     generated right (as the teacher-forced accuracy counts them) and of answers wholly right."""
     vlen = cfg.data.value_length
-    docs = own_documents(size, num_docs, queries, seed, cfg.data.key_length, vlen)
+    window = cfg.model.max_position_embeddings if layout == "windows" else None
+    docs = own_documents(size, num_docs, queries, seed, cfg.data.key_length, vlen, window)
     rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)
     rt.ingest([d for d, _, _ in docs])
     rt.commit()
