@@ -202,6 +202,9 @@ def test_eval_and_generate_commands(trained, tmp_path, capsys):
     assert len(rows) == 2 and all(r["queries"] == 2 * 6 for r in rows)   # 2 windows of 64 tokens: 6 each
     for r in rows:
         assert 0 <= r["generate_accuracy"] <= 1 and r["store_gib"] > 0 and r["peak_rss_gib"] > 0
+    memory.plot_scaling(rows, os.path.join(out, "two.png"), more=[("again", rows[:1])])
+    assert os.path.getsize(os.path.join(out, "two.png")) > 0
+    assert "windows layout" in open(os.path.join(out, "memory_scaling.md")).read()
     assert cli.main(["eval", "--workdir", trained, "--sizes", "128", "--query-windows", "0"]) == 2
     capsys.readouterr()
     assert cli.main(["eval", "--workdir", trained, "--sizes", str(2 ** 40), "--out", out]) == 2

@@ -372,13 +372,17 @@ def write_table(rows, path_base, title):
     return "\n".join(lines)
 
 
-def plot_scaling(rows, path, chance=None):
+def plot_scaling(rows, path, chance=None, more=()):
+    """FoT and baseline accuracy against tokens in memory; `more`: (label, rows) of other
+    evaluations' FoT accuracy on the same axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r["tokens_in_memory"] for r in rows]
     ax.plot(x, [r["fot_accuracy"] for r in rows], "o-", label="FoT (memory, top-k)")
+    for label, other in more:
+        ax.plot([r["tokens_in_memory"] for r in other], [r["fot_accuracy"] for r in other], ".-", label=label)
     if "baseline_accuracy" in rows[0]:
         ax.plot(x, [r["baseline_accuracy"] for r in rows], "s--", label="baseline (512-token context)")
     if chance:
