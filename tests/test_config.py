@@ -95,6 +95,22 @@ def test_stage_configs():
     assert [s.name for s in config_lib.build_stages(load())] == ["train"]  # no stages: one
 
 
+def test_eta_weighs_each_stage_by_its_cost():
+    """The progress ETA: remaining steps of each stage x its tokens a step x its FLOPs a token
+    (document length, rows, crossbatch range), at the pace measured now."""
+    from fot_jax.train.metrics import model_flops_per_token, remaining_seconds
+    cfg = stages(dict(name="short", until_step=5, data=dict(doc_length=32, batch_size=16)),
+                 dict(name="wide", until_step=12, crossbatch=dict(range=3)),
+                 dict(name="last"))
+    st = config_lib.build_stages(cfg)
+    cost = [s.cfg.data.batch_size * s.cfg.data.seq_len
+            * model_flops_per_token(s.cfg.model, s.cfg.data.seq_len, s.cfg.crossbatch.range) for s in st]
+    assert cost[1] > cost[2] > cost[0]
+    assert remaining_seconds(st, 2, 20, 1e9) == pytest.approx((3 * cost[0] + 7 * cost[1] + 8 * cost[2]) / 1e9)
+    assert remaining_seconds(st[1:], 8, 20, 2e9) == pytest.approx((4 * cost[1] + 8 * cost[2]) / 2e9)
+    assert remaining_seconds(st[2:], 20, 20, 1e9) == 0.0
+
+
 @pytest.mark.parametrize("specs, match", [
     ([dict(name="a", until_step=5, crossbatch=dict(rnage=3))],
      r"stages\[0\]' \('a'\): 'crossbatch.rnage' is unknown field.*did you mean crossbatch.range"),

@@ -462,11 +462,12 @@ class Trainer:
         self._check(m)
         now = time.perf_counter()
         tps = (rs.done - rs.last_step) * sd.batch_size * sd.seq_len / max(now - rs.last_time, 1e-9)
-        mfu = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max) / self.peak
+        flops_s = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max)
+        mfu = flops_s / self.peak
         m.update(tokens_per_s=tps, mfu=mfu, stage=rs.stage.index)
         early = t.stop_at_accuracy > 0 or any(s.until_accuracy for s in self.stages)
-        self.log(metrics_lib.progress_line(rs.done, t.steps, m, tps, mfu, now - rs.run_start, rs.start_step,
-                                           may_stop_early=early))
+        eta = metrics_lib.remaining_seconds(self.stages[rs.stage.index:], rs.done, t.steps, flops_s)
+        self.log(metrics_lib.progress_line(rs.done, t.steps, m, tps, mfu, eta, may_stop_early=early))
         self.writer.write(rs.done, m)
         rs.history.append({**m, "step": rs.done})
         rs.last_time, rs.last_step = now, rs.done

@@ -106,11 +106,26 @@ class MetricWriter:
                 self.tb.close()
 
 
+def remaining_seconds(stages, step: int, total: int, flops_per_s: float) -> float:
+    """Seconds left to step `total`: each stage's remaining steps x tokens a step x FLOPs a token
+    (its own document length, rows and crossbatch range) at `flops_per_s`, the pace just measured.
+    Later stages often cost more a step (longer documents, wider ranges), so a pace in steps
+    would promise too little."""
+    left, start = 0.0, 0
+    for s in stages:
+        end = min(s.until_step, total)
+        steps = max(end - max(start, step), 0)
+        d = s.cfg.data
+        left += steps * d.batch_size * d.seq_len * model_flops_per_token(s.cfg.model, d.seq_len,
+                                                                         s.cfg.crossbatch.range)
+        start = max(start, end)
+    return left / max(flops_per_s, 1e-9)
+
+
 def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float, mfu: float,
-                  elapsed: float, start_step: int = 0, may_stop_early: bool = False) -> str:
-    """ETA from this run's pace: `elapsed` seconds for the steps since `start_step` (a resumed run
-    starts there, not at 0); "ETA <=" when the run may stop early (train.stop_at_accuracy)."""
-    eta = (total - step) * elapsed / max(step - start_step, 1)
+                  eta: float, may_stop_early: bool = False) -> str:
+    """One progress line; `eta` in seconds (`remaining_seconds`), shown as "ETA <=" when the run
+    may stop early (train.stop_at_accuracy, a stage's until_accuracy)."""
     bound = "<= " if may_stop_early else ""
     return (
         f"step {step:>6}/{total}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  "
