@@ -107,9 +107,9 @@ def test_layouts_place_whole_records_and_count_cut_ones():
     defs, _ = memory.lay_out(keys, values, 300)
     d = memory.dictionary
     q = np.concatenate([[d.QUERY, *keys[k], d.VALUE, *values[k]] for k in (5, 6)])
-    cut = memory._cut_values(defs, q, 64)
+    cut = memory._cut_values(memory._cut_keys(defs, 64), q)
     np.testing.assert_array_equal(cut, np.r_[np.zeros(16, bool), np.ones(4, bool)])
-    assert not memory._cut_values(memory.lay_out(keys, values, 300, 64)[0], q, 64).any()
+    assert not memory._cut_values(memory._cut_keys(memory.lay_out(keys, values, 300, 64)[0], 64), q).any()
 
 
 def test_stream_layout_reports_cut_questions(trained):
@@ -119,7 +119,7 @@ def test_stream_layout_reports_cut_questions(trained):
     row, = memory.memory_scaling(cfg, model, sizes=[512], num_docs=2, top_k=4, mem_dtype="float32",
                                  query_windows=2, layout="stream", log=lambda *_: None)
     docs = memory._documents(cfg, 512, 2, 2, "test", 0, layout="stream")
-    cut = sum(memory._cut_values(d, t, 64)[m].sum() for d, win in docs for t, m in win)
+    cut = sum(memory._cut_values(memory._cut_keys(d, 64), t)[m].sum() for d, win in docs for t, m in win)
     values = sum(m.sum() for _, win in docs for _, m in win)
     assert 0 < cut < values
     assert row["cut_queries"] == pytest.approx(cut / values)
@@ -129,7 +129,7 @@ def test_stream_layout_reports_cut_questions(trained):
         for tokens, mask in win:
             rt = memory.MemoryRuntime(model, 1, settings)
             _, (tail,) = rt.ingest([np.concatenate([defs, tokens])], return_logits="tail")
-            h, n = memory._hits(tail, tokens, mask & ~memory._cut_values(defs, tokens, 64))
+            h, n = memory._hits(tail, tokens, mask & ~memory._cut_values(memory._cut_keys(defs, 64), tokens))
             hits, total = hits + h, total + n
     assert row["whole_accuracy"] == pytest.approx(hits / total, abs=1e-9)
     windows, = memory.memory_scaling(cfg, model, sizes=[512], num_docs=2, top_k=4, mem_dtype="float32",

@@ -122,18 +122,24 @@ def _documents(cfg, size, num_docs, windows, split, seed, layout="stream"):
     return out
 
 
-def _cut_values(defs, tokens, window: int, key_length: int = 4, value_length: int = 4) -> np.ndarray:
-    """[len(tokens)] bool: the value tokens of the query records in `tokens` whose definition in
-    `defs` a window boundary cuts (its key and its values are not all in one window)."""
+def _cut_keys(defs, window: int, key_length: int = 4, value_length: int = 4) -> set:
+    """Keys of the records in `defs` that a window boundary cuts (key and values not all in one
+    window)."""
     record = key_length + value_length + 2
     starts = np.flatnonzero(defs == dictionary.KEY)
     starts = starts[starts + record <= defs.size]
-    where = {tuple(defs[s + 1:s + 1 + key_length]): s for s in starts}
+    cut = starts[starts // window != (starts + record - 1) // window]
+    return {tuple(defs[s + 1:s + 1 + key_length]) for s in cut}
+
+
+def _cut_values(cut_keys: set, tokens, key_length: int = 4, value_length: int = 4) -> np.ndarray:
+    """[len(tokens)] bool: the value tokens of the query records in `tokens` that ask one of
+    `cut_keys` (`_cut_keys`)."""
+    record = key_length + value_length + 2
     cut = np.zeros(len(tokens), bool)
     for s in np.flatnonzero(tokens == dictionary.QUERY):
-        if s + record <= len(tokens):
-            d = where[tuple(tokens[s + 1:s + 1 + key_length])]
-            cut[s + 2 + key_length:s + record] = d // window != (d + record - 1) // window
+        if s + record <= len(tokens) and tuple(tokens[s + 1:s + 1 + key_length]) in cut_keys:
+            cut[s + 2 + key_length:s + record] = True
     return cut
 
 
@@ -176,6 +182,8 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
         rt = MemoryRuntime(model, num_docs, settings, mesh=mesh)   # refuses stores that cannot fit
         docs = _documents(cfg, size, num_docs, query_windows, split, seed, layout)
         hits = total = whole_hits = whole = 0
+        kl, vl = cfg.data.key_length, cfg.data.value_length
+        cut_keys = [_cut_keys(d, w, kl, vl) for d, _ in docs] if layout == "stream" else None
         _, tails = rt.ingest([np.concatenate([d, win[0][0]]) for d, win in docs], return_logits="tail")
         ingest_s = time.perf_counter() - start
         mark = rt.mark() - q                       # each row's position after its definitions
@@ -183,17 +191,16 @@ def memory_scaling(cfg, model, sizes=DEFAULT_SIZES, num_docs: int = 4, top_k: in
             if j:
                 rt.rewind(mark)
                 _, tails = rt.extend([win[j][0] for _, win in docs], return_logits=True)
-            for (defs, win), lg in zip(docs, tails):
+            for i, ((_, win), lg) in enumerate(zip(docs, tails)):
                 tokens, mask = win[j]
                 h, n = _hits(lg, tokens, mask)
                 hits, total = hits + h, total + n
-                if layout == "stream":
-                    cut = _cut_values(defs, tokens, w, cfg.data.key_length, cfg.data.value_length)
-                    h, n = _hits(lg, tokens, mask & ~cut)
+                if cut_keys is not None:
+                    h, n = _hits(lg, tokens, mask & ~_cut_values(cut_keys[i], tokens, kl, vl))
                     whole_hits, whole = whole_hits + h, whole + n
         row = {"tokens_in_memory": size, "fot_accuracy": hits / total,
                "queries": total // cfg.data.value_length}
-        if layout == "stream":
+        if cut_keys is not None:
             row["cut_queries"] = 1 - whole / total
             row["whole_accuracy"] = whole_hits / max(whole, 1)
         if baseline is not None:
