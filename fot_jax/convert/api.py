@@ -230,3 +230,24 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
             "original LongLLaMA code is multi-head only and cannot load this model with its memory; run it "
             "with fot_jax.torch (memory included) or stock transformers (LlamaForCausalLM, no memory)")
     return target
+
+
+def resolve_init_from(init_from: str, workdir: str, log=print) -> str:
+    """The checkpoint directory `train.init_from` names: a training workdir or an import as it is;
+    an HF directory, a .gguf file or `package:file` (`config.package_file`) is imported once into
+    `<workdir>/init` (by process 0; the others wait) and that directory is returned."""
+    from fot_jax import paths
+    from fot_jax.parallel.distributed import primary_first
+    source = config_lib.package_file(init_from) or init_from
+    if paths.is_url(source) or os.path.isdir(os.path.join(source, "checkpoints")):
+        return init_from
+    if not os.path.exists(source):
+        from fot_jax.checkpoint import CheckpointError
+        raise CheckpointError(f"train.init_from: {init_from!r} does not exist; give a training workdir, an "
+                              "`fot-jax import` output, an HF model directory, a .gguf file or package:file")
+    target = paths.join(workdir, "init")
+    with primary_first(f"init_from/{target}"):
+        if not os.path.isdir(os.path.join(target, "checkpoints")):
+            log(f"train.init_from: importing {source} into {target}")
+            import_model(source, target, log=log)
+    return target

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from fot_jax.data import dictionary, text
+from fot_jax.data import dictionary, retrieval, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +23,10 @@ def _dictionary_source(cfg, split, num_docs):
         seed=d.seed, key_length=d.key_length, value_length=d.value_length, near_miss=d.near_miss)
 
 
+def _retrieval_source(cfg, split, num_docs):
+    return retrieval.data_source(cfg, split, num_docs)
+
+
 def _text_source(cfg, split, num_docs):
     return text.data_source(cfg, split)
 
@@ -31,5 +35,6 @@ def _describe_text(d) -> str:
     return f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace("  ", " ")
 
 
-TASKS = {"dictionary_lookup": Task(dictionary.validate, _dictionary_source, dictionary.describe)}
+TASKS = {"dictionary_lookup": Task(dictionary.validate, _dictionary_source, dictionary.describe),
+         "retrieval": Task(retrieval.validate, _retrieval_source, retrieval.describe)}
 TASKS.update({name: Task(text.validate, _text_source, _describe_text) for name in text.TEXT_TASKS})

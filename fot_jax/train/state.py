@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -25,6 +26,8 @@ def _is_var(x):
 def state_shardings(abstract_state, mesh, rules=DEFAULT_RULES):
     """NamedSharding for every leaf: by logical axes for variables, replicated otherwise."""
     def one(x):
+        if _is_var(x) and isinstance(x.get_raw_value(), optax.MaskedNode):
+            return x        # a frozen parameter's empty optimizer slot (`train.trainable`): no array
         if _is_var(x):
             names = x.get_metadata().get("logical_axes")
             spec = logical_to_spec(names, mesh, rules, x.shape) if names else PartitionSpec()

@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 from fot_jax.model.attention import CrossbatchSpec
-from fot_jax.train.optim import scale_temperature_updates
+from fot_jax.train.optim import freeze, scale_temperature_updates
 
 
 def cross_entropy(logits, targets, mask):
@@ -34,17 +34,19 @@ def split_microbatches(batch, n: int):
 
 
 def train_step(state, batch, r, lr_scale=1.0, temperature_scale=1.0, *, graphdef, tx, spec: CrossbatchSpec,
-               microbatches: int, schedule):
+               microbatches: int, schedule, trainable=()):
     """One optimizer step on the global batch. Gradients are token-weighted: the sum over all
     microbatches of d(loss_sum), divided by the total number of loss tokens, which equals the
     gradient of the whole batch's mean loss. `lr_scale` multiplies the optimizer's updates (AdamW's
     update is linear in its learning rate, so this is the schedule's learning rate times
-    lr_scale); `temperature_scale` multiplies the qk_norm temperatures' updates on top."""
+    lr_scale); `temperature_scale` multiplies the qk_norm temperatures' updates on top.
+    `trainable`: patterns of the parameters that train (`train.trainable`; empty: all); the others
+    get a zero gradient that is never computed."""
     params = state["params"]
 
     def grad_sums(mb):
         def f(p):
-            loss_sum, correct, count = forward_sums(graphdef, p, mb, spec, r)
+            loss_sum, correct, count = forward_sums(graphdef, freeze(p, trainable), mb, spec, r)
             return loss_sum, (correct, count)
         (loss_sum, (correct, count)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, loss_sum, correct, count
