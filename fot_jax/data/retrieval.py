@@ -290,8 +290,8 @@ class DocumentBuilder:
         qas = []
         for i in asked:
             q, a = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
-            qas.append((_cap(q.format(a=attribute, e=entities[i])), _cap(a.format(a=attribute, e=entities[i])),
-                        values[i]))
+            e = entities[i]
+            qas.append((_cap(q.format(a=attribute, e=e)), _cap(a.format(a=attribute, e=e)), values[i]))
         return facts, qas, attribute, words
 
     def _chain(self, rng):
@@ -494,8 +494,9 @@ def data_source(cfg, split: str, num_docs: int | None = None):
 
 
 def describe(d) -> str:
-    return (f"retrieval in {d.haystack} text, up to {d.facts_per_doc} facts / {d.questions_per_doc} questions, "
-            f"docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows, text loss x{d.text_loss_weight:g}"
+    return (f"retrieval in {d.haystack} text, up to {d.facts_per_doc} facts / {d.questions_per_doc} "
+            f"questions, docs of {d.doc_length}, T={d.seq_len}, {d.batch_size} rows, "
+            f"text loss x{d.text_loss_weight:g}"
             + (f", near-miss {d.near_miss:g}" if d.near_miss else ""))
 
 

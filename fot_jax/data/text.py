@@ -193,7 +193,8 @@ def _file_digest(path: str) -> str:
 
 def corpus_spec(d, tokenizer_path: str) -> dict:
     """Everything that determines the prepared documents (its hash names the builder config)."""
-    source = {"stdlib": stdlib_root(), "prose": prose_file() if d.task == "prose" else ""}.get(d.task, d.source)
+    source = {"stdlib": stdlib_root(), "prose": prose_file() if d.task == "prose" else ""}.get(
+        d.task, d.source)
     spec = {"task": d.task, "source": os.path.abspath(source) if d.task != "tfds" else source,
             "tokenizer": _file_digest(tokenizer_path), "min_tokens": int(d.min_tokens),
             "held_out_percent": int(d.held_out_percent), "seed": int(d.seed),
