@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 # 8 simulated CPU devices; must be set before JAX starts.
 os.environ["XLA_FLAGS"] = (
@@ -6,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# transformers copies an export's modeling code (trust_remote_code) into HF_MODULES_CACHE, read
+# when transformers is first imported: a temporary folder, never the user's cache.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="fot_jax_hf_modules_"))
 
 import pytest  # noqa: E402
 

@@ -41,6 +41,8 @@ CASES = {
     "as_first_topk_bfloat16_store": (dict(), 5, 64, "bfloat16"),  # selection in the store's precision
     # log-n scaling past a full (FIFO) store; the export records the base, fot_jax.torch reads it
     "qknorm_topk_fifo_logn": (dict(qk_norm="memory"), 5, 32, "float32", 8),
+    # Memorizing-Transformer gate: memory-only and local-only attention mixed per head
+    "gated_topk": (dict(mem_attention="gated"), 5, 64),
 }
 
 
@@ -54,7 +56,8 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     config_lib.validate(c)
     model = llama.create(c.model, seed=3)
     save_params(str(tmp_path / "run"), c, nnx.state(model, nnx.Param))
-    api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=c.model.qk_norm != "none",
+    extensions = c.model.qk_norm != "none" or c.model.mem_attention == "gated"
+    api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=extensions,
                      log=lambda *_: None)
     tm = load(str(tmp_path / "hf"))
     doc = np.random.default_rng(0).integers(3, 64, 75)  # 4 windows of 16 + a tail of 6
@@ -76,12 +79,3 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     # greedy generation past the window (the cache moves to memory) gives the same tokens
     want = MemoryRuntime(model, 1, settings).generate([doc], 14, stop_token=-1)[0]
     assert gen.generate(doc, 14, eos_token_id=-1) == want.tolist()
-
-
-@needs_torch
-def test_torch_runtime_refuses_gated_models(tmp_path):
-    c = _cfg(mem_attention="gated")
-    save_params(str(tmp_path / "run"), c, nnx.state(llama.create(c.model, seed=1), nnx.Param))
-    api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), fot_extensions=True, log=lambda *_: None)
-    with pytest.raises(ValueError, match="gated"):
-        load(str(tmp_path / "hf"))

@@ -18,7 +18,9 @@ from fot_jax.convert.hf import ConversionError
 from fot_jax.model.llama import abstract_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
+# the modeling code an export carries (config.json's auto_map names them): fot_jax/torch/<file>
+MODELING_FILES = ("configuration_longllama.py", "modeling_longllama.py")
 
 
 def _prepare_target(path: str, overwrite: bool, what: str):
@@ -189,13 +191,100 @@ def _write_weights(sd: dict, directory: str, dtype: str, limit: int) -> list[dic
 
 
 def _copy_tokenizer(source: str, directory: str):
-    """A tokenizer file, or a directory's tokenizer files, beside the exported weights."""
+    """A tokenizer file, or a directory's tokenizer files, beside the exported weights, so that
+    `AutoTokenizer.from_pretrained(directory)` loads it on transformers 4.4x and 5.x: the chat
+    template both as `chat_template.jinja` and inside `tokenizer_config.json`, and a tokenizer
+    class every version knows."""
     if os.path.isfile(source):
         shutil.copy(source, os.path.join(directory, os.path.basename(source)))
     elif os.path.isdir(source):
         for f in os.listdir(source):
             if f in TOKENIZER_FILES and f != "generation_config.json":
                 shutil.copy(os.path.join(source, f), os.path.join(directory, f))
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.exists(config_path):
+        return
+    with open(config_path) as f:
+        tok_cfg = json.load(f)
+    template = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(template) and "chat_template" not in tok_cfg:
+        with open(template) as f:
+            tok_cfg["chat_template"] = f.read()
+    if tok_cfg.get("tokenizer_class") == "TokenizersBackend":   # transformers 5's name for a tokenizer.json
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("backend", "is_local", "local_files_only"):        # where it was loaded from, not what it is
+        tok_cfg.pop(key, None)
+    with open(config_path, "w") as f:
+        json.dump(tok_cfg, f, indent=1)
+
+
+def _copy_modeling_code(directory: str):
+    """configuration_longllama.py and modeling_longllama.py (what auto_map names) beside the weights."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "torch")
+    for name in MODELING_FILES:
+        shutil.copy(os.path.join(here, name), os.path.join(directory, name))
+
+
+def _eval_tables(workdir: str) -> list[str]:
+    """The markdown tables `fot-jax eval` wrote into <workdir>/eval (and its subdirectories)."""
+    root = os.path.join(workdir, "eval")
+    out = []
+    for dirpath, _, files in sorted(os.walk(root)) if os.path.isdir(root) else []:
+        for f in sorted(files):
+            if f.endswith(".md"):
+                with open(os.path.join(dirpath, f)) as fh:
+                    out.append(fh.read().strip())
+    return out
+
+
+def model_card(cfg, workdir: str, config: dict, name: str) -> str:
+    """README.md of an export: what the model is, its memory settings, how to load it, and the
+    evaluations recorded in the workdir."""
+    m = cfg.model
+    top_k = config.get("mem_top_k")
+    reading = ("dense (every memory entry)" if top_k is None
+               else f"each query's top {top_k} entries (exact kNN)")
+    keys = ("keys un-rotated, as if at position 0" if m.mem_positionals == "as_first"
+            else "no rotary embedding in memory layers")
+    lines = [
+        "---", "library_name: transformers", "tags: [focused-transformer, longllama, fot_jax]", "---", "",
+        f"# {name}", "",
+        f"A LLaMA-architecture model with Focused Transformer (FoT) memory layers, exported by "
+        f"fot_jax from `{os.path.abspath(workdir)}` (run `{cfg.name}`"
+        + (f", fine-tuned from `{cfg.train.init_from}`" if cfg.train.init_from else "") + ").", "",
+        f"- {m.num_layers} layers, hidden size {m.hidden_size}, {m.num_heads} query / {m.num_kv_heads} "
+        f"key-value heads of {config['head_dim']}, vocabulary {m.vocab_size}, RoPE theta {m.rope_theta:g}.",
+        f"- Memory layers {list(m.mem_layers)} ({keys}); window {m.max_position_embeddings} tokens; "
+        f"the last {m.last_context_length} tokens of a prompt stay local.",
+        f"- Memory: {reading}; capacity {config.get('mem_capacity')} tokens a sequence (FIFO beyond); "
+        f"store {m.mem_dtype}; log-n scaling base {config.get('mem_logn_base') or 'off'}.", "",
+        "## Use", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "ids = tok(long_text, return_tensors='pt').input_ids       # any length: windows go to memory",
+        "out = model.generate(ids, max_new_tokens=32, mem_top_k=32)   # or mem_top_k=None: dense memory",
+        "print(tok.decode(out[0, ids.shape[1]:]))",
+        "```", "",
+        "Memory settings are config fields and `generate` keyword arguments: `mem_top_k` (None: every "
+        "entry), `mem_capacity` (entries a sequence keeps; the oldest go first), `mem_logn_base`, "
+        "`last_context_length`. The modeling code is in this directory (`modeling_longllama.py`, "
+        "`configuration_longllama.py`): loading needs torch, transformers and safetensors, no network.",
+        "",
+        "Without `trust_remote_code`, load it as a plain LLaMA (no memory: only the last window of a "
+        "prompt is read): `transformers.LlamaForCausalLM.from_pretrained(path)`.",
+    ]
+    if m.num_kv_heads < m.num_heads and m.mem_layers:
+        lines += ["", "Grouped-query attention: the original LongLLaMA code (multi-head only) cannot run "
+                      "this model's memory; the code here and `fot_jax.torch` can."]
+    tables = _eval_tables(workdir)
+    if tables:
+        where = os.path.join(workdir, "eval")
+        lines += ["", "## Evaluations", "", f"Recorded by `fot-jax eval` in `{where}`:", ""]
+        for t in tables:
+            lines += [t, ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def export_model(workdir: str, out: str, step=None, dtype: str = "float32", overwrite: bool = False,
@@ -213,12 +302,16 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
     target, tmp = _prepare_target(out, overwrite, "export")
     try:
         shards = _write_weights(sd, tmp, dtype, parse_size(max_shard_size))
+        hf_config = hf.longllama_config(m, dtype, fot_extensions, memory=cfg.memory)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf.longllama_config(m, dtype, fot_extensions, memory=cfg.memory), f, indent=1)
+            json.dump(hf_config, f, indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": m.bos_token_id, "eos_token_id": m.eos_token_id,
                        "pad_token_id": m.pad_token_id}, f, indent=1)
         _copy_tokenizer(tokenizer or os.path.join(workdir, "tokenizer"), tmp)
+        _copy_modeling_code(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(cfg, workdir, hf_config, os.path.basename(os.path.abspath(out))))
         _commit(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,9 +319,10 @@ def export_model(workdir: str, out: str, step=None, dtype: str = "float32", over
     log(f"exported {workdir} (step {step if step is not None else 'latest'}) -> {target} "
         f"({len(shards)} safetensors file(s), {dtype})")
     if m.mem_layers and m.num_kv_heads < m.num_heads:
-        log(f"warning: grouped-query attention ({m.num_heads} query / {m.num_kv_heads} key-value heads): the "
-            "original LongLLaMA code is multi-head only and cannot load this model with its memory; run it "
-            "with fot_jax.torch (memory included) or stock transformers (LlamaForCausalLM, no memory)")
+        log(f"note: grouped-query attention ({m.num_heads} query / {m.num_kv_heads} key-value heads): the "
+            "original LongLLaMA code is multi-head only and cannot run this model's memory; the export's "
+            "own code can (AutoModelForCausalLM with trust_remote_code=True, or fot_jax.torch), and stock "
+            "LlamaForCausalLM loads it without memory")
     return target
 
 

@@ -224,19 +224,20 @@ def hf_llama_config(m) -> dict:
     )
 
 
+# the modeling code every export carries (fot_jax/torch/{configuration,modeling}_longllama.py)
 LONGLLAMA_AUTO_MAP = {
     "AutoConfig": "configuration_longllama.LongLlamaConfig",
     "AutoModel": "modeling_longllama.LongLlamaModel",
     "AutoModelForCausalLM": "modeling_longllama.LongLlamaForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_longllama.LongLlamaForSequenceClassification",
 }
 
 
 def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = False, memory=None) -> dict:
     """config.json of an exported model: the LongLLaMA format (stock LLaMA loaders read the LLaMA
-    fields and ignore the rest). `memory` (a config's `memory` section) is recorded as
-    `fot_jax_memory` (search mode, top-k and log-n base), so that an import (and `fot_jax.torch`)
-    runs memory as the exporter did."""
+    fields and ignore the rest), read by the export's own `configuration_longllama.py`. `memory` (a
+    config's `memory` section) becomes the modeling code's settings (`mem_top_k`: None for dense
+    search, `mem_capacity`, `mem_logn_base`) and is recorded as `fot_jax_memory` (search mode,
+    top-k and log-n base), so that an import runs memory as the exporter did."""
     c = hf_llama_config(m)
     c.update(
         model_type="longllama",
@@ -250,8 +251,12 @@ def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = Fal
         torch_dtype=torch_dtype,
         use_cache=True,
         initializer_range=m.init_std,
+        qk_norm=m.qk_norm,
+        mem_attention=m.mem_attention,
     )
     if memory is not None:
+        c.update(mem_top_k=None if memory.search == "dense" else int(memory.top_k),
+                 mem_capacity=int(memory.capacity), mem_logn_base=int(memory.logn_base))
         c["fot_jax_memory"] = {"search": memory.search, "top_k": int(memory.top_k),
                                "logn_base": int(memory.logn_base)}
     if fot_extensions:
@@ -308,6 +313,7 @@ def model_overrides_from_hf(hf: dict) -> dict:
         out["last_context_length"] = int(hf["last_context_length"])
     if hf.get("mem_dtype"):
         out["mem_dtype"] = hf["mem_dtype"]
+    out.update({k: hf[k] for k in ("qk_norm", "mem_attention") if hf.get(k)})
     ext = hf.get("fot_jax") or {}
     out.update({k: v for k, v in ext.items() if k in ("qk_norm", "qk_temperature_init", "mem_attention",
                                                        "vocab_multiple")})

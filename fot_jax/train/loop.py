@@ -470,7 +470,8 @@ class Trainer:
         self._check(m)
         now = time.perf_counter()
         tps = (rs.done - rs.last_step) * sd.batch_size * sd.seq_len / max(now - rs.last_time, 1e-9)
-        flops_s = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max)
+        flops_s = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max,
+                                                          trainable=tuple(self.cfg.train.trainable))
         mfu = flops_s / self.peak
         m.update(tokens_per_s=tps, mfu=mfu, stage=rs.stage.index)
         early = t.stop_at_accuracy > 0 or any(s.until_accuracy for s in self.stages)

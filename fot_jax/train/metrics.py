@@ -13,18 +13,41 @@ import jax.numpy as jnp
 from fot_jax import config as config_lib
 from fot_jax import paths
 
+# parameters of a decoder layer `layers.{i}.<name>` (what `train.trainable` patterns see)
+LAYER_PARAMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj",
+                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.qk_temperature",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-def model_flops_per_token(m, seq_len: int, r: int = 0, training: bool = True) -> float:
+
+def model_flops_per_token(m, seq_len: int, r: int = 0, training: bool = True, trainable=()) -> float:
     """Matmul FLOPs per token (PaLM convention: 2 per multiply-add, attention over the full
-    context, backward = 2x forward). Memory layers attend to (r + 1) * T keys."""
+    context). Memory layers attend to (r + 1) * T keys. Training adds the backward pass: 2x the
+    forward when every parameter trains; with `trainable` patterns (`train.trainable`), gradients
+    with respect to activations (1x) from the top down to the lowest trainable layer, and with
+    respect to weights (1x) of the trainable layers only (the frozen ones below run forward only)."""
+    import re
     d = config_lib.head_dim(m)
     e, h, hkv, i = m.hidden_size, m.num_heads, m.num_kv_heads, m.intermediate_size
-    dense = e * d * (2 * h + 2 * hkv) + 3 * e * i            # q, o, k, v, gate/up/down
-    fwd = 2 * (m.num_layers * dense + e * config_lib.padded_vocab(m))
-    for layer in range(m.num_layers):
-        ctx = seq_len * ((r + 1) if layer in list(m.mem_layers) else 1)
-        fwd += 2 * 2 * h * d * ctx                            # q.k and p.v
-    return float(fwd * (3 if training else 1))
+    dense = 2 * (e * d * (2 * h + 2 * hkv) + 3 * e * i)      # q, o, k, v, gate/up/down
+    head = 2 * e * config_lib.padded_vocab(m)
+    attention = [2 * 2 * h * d * seq_len * ((r + 1) if layer in list(m.mem_layers) else 1)
+                 for layer in range(m.num_layers)]           # q.k and p.v
+    fwd = m.num_layers * dense + head + sum(attention)
+    if not training:
+        return float(fwd)
+    patterns = [re.compile(p) for p in trainable]
+    if not patterns:
+        return float(3 * fwd)
+
+    def trains(names):
+        return any(c.search(n) for c in patterns for n in names)
+    layers = [trains([f"layers.{layer}.{p}" for p in LAYER_PARAMS]) for layer in range(m.num_layers)]
+    head_trains = trains(["embed_tokens", "lm_head", "norm.weight"])
+    lowest = 0 if trains(["embed_tokens"]) else next((k for k, t in enumerate(layers) if t), m.num_layers)
+    bwd = head * (1 + head_trains)
+    for layer in range(lowest, m.num_layers):
+        bwd += dense * (1 + layers[layer]) + 2 * attention[layer]
+    return float(fwd + bwd)
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 20, dtype=jnp.float32) -> float:
@@ -116,8 +139,8 @@ def remaining_seconds(stages, step: int, total: int, flops_per_s: float) -> floa
         end = min(s.until_step, total)
         steps = max(end - max(start, step), 0)
         d = s.cfg.data
-        left += steps * d.batch_size * d.seq_len * model_flops_per_token(s.cfg.model, d.seq_len,
-                                                                         s.cfg.crossbatch.range)
+        left += steps * d.batch_size * d.seq_len * model_flops_per_token(
+            s.cfg.model, d.seq_len, s.cfg.crossbatch.range, trainable=tuple(s.cfg.train.trainable))
         start = max(start, end)
     return left / max(flops_per_s, 1e-9)
 
