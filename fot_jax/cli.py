@@ -272,8 +272,10 @@ def _eval_harness(args, cfg, model, out_dir):
         raise UsageError("--task harness: give --tasks NAME[,NAME...] (local tasks: configs/eval/*.yaml)")
     tok, _ = _workdir_tokenizer(args, cfg)      # the model cmd_eval loaded, not a second copy
     lm = harness.FotJaxLM(model=model, cfg=cfg, tokenizer=tok, batch_size=args.batch_size)
+    lengths = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     print(harness.run(args.workdir, args.tasks.split(","), out_dir, limit=args.limit,
-                      num_fewshot=args.num_fewshot, include=args.include, lm=lm))
+                      num_fewshot=args.num_fewshot, include=args.include, lm=lm, lengths=lengths,
+                      tokenizer_dir=os.path.dirname(tok.path)))
 
 
 def _eval_few_shot(args, cfg, model, out_dir):
@@ -509,7 +511,7 @@ def _add_eval(sub):
     p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")
     p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
     p.add_argument("--sizes", help="memory_scaling: dictionary token counts; passkey: prompt lengths; "
-                   "perplexity: memory sizes (comma-separated)")
+                   "perplexity: memory sizes; harness: RULER prompt lengths (comma-separated)")
     p.add_argument("--num-docs", type=int, default=4,
                    help="documents per point (passkey: seeds per length; perplexity: spans per document)")
     p.add_argument("--memory-shards", type=int, default=1,
@@ -525,7 +527,8 @@ def _add_eval(sub):
                    help="memory_scaling: also greedy answers (generate) on documents built outside the "
                         "training data, as many questions as the teacher-forced measure")
     p.add_argument("--out", help="output folder (default <workdir>/eval)")
-    p.add_argument("--tasks", help="harness: lm-evaluation-harness task names (comma-separated)")
+    p.add_argument("--tasks", help="harness: lm-evaluation-harness task names (comma-separated; RULER's "
+                   "offline ones: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, at --sizes)")
     p.add_argument("--limit", type=float, help="harness: examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, help="harness: demonstrations per example")
     p.add_argument("--include", help="harness: a folder of more task YAMLs")

@@ -10,7 +10,11 @@ memory exactly as `fot-jax generate` reads it (LongLLaMA windowing), with the wo
 tokenizer; `loglikelihood`, `loglikelihood_rolling` and `generate_until` are implemented.
 `--config.memory.*` style settings come as model_args (top_k, search, last_context_length).
 Tasks must have local data (`configs/eval/*.yaml`: `dataset_path: json` with local
-`data_files`): nothing is downloaded.
+`data_files`) or generate their data offline: RULER's synthetic tasks in RULER_OFFLINE, sized to
+`max_seq_lengths` by the workdir's tokenizer. Nothing is downloaded: lm-eval's RULER module asks
+nltk for its `punkt_tab` sentence model when it is imported, and `offline_nltk` provides one,
+trained here on the Python documentation that ships with the interpreter (the tasks run here
+never split essays into sentences; essay-haystack tasks download their essays and are refused).
 """
 from __future__ import annotations
 
@@ -32,8 +36,38 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 TASK_DIR = os.path.join(REPO_ROOT, "configs", "eval")
 
 
+# RULER tasks whose data lm-eval generates without a download (repeated-sentence, needle or
+# noise haystacks); the essay-haystack ones (niah_single_2/3, niah_multikey_1, multivalue,
+# multiquery) fetch Paul Graham's essays
+RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt")
+RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+
+
 class HarnessError(ValueError):
     """A harness request fot_jax cannot run (a task that needs a download, a bad argument)."""
+
+
+def offline_nltk(root: str | None = None) -> str:
+    """A `punkt_tab` English sentence model in `<root>/tokenizers/punkt_tab/english` (default root:
+    ~/.cache/fot_jax/nltk_data), trained with nltk's PunktTrainer on the interpreter's own
+    documentation (pydoc_data) when absent, and that root on nltk's search path: importing
+    lm-eval's RULER tasks then finds it instead of downloading. Returns the root."""
+    from pydoc_data.topics import topics
+
+    import nltk
+    from nltk.tokenize.punkt import PunktTrainer, save_punkt_params
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "fot_jax", "nltk_data")
+    english = os.path.join(root, "tokenizers", "punkt_tab", "english")
+    if root not in nltk.data.path:           # (nltk writes data only under its search path)
+        nltk.data.path.insert(0, root)
+    if not os.path.exists(os.path.join(english, "collocations.tab")):
+        trainer = PunktTrainer()
+        trainer.train("\n\n".join(topics[k] for k in sorted(topics)), finalize=True)
+        tmp = english + ".tmp"
+        os.makedirs(tmp, exist_ok=True)
+        save_punkt_params(trainer.get_params(), dir=tmp)
+        os.replace(tmp, english)
+    return root
 
 
 @register_model("fot_jax")
@@ -126,17 +160,25 @@ def _entry_config(entry) -> dict:
 
 
 def check_local(task_manager, tasks) -> None:
-    """Every task reads local data that exists; otherwise a HarnessError naming it."""
+    """Every task reads local data that exists, or is one of RULER_OFFLINE; otherwise a
+    HarnessError naming it."""
     index = task_manager.task_index
     for name in tasks:
         if name not in index:
             raise HarnessError(f"unknown harness task {name!r}; the local tasks are in {TASK_DIR} "
-                               f"({', '.join(sorted(_local_tasks(task_manager)))})")
+                               f"({', '.join(sorted(_local_tasks(task_manager)))}), and RULER's "
+                               f"offline ones are {', '.join(RULER_OFFLINE)}")
+        if name in RULER_OFFLINE:
+            continue
         spec = _entry_config(index[name])
         builder = spec.get("dataset_path")
         files = (spec.get("dataset_kwargs") or {}).get("data_files")
-        if builder is None:
+        if builder is None and not spec.get("custom_dataset"):
             continue                       # a group or tag: its members are tasks of their own
+        if spec.get("custom_dataset") or "ruler" in str(getattr(index[name], "yaml_path", "")):
+            raise HarnessError(
+                f"harness task {name!r} builds its data with code that may download (RULER's essay "
+                f"haystacks do); fot_jax runs RULER's offline tasks: {', '.join(RULER_OFFLINE)}")
         if builder not in LOCAL_BUILDERS or not files:
             raise HarnessError(
                 f"harness task {name!r} needs a download (dataset_path: {builder}); fot_jax runs tasks "
@@ -164,16 +206,26 @@ def _local_tasks(task_manager):
 
 
 def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include=None, model_args=None,
-        lm=None):
+        lm=None, lengths=None, tokenizer_dir: str | None = None):
     """Runs harness tasks on a fot_jax workdir (or on `lm`, a FotJaxLM already built); writes the
-    harness's results JSON and a markdown summary table into `out_dir`. Returns the table."""
+    harness's results JSON and a markdown summary table into `out_dir`. Returns the table.
+    RULER tasks generate prompts of each of `lengths` tokens (default 4096) with the tokenizer in
+    `tokenizer_dir` (default: the workdir's)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = [TASK_DIR] + ([include] if include else [])
-    manager = TaskManager(include_path=paths)
+    metadata = None
+    if any(t in RULER_OFFLINE for t in tasks):
+        offline_nltk()
+        bad = [n for n in lengths or [] if n not in RULER_LENGTHS]
+        if bad:
+            raise HarnessError(f"RULER lengths {bad} are not among the task's metrics {RULER_LENGTHS}")
+        metadata = {"max_seq_lengths": list(lengths or [4096]),
+                    "tokenizer": tokenizer_dir or os.path.join(workdir, "tokenizer")}
+    manager = TaskManager(include_path=paths, metadata=metadata)
     check_local(manager, tasks)
     lm = lm or FotJaxLM(workdir=workdir, **(model_args or {}))
     cwd = os.getcwd()
