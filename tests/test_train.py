@@ -260,3 +260,76 @@ def test_summary_warns_when_training_never_exceeded_r1(tmp_path, data_dir):
                          checkpoints=False, quiet=True)
     assert summary["max_train_range"] == 1
     assert "not expected to read large memories" in summary["warnings"][0]
+
+
+def test_trainable_subset_freezes_the_rest_with_the_full_models_gradients(tmp_path):
+    """train.trainable: the matching parameters take exactly the step full training gives them
+    (same gradients; no clipping, no decay), the others stay bit for bit and hold no optimizer
+    moments; the compiled step computes no gradient for layers below the lowest trainable one."""
+    common = ("--config.train.grad_clip=0", "--config.train.warmup_steps=0",
+              "--config.train.weight_decay=0.1", "--config.mesh.data=1")
+    batch = _batch(tiny())
+    full = Trainer(tiny(*common), str(tmp_path / "a"), devices=jax.devices()[:1], quiet=True)
+    pattern = "--config.train.trainable=['^layers\\\\.1\\\\.self_attn']"
+    part = Trainer(tiny(*common, pattern), str(tmp_path / "b"), devices=jax.devices()[:1], quiet=True)
+    p0 = jax.tree.map(np.asarray, jax.device_get(full.state["params"]))
+    _, pf = _run_steps(full, [batch], 1)
+    _, pp = _run_steps(part, [batch], 1)
+    moments = part.state["opt_state"]
+    from fot_jax.train.optim import param_path
+    changed = 0
+    flat = jax.tree_util.tree_flatten_with_path(pp)[0]
+    for (path, x), y, z in zip(flat, jax.tree.leaves(pf), jax.tree.leaves(p0)):
+        name = param_path(path)
+        if name.startswith("layers.1.self_attn"):
+            changed += 1
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)      # the full model's update
+            assert not np.array_equal(x, z)
+        else:
+            np.testing.assert_array_equal(x, z)                         # untouched, not even decayed
+    assert changed == 4
+    kept = [x for x in jax.tree.leaves(moments) if getattr(x, "ndim", 0) >= 2]
+    assert len(kept) == 2 * 4                                           # mu and nu of the 4 projections
+    # a pattern that names no parameter, and a pattern that is no regex: config errors
+    with pytest.raises(config_lib.ConfigError, match="train.trainable.*matches no parameter"):
+        Trainer(tiny("--config.train.trainable=['^layer\\\\.9']"), str(tmp_path / "c"), quiet=True)
+    with pytest.raises(config_lib.ConfigError, match="train.trainable.*not a regular expression"):
+        tiny("--config.train.trainable=['(']")
+
+
+def test_flops_of_a_partly_frozen_step():
+    """model_flops_per_token with train.trainable: forward everywhere, activation gradients from
+    the top down to the lowest trainable layer, weight gradients of trainable layers only."""
+    from fot_jax.train.metrics import model_flops_per_token
+    m = tiny("--config.model.num_layers=4", "--config.model.mem_layers=[2]").model
+    fwd = model_flops_per_token(m, 64, 1, training=False)
+    assert model_flops_per_token(m, 64, 1) == pytest.approx(3 * fwd)
+    e, i, h, kv = m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads
+    d = m.hidden_size // m.num_heads
+    dense = 2 * (e * d * (2 * h + 2 * kv) + 3 * e * i)
+    head = 2 * e * config_lib.padded_vocab(m)
+    attn = [4 * h * d * 64 * (2 if layer == 2 else 1) for layer in range(4)]
+    # layers 2 and 3 train (embedding frozen): backward through them only
+    want = fwd + head + sum(2 * dense + 2 * attn[layer] for layer in (2, 3))
+    assert model_flops_per_token(m, 64, 1, trainable=(r"^layers\.[23]\.",)) == pytest.approx(want)
+    # only layer 3's attention trains: activation gradients through layer 3, weights of layer 3
+    want = fwd + head + dense * 2 + 2 * attn[3]
+    assert model_flops_per_token(m, 64, 1, trainable=(r"^layers\.3\.self_attn",)) == pytest.approx(want)
+
+
+def test_compiled_partly_frozen_step_does_the_flops_counted(tmp_path):
+    """XLA's own count of the compiled train step falls with train.trainable as
+    model_flops_per_token says (the backward of frozen layers is really gone)."""
+    from fot_jax.train.metrics import model_flops_per_token
+    counted, compiled = [], []
+    for patterns in ([], ["^layers\\.1\\.self_attn"]):
+        c = tiny("--config.mesh.data=1", f"--config.train.trainable={patterns!r}")
+        t = Trainer(c, str(tmp_path / str(len(patterns))), devices=jax.devices()[:1], quiet=True,
+                    checkpoints=False)
+        with mesh_lib.use_mesh(t.mesh):
+            exe = t.train_step_fn(1).lower(t.state, to_global(_batch(c), t.mesh), jnp.int32(1)).compile()
+        cost = exe.cost_analysis()
+        compiled.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+        counted.append(model_flops_per_token(c.model, c.data.seq_len, 1, trainable=tuple(patterns)))
+    assert compiled[1] / compiled[0] == pytest.approx(counted[1] / counted[0], rel=0.15)
+    assert compiled[1] < 0.75 * compiled[0]
