@@ -10,7 +10,11 @@ top-k 32. Rows:
   what generation costs with a host round trip per token;
 - `fot_jax, no memory`: the same model with no memory layers (local cache only): the baseline
   that memory's cost is measured against;
-- `fot_jax.torch`: the PyTorch runtime on the exported weights (HF layout);
+- `transformers AutoModel`: the export loaded with `AutoModelForCausalLM.from_pretrained(dir,
+  trust_remote_code=True)` (the modeling code every export carries), `model.generate()`;
+- `fot_jax.torch`: `MemoryGenerator` over that same model (a thin layer: no GenerationMixin);
+- `fot_jax.torch, previous`: with `--torch-baseline COMMIT`, the PyTorch runtime as it was at a
+  commit of this repository (read with `git show`), the baseline a change is measured against;
 - `original LongLLaMA`: with `--longllama DIR`, the original PyTorch code (a directory holding
   `modeling_longllama.py` and `configuration_longllama.py`, never part of this project) on the
   same exported weights.
@@ -115,11 +119,75 @@ print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE
 """
 
 
-def torch_row(directory, args, prompt, top_k, name):
-    """fot_jax.torch in a process of its own (torch and fot_jax.torch only), so that its peak
-    resident memory is its own."""
+AUTO_CHILD = """
+import json, resource, sys, time
+import torch, transformers
+directory, top_k, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+major = int(transformers.__version__.split(".")[0])
+model = transformers.AutoModelForCausalLM.from_pretrained(
+    directory, trust_remote_code=True, **{"dtype" if major >= 5 else "torch_dtype": torch.float32}).eval()
+kw = dict(mem_top_k=top_k, last_context_length=window, mem_capacity=None)
+def gen(ids, n):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, **kw)
+def best(fn):
+    out, t = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
+    return t, out
+ids = torch.as_tensor([prompt], dtype=torch.long)
+gen(ids[:, :2 * window], 2)
+t_first, _ = best(lambda: gen(ids, 1))
+t_gen, out = best(lambda: gen(ids, new))
+print(json.dumps([t_first, t_gen, out[0, len(prompt):].tolist(),
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+"""
+
+PREVIOUS_CHILD = """
+import json, resource, subprocess, sys, time, types
+import torch
+directory, top_k, window, new, repeats, threads, prompt, repo, commit = json.loads(sys.argv[1])
+source = subprocess.run(["git", "-C", repo, "show", commit + ":fot_jax/torch/longllama.py"], check=True,
+                        capture_output=True, text=True).stdout
+previous = types.ModuleType("previous_torch_runtime")
+exec(compile(source, "previous_torch_runtime.py", "exec"), previous.__dict__)
+torch.set_num_threads(threads)
+gen = previous.MemoryGenerator(previous.load(directory), top_k=top_k, last_context_length=window,
+                               mem_dtype="bfloat16")
+gen.generate(prompt[:2 * window], 2, eos_token_id=-1)
+def best(fn):
+    out, t = None, float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
+    return t, out
+t_ingest, _ = best(lambda: gen.ingest(prompt))
+t_gen, out = best(lambda: gen.generate(prompt, new, eos_token_id=-1))
+print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+"""
+
+
+def auto_row(directory, args, prompt, top_k, name):
+    """AutoModelForCausalLM (the export's own modeling code) and generate(), in a process of its own:
+    ingest is the time to the first token, generation what follows it."""
     spec = json.dumps([directory, top_k, args.last, args.new, args.repeats, args.threads, prompt.tolist()])
-    done = subprocess.run([sys.executable, "-c", TORCH_CHILD, spec], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", AUTO_CHILD, spec], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+    t_first, t_gen, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    return (name, t_first, (t_gen - t_first) * args.new / max(args.new - 1, 1), t_first, out, rss)
+
+
+def torch_row(directory, args, prompt, top_k, name, commit=None):
+    """fot_jax.torch (or, with `commit`, the runtime as it was at that commit) in a process of its
+    own (torch and the runtime only), so that its peak resident memory is its own."""
+    spec = [directory, top_k, args.last, args.new, args.repeats, args.threads, prompt.tolist()]
+    child = TORCH_CHILD
+    if commit:
+        spec += [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), commit]
+        child = PREVIOUS_CHILD
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
     t_ingest, t_gen, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
@@ -265,6 +333,8 @@ def main():
                         help="interpreter for the original code (an environment with transformers 4.x, which "
                              "that code was written for)")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-baseline", default=None, metavar="COMMIT",
+                        help="also run fot_jax.torch as it was at this commit of the repository (git show)")
     args = parser.parse_args()
     if args.workdir:
         c, model, plain = load_workdir(args)
@@ -299,8 +369,15 @@ def main():
                 save_params(run, c, nnx.state(model, nnx.Param))
             api.export_model(run, hf_dir, log=lambda *_: None)
         if not args.no_torch:
+            rows.append(auto_row(hf_dir, args, prompt, None, "transformers AutoModel (dense)"))
+            rows.append(auto_row(hf_dir, args, prompt, args.top_k, "transformers AutoModel (exact)"))
             rows.append(torch_row(hf_dir, args, prompt, None, "fot_jax.torch (dense)"))
             rows.append(torch_row(hf_dir, args, prompt, args.top_k, "fot_jax.torch (exact)"))
+            if args.torch_baseline:
+                rows.append(torch_row(hf_dir, args, prompt, None, "fot_jax.torch previous (dense)",
+                                      args.torch_baseline))
+                rows.append(torch_row(hf_dir, args, prompt, args.top_k, "fot_jax.torch previous (exact)",
+                                      args.torch_baseline))
         if args.longllama:
             if m.num_kv_heads < m.num_heads:   # the original code is multi-head only
                 hf_dir = mha_copy(hf_dir, os.path.join(tmp, "hf_mha"), m)
@@ -316,7 +393,7 @@ def main():
         print(f"original LongLLaMA: multi-head only, so it runs the same model with each key-value head "
               f"repeated for its {m.num_heads // m.num_kv_heads} query heads (the same function, "
               f"{m.num_heads // m.num_kv_heads}x the memory)")
-    print(f"{'runtime':<30} {'ingest tok/s':>12} {'GFLOP/s':>8} {'gen tok/s':>10} {'TTFT s':>7} "
+    print(f"{'runtime':<34} {'ingest tok/s':>12} {'GFLOP/s':>8} {'gen tok/s':>10} {'TTFT s':>7} "
           f"{'ingest vs 1st':>13} {'gen vs 1st':>10} {'same tokens':>11} {'peak RSS':>9}")
     ref = rows[0]
     by_mode = {r[0].split("(")[-1]: r[4] for r in rows if r[0].startswith("fot_jax (")}
@@ -325,7 +402,7 @@ def main():
         same = "" if toks is None or want is None else (
             "yes" if toks == want else f"{np.mean(np.array(toks) == np.array(want)):.0%}")
         print(
-            f"{name:<30} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
+            f"{name:<34} {args.length / ti:>12,.0f} {flops / ti / 1e9:>8.1f} {args.new / tg:>10,.1f} "
             f"{'' if ttft is None else f'{ttft:.2f}':>7} {ref[1] / ti:>12.2f}x {ref[2] / tg:>9.2f}x "
             f"{same:>11} "
             f"{'' if rss is None else f'{rss / 2**30:.2f} GiB':>9}"

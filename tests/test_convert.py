@@ -126,7 +126,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     assert any("grouped-query" in line and "fot_jax.torch" in line for line in logged)   # 4 / 2 heads
     c = json.load(open(out / "config.json"))
     assert c["fot_jax_memory"] == {"search": "exact", "top_k": 32, "logn_base": 4096}    # how it ran here
-    assert c["model_type"] == "longllama" and c["architectures"] == ["LongLlamaForCausalLM"]
+    assert c["model_type"] == "llama" and c["architectures"] == ["LongLlamaForCausalLM"]
     assert c["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
     assert (c["mem_layers"], c["mem_positionals"], c["last_context_length"], c["rope_theta"]) == (
         [1, 2],
@@ -158,6 +158,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     assert (cfg2.memory.search, cfg2.memory.top_k, cfg2.memory.logn_base) == ("exact", 32, 4096)
     # a LongLLaMA checkpoint from elsewhere (no fot_jax record) runs dense memory, as the original code
     del c["fot_jax_memory"]
+    c["model_type"] = "longllama"                     # the published LongLLaMA format
     json.dump(c, open(out / "config.json", "w"))
     logged = []
     cfg3 = api.import_model(str(out), str(tmp_path / "longllama"), log=logged.append)

@@ -204,6 +204,8 @@ def test_plain_llama_loads_the_export_and_the_card_says_how(tmp_path):
     c = _cfg(heads=4, kv=2)
     model, path = _export(tmp_path, c)
     plain = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    # without trust_remote_code the Auto classes read it as a plain LLaMA, asking nothing
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(path)).__name__ == "LlamaForCausalLM"
     hf = _auto(path)
     ids = torch.tensor(np.random.default_rng(2).integers(3, VOCAB, LAST))[None]  # all local: no memory
     with torch.no_grad():
@@ -239,3 +241,31 @@ def test_model_card_carries_the_workdirs_evaluations(tmp_path):
     api.export_model(str(run), str(tmp_path / "hf"), log=lambda *_: None)
     card = open(tmp_path / "hf" / "README.md").read()
     assert "## Evaluations" in card and "### Passkey retrieval, x" in card
+
+
+def test_published_longllama_format_with_pytorch_bin_imports(tmp_path):
+    """A checkpoint in the published LongLLaMA format (model_type longllama, its config fields,
+    pytorch_model.bin) imports, runs dense memory as the original code does, and exports to a
+    directory that AutoModelForCausalLM reads with the same logits as fot_jax."""
+    from safetensors.torch import load_file
+
+    c = _cfg(heads=4, kv=4, search="dense", capacity=256)
+    model, path = _export(tmp_path, c)
+    published = tmp_path / "published"
+    os.makedirs(published)
+    torch.save(load_file(os.path.join(path, "model.safetensors")), published / "pytorch_model.bin")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    for key in ("fot_jax_memory", "mem_top_k", "mem_capacity", "mem_logn_base", "qk_norm", "mem_attention"):
+        cfg.pop(key, None)
+    cfg.update(model_type="longllama", torch_attention=False, gradient_checkpoint_every_ith=1,
+               auto_map={"AutoConfig": "configuration_longllama.LongLlamaConfig",
+                         "AutoModelForCausalLM": "modeling_longllama.LongLlamaForCausalLM"})
+    json.dump(cfg, open(published / "config.json", "w"))
+    imported = api.import_model(str(published), str(tmp_path / "imported"), log=lambda *_: None)
+    assert imported.memory.search == "dense" and list(imported.model.mem_layers) == [1, 2]
+    api.export_model(str(tmp_path / "imported"), str(tmp_path / "again"), log=lambda *_: None)
+    doc = np.random.default_rng(4).integers(3, VOCAB, 90)
+    _, (want,) = MemoryRuntime(model, 1, _settings(c)).ingest([doc], return_logits=True)
+    with torch.no_grad():
+        got = _auto(str(tmp_path / "again"))(torch.tensor(doc)[None]).logits[0].numpy()
+    np.testing.assert_allclose(got, want[:, :VOCAB], atol=1e-4, rtol=0)

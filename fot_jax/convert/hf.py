@@ -240,7 +240,9 @@ def longllama_config(m, torch_dtype: str = "float32", fot_extensions: bool = Fal
     top-k and log-n base), so that an import runs memory as the exporter did."""
     c = hf_llama_config(m)
     c.update(
-        model_type="longllama",
+        # "llama": without trust_remote_code, transformers reads the directory as a plain LLaMA
+        # (AutoModelForCausalLM, AutoTokenizer); with it, auto_map selects the memory model
+        model_type="llama",
         architectures=["LongLlamaForCausalLM"],
         auto_map=dict(LONGLLAMA_AUTO_MAP),
         mem_layers=list(m.mem_layers),
@@ -328,6 +330,7 @@ class LazyTensors:
     def __init__(self, directory: str):
         self.directory = directory
         self._where: dict[str, str] = {}
+        self._bin_cache: dict[str, dict] = {}
         files = sorted(os.listdir(directory))
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if index_name in files:
@@ -349,7 +352,6 @@ class LazyTensors:
             for fname in weights:
                 for name in self._names(fname):
                     self._where[name] = fname
-        self._bin_cache: dict[str, dict] = {}
 
     def _names(self, fname):
         path = os.path.join(self.directory, fname)

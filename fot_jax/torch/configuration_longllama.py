@@ -33,7 +33,9 @@ class LongLlamaConfig(PretrainedConfig):
         Transformer: the two attentions mixed by a learnt per-head gate).
     """
 
-    model_type = "longllama"
+    # an export's config.json says "llama", so that stock transformers, without trust_remote_code,
+    # loads it as a plain LLaMA (AutoModelForCausalLM, AutoTokenizer) and asks nothing
+    model_type = "llama"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
