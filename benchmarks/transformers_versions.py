@@ -84,7 +84,7 @@ def check(version: str, directory: str, root: str, torch_spec: str) -> dict:
     if res.returncode:
         last = [line for line in res.stderr.strip().splitlines() if line.strip()][-1:]
         return {"transformers": version, "error": last[0] if last else f"exit {res.returncode}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads([line for line in res.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def main():

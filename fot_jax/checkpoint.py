@@ -39,7 +39,22 @@ RESUMABLE_MODEL_FIELDS = frozenset({"last_context_length", "mem_dtype", "remat",
 # start from their initialisation; the differences are logged.
 FINETUNE_MODEL_FIELDS = frozenset({"mem_layers", "mem_positionals", "mem_attention", "qk_norm",
                                    "qk_temperature_init", "max_position_embeddings", "rope_theta",
-                                   "init_std", "param_dtype"})
+                                   "init_std", "param_dtype", "trained_context"})
+
+
+def stored_config(workdir: str, step=None) -> dict:
+    """The config a workdir's latest (or chosen) checkpoint was written with, as a dict."""
+    directory = paths.join(workdir, "checkpoints")
+    if not paths.isdir(directory):
+        raise CheckpointError(f"no checkpoints in {workdir!r} (expected {directory})")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    finally:
+        manager.close()
 
 
 def _abstract(tree, shardings):

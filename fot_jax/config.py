@@ -49,6 +49,9 @@ def _model_fields() -> ml_collections.ConfigDict:
     m.num_kv_heads = 4                # < num_heads: grouped-query attention
     m.head_dim = 0                    # 0: hidden_size // num_heads
     m.max_position_embeddings = 256   # the local window W
+    m.trained_context = 0             # positions the weights were trained with (an import's context;
+                                      # a fine-tune adopts its init's); the window may not exceed it.
+                                      # 0: unknown. Set it to train a longer window on purpose
     m.rope_theta = 10000.0
     m.rms_norm_eps = 1e-6
     m.tie_embeddings = False
@@ -420,6 +423,13 @@ def _validate_model(cfg) -> None:
     _check(
         head_dim(m) % 2 == 0, "model.head_dim", f"rotary embeddings need an even head_dim, got {head_dim(m)}"
     )
+    _check(m.trained_context >= 0, "model.trained_context", f"must be >= 0, got {m.trained_context}")
+    _check(not m.trained_context or m.max_position_embeddings <= m.trained_context,
+           "model.max_position_embeddings",
+           f"a window of {m.max_position_embeddings} exceeds the {m.trained_context} positions the model "
+           "was trained with (model.trained_context): its rotary positions beyond that were never seen. "
+           f"Use a window of at most {m.trained_context} (memory reads the rest), or set "
+           "model.trained_context to train a longer window on purpose")
     for i in m.mem_layers:
         _check(isinstance(i, int) and 0 <= i < m.num_layers, "model.mem_layers",
                f"index {i} out of range for num_layers={m.num_layers} (0-based)")

@@ -257,9 +257,15 @@ def test_published_longllama_format_with_pytorch_bin_imports(tmp_path):
     cfg = json.load(open(os.path.join(path, "config.json")))
     for key in ("fot_jax_memory", "mem_top_k", "mem_capacity", "mem_logn_base", "qk_norm", "mem_attention"):
         cfg.pop(key, None)
-    cfg.update(model_type="longllama", torch_attention=False, gradient_checkpoint_every_ith=1,
-               auto_map={"AutoConfig": "configuration_longllama.LongLlamaConfig",
-                         "AutoModelForCausalLM": "modeling_longllama.LongLlamaForCausalLM"})
+    cfg.update(
+        model_type="longllama",
+        torch_attention=False,
+        gradient_checkpoint_every_ith=1,
+        auto_map={
+            "AutoConfig": "configuration_longllama.LongLlamaConfig",
+            "AutoModelForCausalLM": "modeling_longllama.LongLlamaForCausalLM",
+        },
+    )
     json.dump(cfg, open(published / "config.json", "w"))
     imported = api.import_model(str(published), str(tmp_path / "imported"), log=lambda *_: None)
     assert imported.memory.search == "dense" and list(imported.model.mem_layers) == [1, 2]
@@ -269,3 +275,40 @@ def test_published_longllama_format_with_pytorch_bin_imports(tmp_path):
     with torch.no_grad():
         got = _auto(str(tmp_path / "again"))(torch.tensor(doc)[None]).logits[0].numpy()
     np.testing.assert_allclose(got, want[:, :VOCAB], atol=1e-4, rtol=0)
+
+
+def test_window_beyond_the_imported_context_is_a_config_error(tmp_path, data_dir):
+    """An import records the context its weights were trained with; a fine-tune or an evaluation
+    with a wider window is refused naming model.max_position_embeddings (unless trained_context
+    is raised on purpose)."""
+    from fot_jax.checkpoint import load_model
+    from fot_jax.train.loop import Trainer
+
+    c = _cfg(heads=4, kv=4)
+    _, path = _export(tmp_path, c)  # an HF directory, window 16
+    api.import_model(path, str(tmp_path / "imp"), log=lambda *_: None)
+    cfg, _ = load_model(str(tmp_path / "imp"))
+    assert cfg.model.trained_context == WINDOW
+    with pytest.raises(
+        config_lib.ConfigError, match="model.max_position_embeddings.*exceeds the 16 positions"
+    ):
+        load_model(str(tmp_path / "imp"), overrides=["--config.model.max_position_embeddings=32"])
+    tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    over = [
+        f"--config.train.init_from={tmp_path / 'imp'}",
+        f"--config.model.vocab_size={VOCAB}",
+        "--config.model.hidden_size=32",
+        "--config.model.intermediate_size=48",
+        "--config.model.num_layers=3",
+        "--config.model.num_kv_heads=4",
+        "--config.model.mem_layers=[1,2]",
+        "--config.model.init_std=0.2",
+        "--config.model.max_position_embeddings=32",
+        "--config.data.seq_len=32",
+        "--config.train.steps=1",
+    ]
+    wide = config_lib.load_config(tiny, over)
+    with pytest.raises(config_lib.ConfigError, match="model.max_position_embeddings"):
+        Trainer(wide, str(tmp_path / "ft"), quiet=True)
+    on_purpose = config_lib.load_config(tiny, over + ["--config.model.trained_context=32"])
+    Trainer(on_purpose, str(tmp_path / "ft2"), quiet=True)

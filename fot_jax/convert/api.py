@@ -51,6 +51,7 @@ def model_config_from_hf(hf_config: dict, overrides=()):
     for k, v in hf.model_overrides_from_hf(hf_config).items():
         cfg.model[k] = v
     cfg.memory.capacity = max(cfg.memory.capacity, cfg.model.max_position_embeddings)
+    cfg.model.trained_context = cfg.model.max_position_embeddings    # the context it was trained with
     cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_position_embeddings)
     recorded = hf_config.get("fot_jax_memory") or {}
     if recorded:                                   # exported by fot_jax: memory as it ran there

@@ -224,6 +224,19 @@ class _TermWatch:
         return False
 
 
+def adopt_init(cfg, init_from: str):
+    """cfg with train.init_from = `init_from` (a checkpoint directory) and, when the run leaves
+    model.trained_context at 0, the context its initial model records (an import's: so that a
+    window beyond it is a config error naming model.max_position_embeddings)."""
+    from fot_jax.checkpoint import stored_config
+    d = cfg.to_dict()
+    d["train"]["init_from"] = init_from
+    if not cfg.model.trained_context:
+        init_model = stored_config(init_from).get("model", {})
+        d["model"]["trained_context"] = int(init_model.get("trained_context", 0))
+    return config_lib.from_dict(d)
+
+
 class Trainer:
     def __init__(self, cfg, workdir: str, checkpoints=None, devices=None, quiet: bool = False):
         """checkpoints: None -> `fot_jax.checkpoint.Checkpoints` in workdir; False -> none; or any
@@ -235,9 +248,7 @@ class Trainer:
         if cfg.train.init_from:       # a model file or a package's: imported into the workdir once
             from fot_jax.convert.api import resolve_init_from
             resolved = resolve_init_from(cfg.train.init_from, workdir, log=metrics_lib.log)
-            if resolved != cfg.train.init_from:
-                cfg = config_lib.from_dict({**cfg.to_dict(), "train": {**cfg.train.to_dict(),
-                                                                       "init_from": resolved}})
+            cfg = adopt_init(cfg, resolved)
         self.cfg, self.workdir = cfg, workdir
         self.quiet = quiet
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
