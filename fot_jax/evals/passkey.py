@@ -8,6 +8,7 @@ greedily; a hit is when its first tokens equal the tokens of " K" as they follow
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -46,12 +47,16 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, bos: bool = True
 
 def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5, batch: int | None = None,
             log=print) -> list[dict]:
-    """Rows {length, prompt_tokens, hits, trials, accuracy, seconds} (one per length)."""
+    """Rows {length, prompt_tokens, hits, trials, accuracy, seconds} (one per length). Each length
+    runs with a memory that holds its whole prompt (capacity: the prompt rounded up to windows),
+    so no needle is ever dropped by FIFO and no store is larger than it needs to be."""
     if settings.mode != "single_doc":
         raise ValueError("passkey needs memory.mode='single_doc' (each prompt starts with an empty memory)")
     rows = []
     runtimes = {}
+    window = model.config.max_position_embeddings
     for length in lengths:
+        needed = dataclasses.replace(settings, capacity=max(-(-int(length) // window) * window, window))
         start = time.perf_counter()
         prompts, answers, keys = [], [], []
         for s in range(seeds):
@@ -65,9 +70,10 @@ def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5,
         b = batch or seeds
         for i in range(0, seeds, b):
             chunk = prompts[i: i + b]
-            if len(chunk) not in runtimes:  # one runtime per batch size: its programs compile once
-                runtimes[len(chunk)] = MemoryRuntime(model, len(chunk), settings)
-            outs = runtimes[len(chunk)].generate(chunk, max(len(a) for a in answers[i: i + b]), stop_token=-1)
+            if (len(chunk), needed.capacity) not in runtimes:  # one runtime per shape: compiled once
+                runtimes = {(len(chunk), needed.capacity): MemoryRuntime(model, len(chunk), needed)}
+            rt = runtimes[(len(chunk), needed.capacity)]
+            outs = rt.generate(chunk, max(len(a) for a in answers[i: i + b]), stop_token=-1)
             for out, ans, key in zip(outs, answers[i: i + b], keys[i: i + b]):
                 ok = list(out[: len(ans)]) == ans
                 hits += ok

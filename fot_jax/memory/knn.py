@@ -122,6 +122,23 @@ def _merge_chunk(vals, idx, s, ok, start, group):
     return vals, idx
 
 
+def _topk_rows(s, k: int, group: int):
+    """Exact top-k of each row of s [R, C] (values descending, ties to the lower index, as
+    `lax.top_k`): the k groups of `group` consecutive scores with the highest maxima hold every
+    top-k entry (each group ranked above an entry's own holds an entry ranked above it), so only
+    their k * group scores are ranked. One read of s for the group maxima, then two small top-k:
+    a decode step's few queries against a long store need no top-k over the whole store."""
+    r, c = s.shape
+    if c % group or c // group < 4 * k:
+        return jax.lax.top_k(s, k)
+    grouped = s.reshape(r, c // group, group)
+    _, g = jax.lax.top_k(jnp.max(grouped, axis=-1), k)
+    g = jnp.sort(g, axis=-1)                    # candidates in index order: ties keep the lower index
+    cand = jnp.take_along_axis(grouped, g[:, :, None], axis=1).reshape(r, k * group)
+    v, j = jax.lax.top_k(cand, k)
+    return v, jnp.take_along_axis(g, j // group, axis=-1) * group + j % group
+
+
 def _approx_merge(vals, idx, s, start, recall_target):
     k = vals.shape[-1]
     v, j = jax.lax.approx_max_k(s, min(k, s.shape[-1]), recall_target=recall_target)
@@ -187,7 +204,7 @@ def _scan_block(qs, keys, valid, top_k, chunk, search, recall_target, group, dty
     _, s, ok = scores(0, "bhqd,bhcd->bhqc")
     s = jnp.where(ok[:, None, None, :], s, -jnp.inf).reshape(b * hkv * nq, chunk)
     k0 = min(top_k, chunk)
-    v, i = jax.lax.top_k(s, k0)
+    v, i = _topk_rows(s, k0, grp)
     pad = ((0, 0), (0, top_k - k0))
     init = (jnp.pad(v, pad, constant_values=-jnp.inf), jnp.pad(i.astype(jnp.int32), pad))
     if n_chunks == 1:
