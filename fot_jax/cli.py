@@ -298,9 +298,23 @@ def _eval_few_shot(args, cfg, model, out_dir):
     few_shot.plot(rows, base + ".png", title)
 
 
-EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "distraction": _eval_distraction,
-              "passkey": _eval_passkey, "perplexity": _eval_perplexity, "harness": _eval_harness,
-              "few_shot": _eval_few_shot}
+def _eval_retrieval_heads(args, cfg, model, out_dir):
+    from fot_jax.data.tokenizer import check_vocab
+    from fot_jax.evals import memory, retrieval_heads
+    tok, _ = _workdir_tokenizer(args, cfg)
+    check_vocab(tok, cfg.model)
+    length = int((args.sizes or "1024").split(",")[0])
+    scores, hits = retrieval_heads.retrieval_scores(model, tok, length, seeds=args.num_docs)
+    rows, layers = retrieval_heads.strongest(scores)
+    print(memory.write_table(rows, os.path.join(out_dir, "retrieval_heads"),
+                             f"Retrieval heads: attention on the passkey's tokens, {length}-token prompts"))
+    print(f"answered {hits}/{args.num_docs} prompts within the window; the layers of the strongest heads: "
+          f"{layers} (--config.model.mem_layers={layers})")
+
+
+EVAL_TASKS = {"memory_scaling": _eval_memory_scaling, "retrieval_heads": _eval_retrieval_heads,
+              "distraction": _eval_distraction, "passkey": _eval_passkey, "perplexity": _eval_perplexity,
+              "harness": _eval_harness, "few_shot": _eval_few_shot}
 
 
 def _host_devices(count: int, replace: bool = False) -> None:
