@@ -198,3 +198,57 @@ def test_next_token_logprobs_equal_one_token_loglikelihoods():
         for t in (5, 6848, 31999):
             (ll, _), = scorer.loglikelihoods([ctx + [t]], [len(ctx)])
             np.testing.assert_allclose(lp[i, t], ll, rtol=1e-5, atol=1e-5)
+
+
+def _word_tokenizer(path, words):
+    """A word-level tokenizer.json (with bos / eos) that both fot_jax and transformers load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(sorted(set(words)))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    os.makedirs(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+              open(os.path.join(path, "tokenizer_config.json"), "w"))
+    return len(vocab)
+
+
+@pytest.mark.slow
+def test_ruler_tasks_run_offline_per_length(tmp_path, monkeypatch):
+    """RULER's synthetic tasks through the harness with no network: nltk's sentence model comes
+    from offline_nltk (a download or any connection fails the test), prompts are sized by the
+    given tokenizer, one evaluation per length, a table with the mean; essay-haystack tasks are
+    refused."""
+    import socket
+
+    import nltk
+
+    def no_network(*a, **k):
+        raise AssertionError("RULER tried to reach the network")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(nltk, "download", no_network)
+    words = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+             "What is the special magic number for mentioned in the provided text? One of the numbers "
+             "VAR = Memorize and track chain(s) of variable assignment hidden in following Question: "
+             "Find all variables that are assigned value above. Answer: According to variables").split()
+    padding = [f"w{i}" for i in range(20)]                 # the model config wants 64+ ids
+    vocab = _word_tokenizer(str(tmp_path / "tok"), words + [str(d) for d in range(10)] + padding)
+    c = config_lib.base_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size = vocab, 32, 48
+    m.num_layers, m.num_heads, m.num_kv_heads = 2, 2, 2
+    m.max_position_embeddings, m.last_context_length, m.mem_layers = 256, 128, [1]
+    c.data.seq_len, c.data.doc_length, c.data.query_length = 256, 512, 256
+    c.memory.capacity = 8192
+    config_lib.validate(c)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    lm = harness.FotJaxLM(model=llama.create(m, seed=1), cfg=c, tokenizer=tok, max_gen_toks=8)
+    table = harness.run(None, ["niah_single_1", "ruler_vt"], str(tmp_path / "out"), limit=2, lm=lm,
+                        lengths=[4096], tokenizer_dir=str(tmp_path / "tok"))
+    assert "| niah_single_1 |" in table and "| ruler_vt |" in table and "| mean |" in table
+    saved = json.load(open(tmp_path / "out" / "harness_niah_single_1_ruler_vt.json"))
+    assert set(saved["ruler"]) == {"niah_single_1", "ruler_vt"}
+    assert all(0 <= v <= 1 for r in saved["ruler"].values() for v in r.values())
+    with pytest.raises(harness.HarnessError, match="niah_single_2.*download"):
+        harness.run(None, ["niah_single_2"], str(tmp_path / "out2"), lm=lm, lengths=[4096],
+                    tokenizer_dir=str(tmp_path / "tok"))

@@ -209,38 +209,67 @@ def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include
         lm=None, lengths=None, tokenizer_dir: str | None = None):
     """Runs harness tasks on a fot_jax workdir (or on `lm`, a FotJaxLM already built); writes the
     harness's results JSON and a markdown summary table into `out_dir`. Returns the table.
-    RULER tasks generate prompts of each of `lengths` tokens (default 4096) with the tokenizer in
-    `tokenizer_dir` (default: the workdir's)."""
+    RULER tasks run once per length of `lengths` (default 4096; `limit` examples each), their
+    prompts sized by the tokenizer in `tokenizer_dir` (default: the workdir's); their table has a
+    column per length and the mean over the tasks."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     paths = [TASK_DIR] + ([include] if include else [])
-    metadata = None
-    if any(t in RULER_OFFLINE for t in tasks):
+    ruler = [t for t in tasks if t in RULER_OFFLINE]
+    others = [t for t in tasks if t not in RULER_OFFLINE]
+    lengths = list(lengths or [4096])
+    if ruler:
         offline_nltk()
-        bad = [n for n in lengths or [] if n not in RULER_LENGTHS]
+        bad = [n for n in lengths if n not in RULER_LENGTHS]
         if bad:
             raise HarnessError(f"RULER lengths {bad} are not among the task's metrics {RULER_LENGTHS}")
-        metadata = {"max_seq_lengths": list(lengths or [4096]),
-                    "tokenizer": tokenizer_dir or os.path.join(workdir, "tokenizer")}
-    manager = TaskManager(include_path=paths, metadata=metadata)
-    check_local(manager, tasks)
+    check_local(TaskManager(include_path=paths), tasks)
     lm = lm or FotJaxLM(workdir=workdir, **(model_args or {}))
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)                    # the task files' data paths are relative to it
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
-                                          task_manager=manager, log_samples=False)
-    finally:
-        os.chdir(cwd)
+
+    def evaluate(names, metadata=None):
+        manager = TaskManager(include_path=paths, metadata=metadata)
+        cwd = os.getcwd()
+        os.chdir(REPO_ROOT)                    # the task files' data paths are relative to it
+        try:
+            return lm_eval.simple_evaluate(model=lm, tasks=list(names), limit=limit, num_fewshot=num_fewshot,
+                                           task_manager=manager, log_samples=False)
+        finally:
+            os.chdir(cwd)
+
     os.makedirs(out_dir, exist_ok=True)
     name = "harness_" + "_".join(tasks)
+    saved, tables = {}, []
+    if others:
+        results = evaluate(others)
+        saved = {k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}
+        tables.append(make_table(results))
+    if ruler:
+        scores = {t: {} for t in ruler}
+        for n in lengths:
+            results = evaluate(ruler, {"max_seq_lengths": [n],
+                                       "tokenizer": tokenizer_dir or os.path.join(workdir, "tokenizer")})
+            for t in ruler:
+                scores[t][n] = float(results["results"][t][f"{n},none"])
+        saved["ruler"] = {t: {str(n): v for n, v in by_len.items()} for t, by_len in scores.items()}
+        tables.append(ruler_table(scores, lengths, limit))
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump({k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}, f,
-                  indent=1, default=str)
-    table = make_table(results)
+        json.dump(saved, f, indent=1, default=str)
+    table = "\n\n".join(tables)
     with open(os.path.join(out_dir, name + ".md"), "w") as f:
         f.write(table + "\n")
     return table
+
+
+def ruler_table(scores: dict, lengths, limit) -> str:
+    """Markdown: a row per RULER task, a column per prompt length, and the mean of the tasks."""
+    head = "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |"
+    lines = [f"### RULER ({limit or 'all'} examples a task and length; string match, 0-100)", "", head,
+             "|---|" + "---:|" * len(lengths)]
+    for t, by_len in scores.items():
+        lines.append(f"| {t} | " + " | ".join(f"{100 * by_len[n]:.1f}" for n in lengths) + " |")
+    mean = [sum(by_len[n] for by_len in scores.values()) / len(scores) for n in lengths]
+    lines.append("| mean | " + " | ".join(f"{100 * m:.1f}" for m in mean) + " |")
+    return "\n".join(lines)
