@@ -63,7 +63,9 @@ def _abstract(tree, shardings):
 
 def _check_model_config(stored: dict, cfg, where: str, ignore=()):
     current = json.loads(cfg.to_json())
-    diff = {k: v for k, v in config_diff(stored.get("model", {}), current["model"]).items()
+    # a field the schema gained after the checkpoint was written reads as its default
+    stored_model = {**json.loads(config_lib.base_config().model.to_json()), **stored.get("model", {})}
+    diff = {k: v for k, v in config_diff(stored_model, current["model"]).items()
             if k not in RESUMABLE_MODEL_FIELDS and k not in ignore}
     if diff:
         lines = "; ".join(f"model.{k}: checkpoint {a!r}, run {b!r}" for k, (a, b) in diff.items())

@@ -107,6 +107,16 @@ def test_model_config_change_is_refused_with_the_fields(tmp_path, data_dir):
     assert out["steps"] == 2
 
 
+def test_a_field_added_to_the_schema_reads_as_its_default_on_resume():
+    from fot_jax.checkpoint import _check_model_config
+    cfg = tiny()
+    stored = json.loads(cfg.to_json())
+    del stored["model"]["trained_context"]  # a checkpoint written before the field existed
+    _check_model_config(stored, cfg, "old")
+    with pytest.raises(CheckpointError, match=r"model.trained_context: checkpoint 0, run 512"):
+        _check_model_config(stored, tiny("--config.model.trained_context=512"), "old")
+
+
 def _listing(root):
     out = {}
     for d, _, files in os.walk(root):
