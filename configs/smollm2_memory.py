@@ -8,7 +8,7 @@ facts from tens of thousands of tokens of memory with a 256-token window, in one
 <workdir>/init); `--config.train.init_from=runs/smol` starts from an `fot-jax import` instead.
 
 - Memory layers 17, 18 and 20: the layers of SmolLM2's retrieval heads, the heads that copy a
-  passkey from far back in the context (measured within the window: they put 0.47-0.62 of their
+  passkey from far back in the context (measured within the window: they put 0.44-0.58 of their
   attention on the key's digits; layers 7, 14, 21 hold none of them). FoT makes these heads read
   kNN memory; the others keep their local attention.
 - Layers 17-29 train, 0-16 and the (tied) embedding are frozen: what the model knows stays, and

@@ -221,6 +221,14 @@ def _eval_passkey(args, cfg, model, out_dir):
                            else f"no memory, W={w}")
     base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
     print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
+    if args.export:
+        settings = MemorySettings.from_config(cfg)
+        torch_rows = passkey.passkey_torch(args.export, tok, settings, lengths, seeds=args.num_docs)
+        for r, t in zip(rows, torch_rows):
+            t["same_answers"] = sum(a["generated"] == b["generated"] for a, b in zip(r["samples"], t["samples"]))
+        print(memory.write_table(torch_rows, base + "_PyTorch",
+                                 f"Passkey retrieval, {label}: the export through AutoModelForCausalLM "
+                                 "(same_answers: generated tokens equal to fot_jax's)"))
     results = {}
     for path in sorted(glob.glob(os.path.join(out_dir, "passkey_*.json"))):
         with open(path) as f:
@@ -522,6 +530,8 @@ def _add_eval(sub):
                         "largest of --sizes); give the same value to runs that split the sizes")
     p.add_argument("--tokenizer", help="passkey: tokenizer file or directory (default: the workdir's)")
     p.add_argument("--label", help="passkey: name of this configuration in the table and plot")
+    p.add_argument("--export", help="passkey: also run the same prompts through this PyTorch export of the "
+                   "workdir (AutoModelForCausalLM, trust_remote_code) and count equal answers")
     p.add_argument("--baseline", help="memory_scaling: workdir of a baseline model without memory")
     p.add_argument("--compare", action="append", help="distraction: more workdirs (e.g. trained with r=0)")
     p.add_argument("--sizes", help="memory_scaling: dictionary token counts; passkey: prompt lengths; "

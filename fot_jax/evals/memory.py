@@ -368,7 +368,7 @@ def write_table(rows, path_base, title):
     os.makedirs(os.path.dirname(os.path.abspath(path_base)), exist_ok=True)
     with open(path_base + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    keys = list(rows[0])
+    keys = [k for k, v in rows[0].items() if not isinstance(v, (list, dict))]  # per-sample lists: json only
     lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append(

@@ -45,45 +45,90 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, bos: bool = True
     return np.asarray(ids, np.int32), [int(a) for a in answer]
 
 
+def prompts(tokenizer, length: int, seeds: int):
+    """The passkey prompts of one length: [(prompt ids, answer ids, key)], seed s drawing its key and
+    depth from rng([length, s]), so every runtime reads the same prompts."""
+    out = []
+    for s in range(seeds):
+        rng = np.random.default_rng([int(length), s])
+        key, depth = int(rng.integers(1, 50001)), float(rng.random())
+        ids, ans = make_prompt(tokenizer, length, depth, key)
+        out.append((ids, ans, key))
+    return out
+
+
+def _capacity(length: int, window: int) -> int:
+    return max(-(-int(length) // window) * window, window)
+
+
+def _row(length, batch, outs, seconds, tokenizer, log, engine=""):
+    hits, samples = 0, []
+    for (ids, ans, key), out in zip(batch, outs):
+        out = [int(t) for t in out]
+        ok = out[: len(ans)] == ans
+        hits += ok
+        samples.append({"key": key, "generated": out, "hit": bool(ok)})
+        log(f"  passkey {length}{engine}: key {key}, generated {tokenizer.decode(out)!r} {'hit' if ok else 'miss'}")
+    log(f"passkey {length:>7,} tokens{engine}: {hits}/{len(batch)} ({seconds:.1f}s)")
+    return {"length": int(length), "prompt_tokens": int(max(len(p[0]) for p in batch)), "hits": hits,
+            "trials": len(batch), "accuracy": hits / len(batch), "seconds": seconds, "samples": samples}
+
+
 def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5, batch: int | None = None,
             log=print) -> list[dict]:
-    """Rows {length, prompt_tokens, hits, trials, accuracy, seconds} (one per length). Each length
-    runs with a memory that holds its whole prompt (capacity: the prompt rounded up to windows),
-    so no needle is ever dropped by FIFO and no store is larger than it needs to be."""
+    """Rows {length, prompt_tokens, hits, trials, accuracy, seconds, samples} (one per length;
+    samples: key, generated ids and hit per seed). Each length runs with a memory that holds its
+    whole prompt (capacity: the prompt rounded up to windows), so no needle is ever dropped by FIFO
+    and no store is larger than it needs to be."""
     if settings.mode != "single_doc":
         raise ValueError("passkey needs memory.mode='single_doc' (each prompt starts with an empty memory)")
     rows = []
     runtimes = {}
     window = model.config.max_position_embeddings
     for length in lengths:
-        needed = dataclasses.replace(settings, capacity=max(-(-int(length) // window) * window, window))
+        needed = dataclasses.replace(settings, capacity=_capacity(length, window))
         start = time.perf_counter()
-        prompts, answers, keys = [], [], []
-        for s in range(seeds):
-            rng = np.random.default_rng([int(length), s])
-            key, depth = int(rng.integers(1, 50001)), float(rng.random())
-            ids, ans = make_prompt(tokenizer, length, depth, key)
-            prompts.append(ids)
-            answers.append(ans)
-            keys.append(key)
-        hits = 0
+        todo = prompts(tokenizer, length, seeds)
+        outs = []
         b = batch or seeds
         for i in range(0, seeds, b):
-            chunk = prompts[i: i + b]
+            chunk = todo[i: i + b]
             if (len(chunk), needed.capacity) not in runtimes:  # one runtime per shape: compiled once
                 runtimes = {(len(chunk), needed.capacity): MemoryRuntime(model, len(chunk), needed)}
             rt = runtimes[(len(chunk), needed.capacity)]
-            outs = rt.generate(chunk, max(len(a) for a in answers[i: i + b]), stop_token=-1)
-            for out, ans, key in zip(outs, answers[i: i + b], keys[i: i + b]):
-                ok = list(out[: len(ans)]) == ans
-                hits += ok
-                log(
-                    f"  passkey {length}: key {key}, generated {tokenizer.decode(out)!r} "
-                    f"{'hit' if ok else 'miss'}"
-                )
-        rows.append({"length": int(length), "prompt_tokens": int(max(len(p) for p in prompts)), "hits": hits,
-                     "trials": seeds, "accuracy": hits / seeds, "seconds": time.perf_counter() - start})
-        log(f"passkey {length:>7,} tokens: {hits}/{seeds} ({time.perf_counter() - start:.1f}s)")
+            outs += rt.generate([p[0] for p in chunk], max(len(p[1]) for p in chunk), stop_token=-1)
+        rows.append(_row(length, todo, outs, time.perf_counter() - start, tokenizer, log))
+    return rows
+
+
+def passkey_torch(export_dir: str, tokenizer, settings: MemorySettings, lengths, seeds: int = 5,
+                  threads: int | None = None, log=print) -> list[dict]:
+    """The same prompts through an export's own modeling code, the way a transformers user runs it:
+    `AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)` in float32 and greedy
+    `generate()` with the memory settings as keyword arguments (one prompt at a time)."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        export_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    window = model.config.max_position_embeddings
+    rows = []
+    for length in lengths:
+        start = time.perf_counter()
+        todo = prompts(tokenizer, length, seeds)
+        outs = []
+        for ids, ans, _ in todo:
+            with torch.no_grad():
+                out = model.generate(
+                    torch.as_tensor(ids, dtype=torch.long)[None], max_new_tokens=len(ans), do_sample=False,
+                    eos_token_id=None, pad_token_id=0,
+                    mem_top_k=None if settings.search == "dense" else settings.top_k,
+                    mem_capacity=_capacity(length, window), mem_logn_base=settings.logn_base,
+                    last_context_length=settings.last_context_length, mem_dtype=settings.dtype)
+            outs.append(out[0, len(ids):].tolist())
+        rows.append(_row(length, todo, outs, time.perf_counter() - start, tokenizer, log, " (PyTorch)"))
     return rows
 
 
