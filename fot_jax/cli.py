@@ -225,7 +225,8 @@ def _eval_passkey(args, cfg, model, out_dir):
         settings = MemorySettings.from_config(cfg)
         torch_rows = passkey.passkey_torch(args.export, tok, settings, lengths, seeds=args.num_docs)
         for r, t in zip(rows, torch_rows):
-            t["same_answers"] = sum(a["generated"] == b["generated"] for a, b in zip(r["samples"], t["samples"]))
+            t["same_answers"] = sum(a["generated"] == b["generated"]
+                                    for a, b in zip(r["samples"], t["samples"]))
         print(memory.write_table(torch_rows, base + "_PyTorch",
                                  f"Passkey retrieval, {label}: the export through AutoModelForCausalLM "
                                  "(same_answers: generated tokens equal to fot_jax's)"))

@@ -337,7 +337,8 @@ def test_real_smollm2_export_answers_a_passkey_as_fot_jax_does(tmp_path):
     settings = MemorySettings.from_config(cfg)
     assert (settings.top_k, settings.search, settings.last_context_length) == (16, "exact", 128)
     ours = passkey.passkey(model, tok, settings, [1024], seeds=2, log=lambda *_: None)[0]
-    theirs = passkey.passkey_torch(str(tmp_path / "hf"), tok, settings, [1024], seeds=2, log=lambda *_: None)[0]
+    theirs = passkey.passkey_torch(str(tmp_path / "hf"), tok, settings, [1024], seeds=2,
+                                   log=lambda *_: None)[0]
     assert ours["prompt_tokens"] > 3 * 256
     for a, b in zip(ours["samples"], theirs["samples"]):
         assert a["key"] == b["key"]

@@ -68,7 +68,8 @@ def _row(length, batch, outs, seconds, tokenizer, log, engine=""):
         ok = out[: len(ans)] == ans
         hits += ok
         samples.append({"key": key, "generated": out, "hit": bool(ok)})
-        log(f"  passkey {length}{engine}: key {key}, generated {tokenizer.decode(out)!r} {'hit' if ok else 'miss'}")
+        log(f"  passkey {length}{engine}: key {key}, generated {tokenizer.decode(out)!r} "
+            f"{'hit' if ok else 'miss'}")
     log(f"passkey {length:>7,} tokens{engine}: {hits}/{len(batch)} ({seconds:.1f}s)")
     return {"length": int(length), "prompt_tokens": int(max(len(p[0]) for p in batch)), "hits": hits,
             "trials": len(batch), "accuracy": hits / len(batch), "seconds": seconds, "samples": samples}
