@@ -344,3 +344,20 @@ def test_real_smollm2_export_answers_a_passkey_as_fot_jax_does(tmp_path):
         assert a["key"] == b["key"]
         assert a["generated"] == b["generated"], (tok.decode(a["generated"]), tok.decode(b["generated"]))
     assert ours["hits"] == theirs["hits"]
+
+
+def test_a_fine_tune_keeps_its_tokenizers_chat_template(tmp_path):
+    """A text run copies its tokenizer into <workdir>/tokenizer with the chat template beside it,
+    so that an export of the fine-tune carries the template as an export of the import does."""
+    from types import SimpleNamespace
+
+    from fot_jax.data.tokenizer import chat_template
+    from fot_jax.train.loop import Trainer
+
+    src = _tokenizer_dir(tmp_path / "tok")
+    c = config_lib.base_config()
+    c.data.task, c.data.tokenizer = "stdlib", src
+    Trainer._save_tokenizer(SimpleNamespace(cfg=c, workdir=str(tmp_path / "run")))
+    assert sorted(os.listdir(tmp_path / "run" / "tokenizer")) == [
+        "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert chat_template(str(tmp_path / "run")) == chat_template(src) is not None

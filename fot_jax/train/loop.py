@@ -362,10 +362,10 @@ class Trainer:
             return
         src = load_tokenizer(tokenizer_path(self.cfg)).path
         # under the names load_tokenizer and export look for; an HF tokenizer's special tokens
-        # live beside it in tokenizer_config.json
+        # live beside it in tokenizer_config.json, its chat template in chat_template.jinja
         if src.endswith(".json"):
             files = {"tokenizer.json": src}
-            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if os.path.exists(os.path.join(os.path.dirname(src), name)):
                     files[name] = os.path.join(os.path.dirname(src), name)
         else:
