@@ -114,6 +114,7 @@ def passkey_torch(export_dir: str, tokenizer, settings: MemorySettings, lengths,
         torch.set_num_threads(threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         export_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    model.config.mem_dtype = settings.dtype        # the store's precision is a config field
     window = model.config.max_position_embeddings
     rows = []
     for length in lengths:
@@ -127,7 +128,7 @@ def passkey_torch(export_dir: str, tokenizer, settings: MemorySettings, lengths,
                     eos_token_id=None, pad_token_id=0,
                     mem_top_k=None if settings.search == "dense" else settings.top_k,
                     mem_capacity=_capacity(length, window), mem_logn_base=settings.logn_base,
-                    last_context_length=settings.last_context_length, mem_dtype=settings.dtype)
+                    last_context_length=settings.last_context_length)
             outs.append(out[0, len(ids):].tolist())
         rows.append(_row(length, todo, outs, time.perf_counter() - start, tokenizer, log, " (PyTorch)"))
     return rows
