@@ -215,14 +215,14 @@ def _eval_passkey(args, cfg, model, out_dir):
     tok, _ = _workdir_tokenizer(args, cfg)
     check_vocab(tok, cfg.model)
     lengths = [int(x) for x in (args.sizes or "2048,8192").split(",")]
-    rows = passkey.passkey(model, tok, MemorySettings.from_config(cfg), lengths, seeds=args.num_docs)
+    settings = MemorySettings.from_config(cfg)
+    rows = passkey.passkey(model, tok, settings, lengths, seeds=args.num_docs)
     w = cfg.model.max_position_embeddings
     label = args.label or (f"mem_layers {list(cfg.model.mem_layers)}, W={w}" if cfg.model.mem_layers
                            else f"no memory, W={w}")
     base = os.path.join(out_dir, "passkey_" + "".join(c if c.isalnum() else "_" for c in label))
     print(memory.write_table(rows, base, f"Passkey retrieval, {label}"))
     if args.export:
-        settings = MemorySettings.from_config(cfg)
         torch_rows = passkey.passkey_torch(args.export, tok, settings, lengths, seeds=args.num_docs)
         for r, t in zip(rows, torch_rows):
             # the batched run generates up to the longest answer of its batch: compare each
