@@ -142,6 +142,29 @@ def test_exact_topk_ties_across_groups_and_query_blocks(chunk, monkeypatch):
     np.testing.assert_array_equal(np.asarray(i), ref_i)
 
 
+@pytest.mark.parametrize("row_block", [8, 4096])
+def test_batched_topk_equals_each_sequence_alone(row_block, monkeypatch):
+    """A batch too wide for a row block is scanned one sequence at a time (row_block 8); a narrow
+    one in one block (4096). Either way each sequence's result is its own top-k: per-sequence
+    masks, a bfloat16 store, the float32 rescoring."""
+    monkeypatch.setattr(knn, "ROW_BLOCK", row_block)
+    rng = np.random.default_rng(13)
+    b, h, nq, n, d, k = 5, 3, 24, 1024, 16, 12
+    keys = jnp.asarray(rng.standard_normal((b, h, n, d)), jnp.bfloat16)
+    bits = jax.lax.bitcast_convert_type(keys, jnp.uint16)
+    q = jnp.asarray(rng.standard_normal((b, h, nq, d)), jnp.float32)
+    valid = jnp.asarray(rng.random((b, n)) < 0.7)
+    s, i = knn.topk(q, bits, valid, k, dtype="bfloat16")
+    q_bf = np.asarray(q.astype(jnp.bfloat16), np.float64)
+    sel = np.einsum("bhqd,bhnd->bhqn", q_bf, np.asarray(keys, np.float64))
+    _, ref_i = _np_topk_lexi(sel, np.asarray(valid)[:, None, None, :], k)
+    np.testing.assert_array_equal(np.sort(np.asarray(i), -1), np.sort(ref_i, -1))
+    for j in range(b):
+        sj, ij = knn.topk(q[j:j + 1], bits[j:j + 1], valid[j:j + 1], k, dtype="bfloat16")
+        np.testing.assert_array_equal(np.asarray(i)[j:j + 1], np.asarray(ij))
+        np.testing.assert_array_equal(np.asarray(s)[j:j + 1], np.asarray(sj))
+
+
 def test_bfloat16_store_selects_by_store_precision_and_returns_float32_scores():
     """Selection scores: bfloat16 queries x bfloat16 keys (float32 accumulation); the scores
     returned are the float32 queries' products with the selected keys."""

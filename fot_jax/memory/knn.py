@@ -34,6 +34,7 @@ GROUP = 16
 
 
 ROW_BLOCK = 256      # queries scanned together (kv-head rows x positions)
+MIN_POSITIONS = 64   # a block scores at least this many queries per (batch, kv-head) row
 TILE = 1 << 20       # float32 scores per chunk: a tile that stays in cache
 KV_TILE = 1 << 18    # float32 key (and value) elements a dense chunk converts: cached, not a store copy
 
@@ -228,6 +229,15 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 0, search: str = "exact",
         raise ValueError(f"search '{search}' is not one of {SEARCH_MODES}")
     b, hkv, nq, d = q.shape
     n = keys.shape[2]
+    if b > 1 and ROW_BLOCK // (b * hkv) < min(nq, MIN_POSITIONS):
+        # a block of b*hkv rows would score only a few queries per row against that row's keys:
+        # matmuls too thin to run at speed and one pass over the whole store per few queries.
+        # Scan the batch one sequence at a time instead.
+        def one(x):
+            return topk(x[0][None], x[1][None], x[2][None], top_k, chunk=chunk, search=search,
+                        recall_target=recall_target, group=group, dtype=dtype)
+        v, i = jax.lax.map(one, (q, keys, valid))
+        return v[:, 0], i[:, 0]
     keys, dtype = _as_bits(keys, dtype)
     key_dtype = as_float(keys[:0], dtype).dtype
     per_block = max(1, ROW_BLOCK // (b * hkv))
