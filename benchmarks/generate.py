@@ -100,27 +100,64 @@ def jax_rows(model, args, prompt, capacity):
     return rows
 
 
-TORCH_CHILD = """
-import json, resource, sys, time
+# Generation speed is timed inside one generate call: from the moment the first token's logits are
+# ready to the last step (time stamps of the runtime's ingest/extend calls, or of a streamer's put
+# calls under transformers' generate()), never as a difference of two runs that each re-read the
+# prompt (the prompt's time and its noise would swamp the generation's).
+CLOCK = """
+import time
+def clock(gen):
+    \"\"\"Wrap a MemoryGenerator's ingest and extend to record when each returns.\"\"\"
+    stamps = []
+    for name in ("ingest", "extend"):
+        fn = getattr(gen, name)
+        def timed(*a, _fn=fn, **k):
+            out = _fn(*a, **k)
+            stamps.append(time.perf_counter())
+            return out
+        setattr(gen, name, timed)
+    return stamps
+def best(fn, repeats, stamps=None, first=0):
+    \"\"\"(best seconds, output, best seconds per step after the first token) over repeats;
+    stamps[first] marks the first token's logits.\"\"\"
+    out, t, step = None, float("inf"), float("inf")
+    for _ in range(repeats):
+        if stamps is not None:
+            stamps.clear()
+        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
+        if stamps is not None and len(stamps) > first + 1:
+            step = min(step, (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first))
+    return t, out, step
+"""
+
+TORCH_CHILD = CLOCK + """
+import json, resource, sys
 import torch
 from fot_jax.torch import MemoryGenerator, load
 directory, top_k, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 gen = MemoryGenerator(load(directory), top_k=top_k, last_context_length=window, mem_dtype="bfloat16")
 gen.generate(prompt[:2 * window], 2, eos_token_id=-1)
-def best(fn):
-    out, t = None, float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
-    return t, out
-t_ingest, _ = best(lambda: gen.ingest(prompt))
-t_gen, out = best(lambda: gen.generate(prompt, new, eos_token_id=-1))
-print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+t_ingest, _, _ = best(lambda: gen.ingest(prompt), repeats)
+stamps = clock(gen)
+_, out, step = best(lambda: gen.generate(prompt, new, eos_token_id=-1), repeats, stamps)
+print(json.dumps([t_ingest, step, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
 """
 
+# a streamer's put() runs once with the prompt, then once per generated token
+STREAM_CLOCK = """
+from transformers.generation.streamers import BaseStreamer
+class Clock(BaseStreamer):
+    def __init__(self, stamps):
+        self.stamps = stamps
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+    def end(self):
+        pass
+"""
 
-AUTO_CHILD = """
-import json, resource, sys, time
+AUTO_CHILD = CLOCK + STREAM_CLOCK + """
+import json, resource, sys
 import torch, transformers
 directory, top_k, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
@@ -128,25 +165,21 @@ major = int(transformers.__version__.split(".")[0])
 model = transformers.AutoModelForCausalLM.from_pretrained(
     directory, trust_remote_code=True, **{"dtype" if major >= 5 else "torch_dtype": torch.float32}).eval()
 kw = dict(mem_top_k=top_k, last_context_length=window, mem_capacity=None)
+stamps = []
 def gen(ids, n):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, **kw)
-def best(fn):
-    out, t = None, float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
-    return t, out
+                              pad_token_id=0, streamer=Clock(stamps), **kw)
 ids = torch.as_tensor([prompt], dtype=torch.long)
 gen(ids[:, :2 * window], 2)
-t_first, _ = best(lambda: gen(ids, 1))
-t_gen, out = best(lambda: gen(ids, new))
-print(json.dumps([t_first, t_gen, out[0, len(prompt):].tolist(),
+t_first, _, _ = best(lambda: gen(ids, 1), repeats)
+_, out, step = best(lambda: gen(ids, new), repeats, stamps, first=1)
+print(json.dumps([t_first, step, out[0, len(prompt):].tolist(),
                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
 """
 
-PREVIOUS_CHILD = """
-import json, resource, subprocess, sys, time, types
+PREVIOUS_CHILD = CLOCK + """
+import json, resource, subprocess, sys, types
 import torch
 directory, top_k, window, new, repeats, threads, prompt, repo, commit = json.loads(sys.argv[1])
 source = subprocess.run(["git", "-C", repo, "show", commit + ":fot_jax/torch/longllama.py"], check=True,
@@ -157,14 +190,10 @@ torch.set_num_threads(threads)
 gen = previous.MemoryGenerator(previous.load(directory), top_k=top_k, last_context_length=window,
                                mem_dtype="bfloat16")
 gen.generate(prompt[:2 * window], 2, eos_token_id=-1)
-def best(fn):
-    out, t = None, float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
-    return t, out
-t_ingest, _ = best(lambda: gen.ingest(prompt))
-t_gen, out = best(lambda: gen.generate(prompt, new, eos_token_id=-1))
-print(json.dumps([t_ingest, t_gen, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+t_ingest, _, _ = best(lambda: gen.ingest(prompt), repeats)
+stamps = clock(gen)
+_, out, step = best(lambda: gen.generate(prompt, new, eos_token_id=-1), repeats, stamps)
+print(json.dumps([t_ingest, step, list(out), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
 """
 
 
@@ -175,8 +204,8 @@ def auto_row(directory, args, prompt, top_k, name):
     done = subprocess.run([sys.executable, "-c", AUTO_CHILD, spec], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-    t_first, t_gen, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
-    return (name, t_first, (t_gen - t_first) * args.new / max(args.new - 1, 1), t_first, out, rss)
+    t_first, step, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    return (name, t_first, step * args.new, t_first, out, rss)
 
 
 def torch_row(directory, args, prompt, top_k, name, commit=None):
@@ -190,12 +219,12 @@ def torch_row(directory, args, prompt, top_k, name, commit=None):
     done = subprocess.run([sys.executable, "-c", child, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-    t_ingest, t_gen, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
-    return (name, t_ingest, t_gen - t_ingest, None, out, rss)
+    t_ingest, step, out, rss = json.loads(done.stdout.strip().splitlines()[-1])
+    return (name, t_ingest, step * args.new, None, out, rss)
 
 
-ORIGINAL_CHILD = """
-import importlib, json, os, resource, sys, time, types
+ORIGINAL_CHILD = CLOCK + STREAM_CLOCK + """
+import importlib, json, os, resource, sys, types
 import torch
 directory, src, window, new, repeats, threads, prompt = json.loads(sys.argv[1])
 package = types.ModuleType("longllama_original")    # its modules import each other relatively
@@ -208,24 +237,20 @@ cfg = LongLlamaConfig.from_pretrained(directory)
 cfg.last_context_length = window
 model = LongLlamaForCausalLM.from_pretrained(directory, config=cfg, torch_dtype=torch.float32).eval()
 ids = torch.as_tensor([prompt], dtype=torch.long)
+stamps = []
 def ingest():
     with torch.no_grad():
         return model(input_ids=ids, last_context_length=window)
 def gen(n):
     with torch.no_grad():
         return model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              last_context_length=window)
-def best(fn):
-    out, t = None, float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter(); out = fn(); t = min(t, time.perf_counter() - start)
-    return t, out
+                              last_context_length=window, streamer=Clock(stamps))
 gen(2)
-t_ingest, _ = best(ingest)
-t_first, _ = best(lambda: gen(1))
-t_gen, out = best(lambda: gen(new))
+t_ingest, _, _ = best(ingest, repeats)
+t_first, _, _ = best(lambda: gen(1), repeats)
+_, out, step = best(lambda: gen(new), repeats, stamps, first=1)
 versions = dict(transformers=importlib.import_module("transformers").__version__, torch=torch.__version__)
-print(json.dumps([t_ingest, t_first, t_gen, out[0, len(prompt):].tolist(),
+print(json.dumps([t_ingest, t_first, step, out[0, len(prompt):].tolist(),
                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, versions]))
 """
 
@@ -243,12 +268,10 @@ def original_row(directory, src, python, args, prompt):
     done = subprocess.run([python, "-c", ORIGINAL_CHILD, spec], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"original LongLLaMA ({python}) failed:\n{done.stderr[-3000:]}")
-    t_ingest, t_first, t_gen, out, rss, versions = json.loads(done.stdout.strip().splitlines()[-1])
+    t_ingest, t_first, step, out, rss, versions = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"original LongLLaMA: {src} under transformers {versions['transformers']}, "
           f"torch {versions['torch']}")
-    # generate() re-reads the whole prompt: its generation time is what follows the first token
-    return ("original LongLLaMA (dense)", t_ingest, (t_gen - t_first) * args.new / max(args.new - 1, 1),
-            t_first, out, rss)
+    return ("original LongLLaMA (dense)", t_ingest, step * args.new, t_first, out, rss)
 
 
 def matmul_gflops(width):

@@ -36,9 +36,13 @@ def test_passkey_loop_on_a_tiny_model(tmp_path):
     m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 32000, 32, 48, 2
     m.max_position_embeddings, m.mem_layers = 128, [1]
     model = llama.create(m, seed=0)
+    lines = []
     rows = passkey.passkey(model, tok, MemorySettings(top_k=8, capacity=1024, last_context_length=64),
-                           [256, 320], seeds=2, log=lambda *_: None)
+                           [256, 320], seeds=2, batch=1, log=lines.append)
     assert [r["length"] for r in rows] == [256, 320]
+    # a progress line when each prompt's windows are read (256 - 64 local tokens: 2 windows of 128)
+    done = [ln for ln in lines if "window 2/2" in ln]
+    assert len(done) == 4 and "prompts 2-2 of 2" in done[1] and "tokens/s" in done[0], lines
     for r in rows:
         assert r["trials"] == 2 and 0 <= r["hits"] <= 2 and r["accuracy"] == r["hits"] / 2
         assert r["length"] - 40 <= r["prompt_tokens"] <= r["length"]

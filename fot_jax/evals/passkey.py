@@ -75,6 +75,24 @@ def _row(length, batch, outs, seconds, tokenizer, log, engine=""):
             "trials": len(batch), "accuracy": hits / len(batch), "seconds": seconds, "samples": samples}
 
 
+def _progress(log, length: int, first: int, batch: int, seeds: int, every: float = 60.0):
+    """A progress callback for one batch of prompts: at most one line per `every` seconds with the
+    windows read, tokens/s and the time left for this length."""
+    start, last = time.perf_counter(), [time.perf_counter()]
+
+    def report(done: int, total: int):
+        now = time.perf_counter()
+        if now - last[0] < every and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)                       # windows per second
+        left = (total - done) / rate + (seeds - first - batch) / batch * total / rate
+        tokens = done * length / max(total, 1) * batch
+        log(f"  passkey {length:,}: prompts {first + 1}-{first + batch} of {seeds}, window {done}/{total}, "
+            f"{tokens / (now - start):,.0f} tokens/s, about {left / 60:.0f} min left for this length")
+    return report
+
+
 def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5, batch: int | None = None,
             log=print) -> list[dict]:
     """Rows {length, prompt_tokens, hits, trials, accuracy, seconds, samples} (one per length;
@@ -97,7 +115,9 @@ def passkey(model, tokenizer, settings: MemorySettings, lengths, seeds: int = 5,
             if (len(chunk), needed.capacity) not in runtimes:  # one runtime per shape: compiled once
                 runtimes = {(len(chunk), needed.capacity): MemoryRuntime(model, len(chunk), needed)}
             rt = runtimes[(len(chunk), needed.capacity)]
-            outs += rt.generate([p[0] for p in chunk], max(len(p[1]) for p in chunk), stop_token=-1)
+            report = _progress(log, length, i, len(chunk), seeds)
+            outs += rt.generate([p[0] for p in chunk], max(len(p[1]) for p in chunk), stop_token=-1,
+                                progress=report)
         rows.append(_row(length, todo, outs, time.perf_counter() - start, tokenizer, log))
     return rows
 

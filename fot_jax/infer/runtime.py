@@ -338,11 +338,12 @@ class MemoryRuntime:
             out.append(d)
         return out
 
-    def ingest(self, docs, return_logits=False):
+    def ingest(self, docs, return_logits=False, progress=None):
         """Reads one document per row (a new document: single_doc clears memory first). Returns the
         last token's logits per row [B, V] and, with return_logits=True, each row's logits [L_b, V];
         with return_logits="tail", the logits of the last L_b - P_b tokens (the windows before them
-        then skip the layers above the last memory layer)."""
+        then skip the layers above the last memory layer). `progress(done, total)` is called with
+        the windows read so far (computed, not only dispatched) after each call."""
         docs = self._check_tokens(docs)
         s, w, c = self.settings, self.window, self.settings.last_context_length
         lengths = np.array([d.size for d in docs])
@@ -368,7 +369,7 @@ class MemoryRuntime:
         n_windows = int(math.ceil(prefix.max() / w)) if prefix.max() > 0 else 0
         first = 0
         if not window_logits and len(self.mem_layers) == 1 and n_windows > 1:
-            first = self._ingest_groups(docs, prefix, n_windows)
+            first = self._ingest_groups(docs, prefix, n_windows, progress)
         for j in range(first, n_windows):
             tokens, n_valid = _slice_rows(docs, j * w, np.clip(prefix - j * w, 0, w), w)
             self.state, logits = self._window_fn(self.params, self.state, jnp.asarray(tokens),
@@ -376,6 +377,9 @@ class MemoryRuntime:
             self.doc_pos += n_valid
             if window_logits:
                 vocab_logits.append((np.asarray(logits)[:, :, :self.model_config.vocab_size], n_valid))
+            if progress is not None:
+                jax.block_until_ready(self.state)
+                progress(j + 1, n_windows)
         tails = [d[p:] for d, p in zip(docs, prefix)]
         last, tail_logits = self._extend_all(tails, bool(return_logits))
         if not return_logits:
@@ -388,7 +392,7 @@ class MemoryRuntime:
             rows.append(np.concatenate(parts, axis=0))
         return last, rows
 
-    def _ingest_groups(self, docs, prefix, n_windows) -> int:
+    def _ingest_groups(self, docs, prefix, n_windows, progress=None) -> int:
         """The windows of `prefix` tokens per row in groups (see INGEST_GROUP); returns the number of
         windows read (whole groups; the rest go one by one)."""
         w = self.window
@@ -399,6 +403,9 @@ class MemoryRuntime:
             self.state = self._group_fn(self.params, self.state, jnp.asarray(tokens),
                                         jnp.asarray(n_valid, jnp.int32))
             self.doc_pos += n_valid
+            if progress is not None:
+                jax.block_until_ready(self.state)
+                progress((j + 1) * g, n_windows)
         return groups * g
 
     def commit(self) -> None:
@@ -514,11 +521,13 @@ class MemoryRuntime:
         return state, logits, key, finished, out, i
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_token: int | None = None, on_token=None, continue_documents=False):
+                 seed: int = 0, stop_token: int | None = None, on_token=None, continue_documents=False,
+                 progress=None):
         """Ingests the prompts (with continue_documents: appends them to the current documents,
         memory kept), then samples (greedy at temperature 0) up to max_new_tokens per row;
         a row stops after `stop_token` (default: the model's eos; -1: never). `on_token(row, token)`
-        is called for each token as it is sampled (streaming). Returns a list of token arrays.
+        is called for each token as it is sampled (streaming); `progress` as in `ingest`. Returns a
+        list of token arrays.
 
         Decoding runs on the device, DECODE_BLOCK tokens per call (sampling, stop tokens, the
         cache update and its move to memory included); when streaming, the first calls are
@@ -532,7 +541,8 @@ class MemoryRuntime:
         stop = self.model_config.eos_token_id if stop_token is None else stop_token
         if continue_documents and any(len(p) == 0 for p in prompts):
             raise MemoryRuntimeError("continue_documents needs at least one prompt token per row")
-        logits = jnp.asarray(self.extend(prompts) if continue_documents else self.ingest(prompts))
+        logits = jnp.asarray(self.extend(prompts) if continue_documents
+                             else self.ingest(prompts, progress=progress))
         key, finished = jax.random.key(seed), jnp.zeros(self.batch, bool)
         out = [[] for _ in range(self.batch)]
         produced, block = 0, (1 if on_token is not None else DECODE_BLOCK)

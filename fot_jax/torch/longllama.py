@@ -80,7 +80,7 @@ class MemoryGenerator:
                 sp = torch.where(keep, sp, torch.zeros_like(sp))
                 nxt = int(order[torch.multinomial(sp / sp.sum(), 1, generator=gen)])
             out.append(nxt)
-            if nxt == eos:
+            if nxt == eos or len(out) == max_new_tokens:
                 break
             logits = self.extend([nxt])[-1]
         return out

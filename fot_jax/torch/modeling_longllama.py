@@ -177,6 +177,8 @@ def state_of(output) -> LongLlamaMemoryCache:
 
 
 def _rms(x, weight, eps):
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one kernel (torch >= 2.4), same formula
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
@@ -253,10 +255,10 @@ class LongLlamaPreTrainedModel(PreTrainedModel):
 
 
 def _rope(x, cos, sin):
-    """x [T, H, D] rotated by cos/sin [T, 1, D] (HF rotate_half layout), in x's dtype."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+    """x [T, H, D] rotated by cos/sin [T, 1, D] (HF rotate_half layout; `sin` with its first half
+    negated, so rotate_half(x) * sin = roll(x, D/2) * sin), computed in float32, in x's dtype."""
+    xf = x.float()
+    return (xf * cos + torch.roll(xf, x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 def _sdpa(q, keys, vals, mask, groups):
@@ -283,17 +285,24 @@ def _attend(q, keys, vals, pos0, mem, top_k, select_dtype, gate=None):
     hkv = keys.shape[0]
     g = h // hkv
     n_local = keys.shape[1]
-    causal = (
-        torch.arange(n_local, device=q.device)[None, :] <= pos0 + torch.arange(t, device=q.device)[:, None]
-    )
+    causal = None  # one query (decoding) sees every local slot
+    if t > 1:
+        causal = (
+            torch.arange(n_local, device=q.device)[None, :]
+            <= pos0 + torch.arange(t, device=q.device)[:, None]
+        )
     dense = mem is not None and (top_k is None or top_k >= mem[0].shape[1])
     if mem is None or (dense and t > 1 and gate is None):
         if mem is not None:  # one softmax over [memory; local]: memory is visible to every query
             keys, vals = torch.cat([mem[0], keys], 1), torch.cat([mem[1], vals], 1)
-            causal = torch.cat([torch.ones(t, mem[0].shape[1], dtype=torch.bool, device=q.device), causal], 1)
+            if causal is not None:
+                ones = torch.ones(t, mem[0].shape[1], dtype=torch.bool, device=q.device)
+                causal = torch.cat([ones, causal], 1)
         return _sdpa(q, keys, vals, causal, g)
     qg = q.view(hkv, g, t, d)
-    s = torch.einsum("hgtd,hsd->hgts", qg, keys).masked_fill(~causal, float("-inf"))
+    s = torch.einsum("hgtd,hsd->hgts", qg, keys)
+    if causal is not None:
+        s = s.masked_fill(~causal, float("-inf"))
     mk, mv = mem
     if dense:
         sm = torch.einsum("hgtd,hnd->hgtn", qg, mk)
@@ -369,11 +378,16 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
     # -- one row, one piece of tokens -------------------------------------------------------------
     def _cos_sin(self, pos):
+        """cos and sin [T, 1, D] of positions `pos` (sin's first half negated, as `_rope` takes it)."""
         d = self.config.head_dim
-        inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)
+        inv_freq = getattr(self, "_inv_freq", None)
+        if inv_freq is None or inv_freq.device != pos.device:
+            inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(0, d, 2, device=pos.device).float() / d)
+            self._inv_freq = inv_freq
         ang = pos.float()[:, None] * inv_freq[None]
-        emb = torch.cat([ang, ang], -1)
-        return emb.cos()[:, None], emb.sin()[:, None]
+        sign = torch.ones(d, device=pos.device)
+        sign[: d // 2] = -1.0
+        return torch.cat([ang, ang], -1).cos()[:, None], (torch.cat([ang, ang], -1).sin() * sign)[:, None]
 
     def _piece(self, tokens, pos0, cache, memory, s: MemorySettings):
         """Tokens [T] at positions pos0.. of a local cache (per layer (k, v) [W, Hkv, D]; the new
@@ -386,6 +400,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         cos, sin = self._cos_sin(pos)
         x = self.embed_tokens(tokens)
         raw = {}
+        logn = {}  # memory size -> log-n scale per position (every memory layer holds as many entries)
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             hx = layer.input_layernorm(x)
@@ -402,9 +417,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             if att.is_memory:
                 raw[i] = (k, v)
                 if s.logn_base:
-                    n = (0 if mem is None else mem[0].shape[1]) + pos + 1
-                    scale = torch.log(n.float()) / math.log(s.logn_base)
-                    q = q * torch.clamp(scale, min=1.0).to(q.dtype)[:, None, None]
+                    size = 0 if mem is None else mem[0].shape[1]
+                    if size not in logn:
+                        scale = torch.log((size + pos + 1).float()) / math.log(s.logn_base)
+                        logn[size] = torch.clamp(scale, min=1.0).to(q.dtype)[:, None, None]
+                    q = q * logn[size]
             if att.use_rope:
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             ck, cv = cache[i]
