@@ -243,7 +243,9 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 0, search: str = "exact",
     per_block = max(1, ROW_BLOCK // (b * hkv))
     qb = min(nq, 1 << (per_block.bit_length() - 1))
     n_blocks = -(-nq // qb)
-    chunk = min(chunk or auto_chunk(b * hkv * qb, n, group), n)
+    # auto: a tile of scores and a tile of keys upcast for scoring each stay in cache (few queries,
+    # e.g. a decode step, would otherwise score the whole store at once from a float32 copy of it)
+    chunk = min(chunk or min(auto_chunk(b * hkv * qb, n, group), auto_chunk(b * hkv * d, n, group)), n)
     qs = q.astype(key_dtype)
     args = (keys, valid, top_k, chunk, search, recall_target, group, dtype)
     if n_blocks == 1:
