@@ -47,6 +47,15 @@ def test_memory_zero_is_a_plain_forward_pass_and_every_size_scores_the_same_toke
         nll.append(_log_softmax_nll(logits, d[end - 8: end]))
     np.testing.assert_allclose(rows[0]["perplexity"], np.exp(np.mean(np.concatenate(nll))), rtol=1e-5)
     assert all(np.isfinite(r["perplexity"]) for r in rows)
+    np.testing.assert_allclose(rows[0]["span_nll"], [n.mean() for n in nll], rtol=1e-5)
+    # the change against memory 0, with its standard error from the paired per-span differences
+    for r in rows[1:]:
+        diff = np.array(r["span_nll"]) - np.array(rows[0]["span_nll"])
+        np.testing.assert_allclose(r["change"], r["perplexity"] / rows[0]["perplexity"] - 1, rtol=1e-9)
+        np.testing.assert_allclose(r["change"], np.exp(diff.mean()) - 1, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(r["change_se"], np.exp(diff.mean()) * diff.std(ddof=1) / np.sqrt(2),
+                                   rtol=1e-6)
+    assert "change" not in rows[0]
     # the sizes split over two runs with the same span_memory give the rows of one run
     split = (perplexity.perplexity_vs_memory(cfg, model, docs, memory_sizes=(0, 16), per_doc=2, batch=3,
                                              span_memory=64, log=lambda *_: None)

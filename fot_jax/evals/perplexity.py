@@ -45,7 +45,10 @@ def _nll(logits, targets):
 def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, per_doc: int = 4,
                          batch: int = 4, mode: str = "single_doc", top_k: int | None = None,
                          span_memory: int | None = None, log=print) -> list[dict]:
-    """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds}. The spans are those with room
+    """Rows {memory_tokens, perplexity, tokens_scored, spans, seconds, span_nll} (span_nll: each span's
+    mean negative log-likelihood, the same spans at every size) and, after the first size,
+    `change` (perplexity / the first size's - 1) with `change_se`, its standard error from the
+    paired per-span differences (the same tokens scored at both sizes). The spans are those with room
     for `span_memory` tokens of memory (default: the largest size), so runs split over several
     processes (`--sizes 0,2048 --span-memory 32768` and `--sizes 32768`) score the same tokens."""
     if mode not in ("single_doc", "multi_doc"):
@@ -68,7 +71,7 @@ def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, pe
         extra = m if mode == "multi_doc" else 0
         settings = dataclasses.replace(base, capacity=m + extra + w, mode="single_doc", overflow="fifo",
                                        top_k=top_k or base.top_k)
-        total, count = 0.0, 0
+        total, count, span_nll = 0.0, 0, []
         rows_b = min(batch, len(chosen))
         rt = MemoryRuntime(model, rows_b, settings)   # one runtime (compiled once) per memory size
         for start in range(0, len(chosen), rows_b):
@@ -93,13 +96,23 @@ def perplexity_vs_memory(cfg, model, docs, memory_sizes=DEFAULT_MEMORY_SIZES, pe
             _, tail = rt.ingest(inputs, return_logits="tail")
             for lg, tg in zip(tail[:real], targets[:real]):
                 lg = np.asarray(lg)[-c:]
-                total += float(_nll(lg, tg).sum())
+                nll = _nll(lg, tg)
+                total += float(nll.sum())
                 count += len(tg)
+                span_nll.append(float(nll.mean()))
         ppl = math.exp(total / count)
-        rows.append({"memory_tokens": m, "perplexity": ppl, "tokens_scored": count, "spans": len(chosen),
-                     "seconds": time.perf_counter() - t0})
+        row = {"memory_tokens": m, "perplexity": ppl, "tokens_scored": count, "spans": len(chosen),
+               "seconds": time.perf_counter() - t0, "span_nll": span_nll}
+        change = ""
+        if rows:
+            diff = np.array(span_nll) - np.array(rows[0]["span_nll"])
+            se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+            row["change"] = ppl / rows[0]["perplexity"] - 1
+            row["change_se"] = math.exp(float(diff.mean())) * se     # delta method on exp(mean)
+            change = f", {row['change']:+.1%} ± {row['change_se']:.1%} vs {rows[0]['memory_tokens']:,}"
+        rows.append(row)
         log(f"memory {m:>7,} tokens ({mode}): perplexity {ppl:.3f} over {count} tokens "
-            f"({len(chosen)} spans, {rows[-1]['seconds']:.0f} s)")
+            f"({len(chosen)} spans, {row['seconds']:.0f} s{change})")
     return rows
 
 
