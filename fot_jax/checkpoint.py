@@ -20,10 +20,11 @@ from flax import nnx
 from fot_jax import config as config_lib
 from fot_jax import paths
 from fot_jax.config import config_diff
+from fot_jax.errors import FotError
 from fot_jax.model.llama import abstract_model
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FotError, RuntimeError):
     pass
 
 

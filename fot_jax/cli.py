@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from fot_jax.errors import ConfigError, FotError  # imports nothing else of the package
+
 
 def _split_overrides(argv):
     known, overrides = [], []
@@ -23,7 +25,7 @@ def _join(args):
     distributed.initialize(settings)
 
 
-class UsageError(Exception):
+class UsageError(FotError):
     """A command-line mistake: one line naming the problem and the fix, exit 2."""
 
 
@@ -660,12 +662,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known, overrides = _split_overrides(argv)
     args = _parser().parse_args(known)
-    from fot_jax.checkpoint import CheckpointError
-    from fot_jax.config import ConfigError
-    from fot_jax.convert.hf import ConversionError
-    from fot_jax.data.tokenizer import TokenizerError
-    from fot_jax.infer.runtime import MemoryRuntimeError
-    from fot_jax.parallel.distributed import DistributedError
     try:
         return COMMANDS[args.command](args, overrides)
     except ConfigError as e:
@@ -674,12 +670,7 @@ def main(argv=None):
     except UsageError as e:
         print(f"fot-jax {args.command}: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, MemoryRuntimeError, ConversionError, TokenizerError, DistributedError) as e:
-        print(f"fot-jax: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:    # the evaluations' own errors (lm-eval is an optional import)
-        if type(e).__name__ not in ("HarnessError", "FewShotError"):
-            raise
+    except FotError as e:   # every error fot_jax raises on purpose: its message is for the user
         print(f"fot-jax {args.command}: {e}", file=sys.stderr)
         return 2
     return 1

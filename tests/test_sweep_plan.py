@@ -57,7 +57,8 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path, data_dir, c
                    f"--config.data.data_dir={data_dir}"])
     assert rc == 1
     captured = capsys.readouterr()
-    assert "| diverges | FAILED (exit 1) |" in captured.out and "| fine | ok | 4 |" in captured.out
+    # a TrainingError: one line, exit 2
+    assert "| diverges | FAILED (exit 2) |" in captured.out and "| fine | ok | 4 |" in captured.out
     assert "1 point(s) failed: diverges" in captured.err
     row = json.load(open(os.path.join(work, "sweep.json")))[0]
     assert "loss is nan" in row["error"] or "loss is inf" in row["error"]

@@ -233,3 +233,28 @@ def test_training_on_the_stdlib_corpus(tmp_path):
     ]
     assert all(1 < r["perplexity"] < 32000 * 3 for r in rows)
     assert (out / "perplexity_multi_doc.json").exists() and (out / "perplexity.png").exists()
+
+
+def test_a_corpus_with_one_bad_line_is_one_line_from_the_cli(tmp_path):
+    """A data error raised while training starts: the command prints one line naming the file and
+    line, exit 2, no traceback; the errors fot_jax raises share one base class."""
+    import subprocess
+    import sys
+
+    from fot_jax.errors import FotError
+    assert issubclass(text.DataError, FotError) and issubclass(text.DataError, ValueError)
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": f"document {i} " * 50}) for i in range(6)]
+    lines[3] = '{"text": "cut short'
+    path.write_text("\n".join(lines) + "\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, "configs", "stdlib_code.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fot_jax.cli", "train", "--config", config,
+         "--workdir", str(tmp_path / "run"), "--config.data.task=jsonl", f"--config.data.source={path}",
+         f"--config.data.data_dir={tmp_path / 'tfds'}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "corpus.jsonl:4: not a JSON object" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

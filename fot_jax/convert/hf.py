@@ -14,10 +14,11 @@ import os
 import numpy as np
 
 from fot_jax import config as config_lib
+from fot_jax.errors import FotError
 from fot_jax.model import llama
 
 
-class ConversionError(ValueError):
+class ConversionError(FotError, ValueError):
     """A file, tensor or config that cannot be converted (the message names it)."""
 
 

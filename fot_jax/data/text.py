@@ -33,7 +33,7 @@ import numpy as np
 
 from fot_jax.data.tfds_io import default_data_dir, import_tfds
 from fot_jax.data.tokenizer import check_vocab, load_tokenizer, tokenizer_file
-from fot_jax.errors import ConfigError
+from fot_jax.errors import ConfigError, FotError
 
 TEXT_TASKS = ("text_files", "stdlib", "prose", "jsonl", "tfds")
 TOKENIZED_TASKS = TEXT_TASKS + ("retrieval",)   # tasks whose documents a tokenizer wrote
@@ -43,7 +43,7 @@ DECODE_ERRORS = ("strict", "skip", "replace")
 BUILTIN_TOKENIZERS = {"open_llama_v2": "open_llama_v2.model"}
 
 
-class DataError(ValueError):
+class DataError(FotError, ValueError):
     """A corpus the pipeline cannot read; the message says what to do."""
 
 

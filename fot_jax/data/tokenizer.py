@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+from fot_jax.errors import FotError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(FotError, ValueError):
     pass
 
 

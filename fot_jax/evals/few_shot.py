@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 
+from fot_jax.errors import FotError
 from fot_jax.evals.scoring import Scorer
 
 DEMO = "Input: {input}\nLabel: {label}\n\n"
@@ -27,7 +28,7 @@ QUESTION = "Input: {input}\nLabel:"
 MODES = ("classify", "generate")
 
 
-class FewShotError(ValueError):
+class FewShotError(FotError, ValueError):
     """A data file or setting the few-shot evaluation cannot use."""
 
 

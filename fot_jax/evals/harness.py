@@ -28,6 +28,7 @@ from lm_eval.api.registry import register_model
 from fot_jax.checkpoint import load_model
 from fot_jax.data.text import workdir_tokenizer
 from fot_jax.data.tokenizer import check_vocab
+from fot_jax.errors import FotError
 from fot_jax.evals.scoring import Scorer
 from fot_jax.infer.runtime import MemorySettings
 
@@ -43,7 +44,7 @@ RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_v
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 
-class HarnessError(ValueError):
+class HarnessError(FotError, ValueError):
     """A harness request fot_jax cannot run (a task that needs a download, a bad argument)."""
 
 

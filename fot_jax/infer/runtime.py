@@ -34,11 +34,12 @@ import numpy as np
 from flax import nnx
 
 from fot_jax import config as config_lib
+from fot_jax.errors import FotError
 from fot_jax.memory import knn
 from fot_jax.memory import store as store_lib
 
 
-class MemoryRuntimeError(ValueError):
+class MemoryRuntimeError(FotError, ValueError):
     pass
 
 

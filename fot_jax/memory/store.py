@@ -29,11 +29,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fot_jax import config as config_lib
+from fot_jax.errors import FotError
 
 STORE_DTYPES = {name: jnp.dtype(name) for name in config_lib.DTYPES}
 
 
-class MemoryStoreError(ValueError):
+class MemoryStoreError(FotError, ValueError):
     """Bad input to the memory store (a wrong shape, dtype or capacity)."""
 
 

@@ -30,6 +30,7 @@ import jax
 
 from fot_jax import __version__
 from fot_jax.config import config_diff
+from fot_jax.errors import FotError
 
 ENV_COORDINATOR = "FOT_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "FOT_JAX_NUM_PROCESSES"
@@ -37,7 +38,7 @@ ENV_PROCESS_ID = "FOT_JAX_PROCESS_ID"
 ENV_MODE = "FOT_JAX_DISTRIBUTED"          # "" (decide) | auto (jax detects: TPU/SLURM/MPI) | off
 
 
-class DistributedError(RuntimeError):
+class DistributedError(FotError, RuntimeError):
     pass
 
 

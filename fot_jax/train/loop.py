@@ -26,6 +26,7 @@ from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
 from fot_jax.data.text import TOKENIZED_TASKS, tokenizer_path
 from fot_jax.data.tokenizer import load_tokenizer
+from fot_jax.errors import FotError
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import distributed
@@ -36,7 +37,7 @@ from fot_jax.train.state import count_params, create_train_state
 from fot_jax.train.step import eval_step, train_step
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FotError, RuntimeError):
     pass
 
 
