@@ -1,4 +1,4 @@
-"""Orbax checkpoints: train state + data position + config (DESIGN "Checkpoints and interop").
+"""Orbax checkpoints: train state + data position + config (docs/architecture.md).
 
 A checkpoint step directory holds three items: `state` (the train state pytree, restored onto the
 shardings of an abstract target, so onto any mesh), `data` (the pipeline position and the range

@@ -82,7 +82,7 @@ def _model_fields() -> ml_collections.ConfigDict:
 
 
 def _crossbatch_fields() -> ml_collections.ConfigDict:
-    """Fields of `crossbatch`: crossbatch training (DESIGN "Crossbatch")."""
+    """Fields of `crossbatch`: crossbatch training (docs/architecture.md, "Crossbatch semantics")."""
     x = ml_collections.ConfigDict()
     x.range = 1                       # r: other contexts a memory-layer row sees (paper d = r + 1)
     x.k_packing = 2                   # consecutive chunks of one stream in consecutive rows
@@ -175,7 +175,7 @@ def _train_fields() -> ml_collections.ConfigDict:
 
 
 def _memory_fields() -> ml_collections.ConfigDict:
-    """Fields of `memory`: inference memory (DESIGN "Memory attention")."""
+    """Fields of `memory`: inference memory (docs/architecture.md, "Long inputs with memory")."""
     mem = ml_collections.ConfigDict()
     mem.top_k = 32                    # memory entries each query retrieves
     mem.capacity = 65536              # N: tokens a store holds per row (FIFO ring buffer)

@@ -1,4 +1,4 @@
-"""Crossbatch attention against a reference written straight from the DESIGN rules."""
+"""Crossbatch attention against a reference written straight from the rules in docs/architecture.md."""
 import itertools
 import math
 
@@ -23,8 +23,8 @@ def kernel_options(backend, block=128):
 
 
 def design_visible(row, r, k, stepping):
-    """DESIGN: with stepping (and k > 1), row i sees min((i mod k)*s + 1, r + 1, i + 1) contexts,
-    s = ceil((r+1)/max(k-1,1)); without, or with k = 1, min(r + 1, i + 1)."""
+    """docs/architecture.md: with stepping (and k > 1), row i sees min((i mod k)*s + 1, r + 1,
+    i + 1) contexts, s = ceil((r+1)/max(k-1,1)); without, or with k = 1, min(r + 1, i + 1)."""
     if stepping and k > 1:
         s = math.ceil((r + 1) / max(k - 1, 1))
         return min((row % k) * s + 1, r + 1, row + 1)

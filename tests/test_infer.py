@@ -1,5 +1,5 @@
 """Long-input ingest and generation with memory against a direct NumPy implementation of the
-DESIGN windowing rules (float64), on tiny random models."""
+docs/architecture.md windowing rules (float64), on tiny random models."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +42,7 @@ def _rope(x, pos, theta):
 
 
 class Reference:
-    """One document, processed exactly as DESIGN "Memory attention" states."""
+    """One document, processed exactly as docs/architecture.md ("Long inputs with memory") states."""
 
     def __init__(self, model, m, top_k, capacity, last_context, logn_base=0):
         self.p = jax.tree.map(

@@ -1,4 +1,5 @@
-"""Long input with memory, and generation (DESIGN "Memory attention", LongLLaMA windowing).
+"""Long input with memory, and generation: LongLLaMA windowing (docs/architecture.md, "Long inputs
+with memory").
 
 A `MemoryRuntime` holds, for a batch of B rows, one `MemoryStore` per memory layer, a local cache
 per layer (`[B, W, Hkv, D]`, slot j at position j) and per-row counters. Given row b's `L` tokens,

@@ -1,5 +1,5 @@
 """kNN lookup in a memory store: top-k by inner product, as partial softmax sums
-(DESIGN "Memory attention").
+(docs/architecture.md, "Long inputs with memory").
 
 Shapes: queries `[B, Hkv, Q, D]` (the queries of one kv-head group share one scan: Q = G * T),
 keys/values `[B, Hkv, N, D]`, valid `[B, N]`.

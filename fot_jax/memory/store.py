@@ -1,5 +1,5 @@
 """The memory of one memory layer: a ring-buffer key/value store per batch row and kv-head
-(DESIGN "Memory attention").
+(docs/architecture.md, "Long inputs with memory").
 
     keys, values  [B, Hkv, N, D]   (bfloat16 by default)
     positions     [B, N] int32     token position in its document, -1 for an empty slot

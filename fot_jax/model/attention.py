@@ -1,4 +1,5 @@
-"""Attention cores: causal local attention and crossbatch attention (DESIGN "Crossbatch attention").
+"""Attention cores: causal local attention and crossbatch attention (docs/architecture.md,
+"Crossbatch semantics").
 
 Pure functions of arrays. Shapes: queries `[B, T, H, D]` (already scaled and rotated as the
 positional mode says), keys/values `[B, T, Hkv, D]`, `H = Hkv * G` (grouped-query attention).
@@ -39,8 +40,8 @@ class CrossbatchSpec:
 
 
 def visible_context_count(batch: int, r, k_packing: int, stepping: bool):
-    """[B] int32: contexts each row sees, itself included (DESIGN "Crossbatch attention"; the one
-    definition, used by the attention kernels and the tests' DESIGN reference). Stepping needs
+    """[B] int32: contexts each row sees, itself included (docs/architecture.md, "Crossbatch
+    semantics"; the one definition, used by the attention kernels and the tests' reference). Stepping needs
     k-packing: with k = 1 every row sees the full range (LongLLaMA's rule)."""
     rows = jnp.arange(batch, dtype=jnp.int32)
     r = jnp.asarray(r, jnp.int32)
@@ -193,7 +194,7 @@ def _blockwise(q, k_own, k_other, v, spec, visible, segment_ids):
 
 
 def memory_attention(q, k, v, mask, memory=None, gate=None):
-    """Inference attention of one layer (DESIGN "Memory attention").
+    """Inference attention of one layer (docs/architecture.md, "Long inputs with memory").
 
     q [B,T,H,D] (scaled, rotated); k/v [B,S,Hkv,D] local keys (rotated) with mask [B,T,S] which of
     them each query sees, or tuples of such parts (the cache and the new tokens: they share one
