@@ -42,28 +42,28 @@ def _model_fields() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.vocab_size = 64                 # real vocabulary (unpadded)
     m.vocab_multiple = 128            # embedding rows padded to a multiple of this (sharding)
-    m.hidden_size = 64
-    m.intermediate_size = 172
-    m.num_layers = 2
-    m.num_heads = 4
+    m.hidden_size = 64                # d_model: width of the residual stream
+    m.intermediate_size = 172         # width of the SwiGLU MLP
+    m.num_layers = 2                  # decoder layers
+    m.num_heads = 4                   # query heads
     m.num_kv_heads = 4                # < num_heads: grouped-query attention
     m.head_dim = 0                    # 0: hidden_size // num_heads
     m.max_position_embeddings = 256   # the local window W
     m.trained_context = 0             # positions the weights were trained with (an import's context;
                                       # a fine-tune adopts its init's); the window may not exceed it.
                                       # 0: unknown. Set it to train a longer window on purpose
-    m.rope_theta = 10000.0
-    m.rms_norm_eps = 1e-6
-    m.tie_embeddings = False
-    m.init_std = 0.02
-    m.param_dtype = "float32"
+    m.rope_theta = 10000.0            # RoPE base frequency
+    m.rms_norm_eps = 1e-6             # RMSNorm epsilon
+    m.tie_embeddings = False          # the output head shares the embedding matrix
+    m.init_std = 0.02                 # std of the normal initialisation of weight matrices
+    m.param_dtype = "float32"         # dtype parameters are stored (and optimised) in
     m.dtype = "float32"               # compute dtype (bfloat16 on TPU)
     m.mem_layers = [1]                # 0-based indices of memory layers
     m.mem_positionals = "as_first"  # as_first (LongLLaMA) | none (the paper's small models)
     m.qk_norm = "none"  # none | memory | all: L2-normalised q, k, learnable per-head temperature
-    m.qk_temperature_init = 8.0
+    m.qk_temperature_init = 8.0       # qk_norm: initial temperature (logit scale) of every head
     m.remat = "none"  # none | full | dots | dots_no_batch
-    m.scan_layers = True
+    m.scan_layers = True              # training: runs of identical layers under jax.lax.scan
     m.scan_unroll = 0  # layers per scan loop trip; 0: 1 on TPU/GPU, all on CPU (XLA:CPU runs loops slower)
     m.attention_backend = (
         "auto"  # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
@@ -75,9 +75,9 @@ def _model_fields() -> ml_collections.ConfigDict:
     m.mem_attention = (
         "joint"  # joint (FoT: memory top-k in the local softmax) | gated (Memorizing Transformer)
     )
-    m.bos_token_id = 1
-    m.eos_token_id = 2
-    m.pad_token_id = 0
+    m.bos_token_id = 1                # begin-of-sequence token (first of every document)
+    m.eos_token_id = 2                # end-of-sequence token (generation stops at it)
+    m.pad_token_id = 0                # padding token id (written to exports and generation configs)
     return m
 
 
@@ -86,11 +86,12 @@ def _crossbatch_fields() -> ml_collections.ConfigDict:
     x = ml_collections.ConfigDict()
     x.range = 1                       # r: other contexts a memory-layer row sees (paper d = r + 1)
     x.k_packing = 2                   # consecutive chunks of one stream in consecutive rows
-    x.stepping = True
+    x.stepping = True                 # k_packing > 1: the j-th row of a stream's pack sees
+                                      # min(j*ceil((r+1)/(k-1)) + 1, r + 1) contexts (LongLLaMA); off: r + 1
     x.doc_mask = False                # mask other documents' tokens inside a chunk (own stream)
     x.implementation = "dense"        # dense | blockwise (online softmax over contexts)
     x.sample_range = False            # per step, r ~ Uniform{range_min..range}
-    x.range_min = 0
+    x.range_min = 0                   # sample_range: the smallest r drawn
     x.eval_ranges = [0, 1]            # evaluation is run once per listed r
     return x
 
@@ -98,13 +99,13 @@ def _crossbatch_fields() -> ml_collections.ConfigDict:
 def _data_fields() -> ml_collections.ConfigDict:
     """Fields of `data`: the data: task, sizes, tokenizer."""
     d = ml_collections.ConfigDict()
-    d.task = "dictionary_lookup"
+    d.task = "dictionary_lookup"      # the data task (the table in fot_jax/data/tasks.py; below)
     d.seq_len = 256                   # T: tokens per row (must be <= model.max_position_embeddings)
     d.batch_size = 16                 # global rows B per step (= streams * k_packing)
     d.data_dir = ""                   # tfds data_dir; "" -> $FOT_JAX_DATA_DIR or ~/tensorflow_datasets
-    d.seed = 0
-    d.num_train_docs = 20000
-    d.num_eval_docs = 512
+    d.seed = 0                        # seed of document generation and shuffling
+    d.num_train_docs = 20000          # generated tasks: training documents built
+    d.num_eval_docs = 512             # generated tasks: held-out documents built
     d.doc_length = 512                # dictionary lookup: tokens per document incl. bos/eos
     d.query_length = 256              # dictionary lookup: last tokens of a document are queries
     d.num_definitions = 0             # 0: as many as fit; >0: fewer records (a training stage)
@@ -139,16 +140,16 @@ def _data_fields() -> ml_collections.ConfigDict:
 def _train_fields() -> ml_collections.ConfigDict:
     """Fields of `train`: optimisation, evaluation, checkpoints."""
     t = ml_collections.ConfigDict()
-    t.steps = 100
-    t.seed = 0
-    t.learning_rate = 1e-3
+    t.steps = 100                     # optimizer steps (stages end earlier or at this step)
+    t.seed = 0                        # seed of parameter initialisation and range sampling
+    t.learning_rate = 1e-3            # peak learning rate (AdamW)
     t.schedule = "cosine"             # cosine | inverse_sqrt | constant (after warmup)
-    t.warmup_steps = 10
-    t.end_lr_factor = 0.1
-    t.b1 = 0.9
-    t.b2 = 0.98
-    t.weight_decay = 0.0
-    t.grad_clip = 1.0
+    t.warmup_steps = 10               # linear warmup from 0 to learning_rate
+    t.end_lr_factor = 0.1             # cosine: final learning rate = learning_rate x this
+    t.b1 = 0.9                        # AdamW beta1
+    t.b2 = 0.98                       # AdamW beta2
+    t.weight_decay = 0.0              # AdamW decoupled weight decay
+    t.grad_clip = 1.0                 # global gradient-norm clip (0: off)
     t.temperature_lr_scale = 1.0      # learning-rate multiplier for the qk_norm temperatures (Adam moves
                                       # a parameter by ~lr a step whatever its size: a temperature of
                                       # 10 barely moves at lr 3e-4)
@@ -156,10 +157,10 @@ def _train_fields() -> ml_collections.ConfigDict:
                                       # matching ones train (no gradient, update or optimizer state for the
                                       # rest); empty: all. Frozen layers below the lowest trainable one
                                       # (embedding frozen too) run forward only
-    t.microbatches = 1
-    t.log_every = 10
+    t.microbatches = 1                # gradient accumulation: a step's rows split into this many passes
+    t.log_every = 10                  # steps between progress lines (loss, tokens/s, MFU, ETA)
     t.eval_every = 0                  # 0: only at the end
-    t.eval_batches = 4
+    t.eval_batches = 4                # held-out batches per evaluation
     t.stop_at_accuracy = 0.0          # > 0: stop once eval accuracy (r = max eval range) reaches it
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
@@ -195,11 +196,11 @@ def _mesh_fields() -> ml_collections.ConfigDict:
     """Fields of `mesh`: the device mesh."""
     p = ml_collections.ConfigDict()
     p.data = -1                       # sizes within a slice (ICI); one may be -1 (filled from the devices)
-    p.fsdp = 1
-    p.tensor = 1
+    p.fsdp = 1                        # parameters and optimizer state sharded over this axis
+    p.tensor = 1                      # heads and MLP width split over this axis
     p.dcn_data = 1  # slices along each axis (multi-slice pods, over the data-centre network)
-    p.dcn_fsdp = 1
-    p.dcn_tensor = 1
+    p.dcn_fsdp = 1                    # slices along fsdp
+    p.dcn_tensor = 1                  # slices along tensor
     return p
 
 

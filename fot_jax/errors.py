@@ -13,3 +13,7 @@ class FotError(Exception):
 
 class ConfigError(FotError, ValueError):
     """A config field holds a value the system cannot run with."""
+
+
+class UsageError(FotError, ValueError):
+    """A command-line or call mistake (a missing flag, a bad path): one line naming the fix."""

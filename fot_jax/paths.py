@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from fot_jax.errors import UsageError
+
 
 def is_url(path: str) -> bool:
     return "://" in str(path)
@@ -51,3 +53,35 @@ def rename(src: str, dst: str) -> None:
         s.rmtree()
     else:
         os.replace(src, dst)
+
+
+def writable_dir(path: str, flag: str = "--workdir") -> None:
+    """Checks, before any work, that `path` is a directory this run may create or write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(
+            f"{flag} {path} is a file, not a directory; give a directory (it is created if missing)"
+        )
+    if is_url(path):        # a bucket: checked when it is written
+        return
+    parent = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UsageError(
+            f"{flag} {path} cannot be written ({parent} is not writable); choose another directory"
+        )
+
+
+def existing_workdir(path: str, flag: str) -> None:
+    """Checks that a workdir given as input (a model to compare with) holds a checkpoint."""
+    if is_url(path):        # a bucket: checked when it is read
+        return
+    if not os.path.isdir(path):
+        raise UsageError(
+            f"{flag} {path} is not a directory; give a training workdir (fot-jax train --workdir ...)"
+        )
+    ckpt = os.path.join(path, "checkpoints")
+    if not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+        raise UsageError(
+            f"{flag} {path} holds no checkpoint; train it first (fot-jax train --workdir {path} ...)"
+        )

@@ -15,7 +15,10 @@ are an estimate of TPU's (different fusion and layouts; TPU pads small minor dim
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import sys
 import time
 
 import jax
@@ -25,6 +28,7 @@ import numpy as np
 from fot_jax import config as config_lib
 from fot_jax.model import kernels
 from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.parallel import simulate_host_devices
 from fot_jax.train import metrics as metrics_lib
 from fot_jax.train.loop import batch_shardings, check_batch_divides, jit_train_step
 from fot_jax.train.state import abstract_train_state
@@ -249,3 +253,47 @@ def format_plan(plan: Plan, name: str, device_memory_gib: float | None = None, a
     for w in plan.warnings:
         lines.append("warning: " + w)
     return "\n".join(lines)
+
+
+def plan_command(config_path: str, overrides=(), *, mesh: str | None = None, devices: int | None = None,
+                 platform: str = "tpu", device_memory: float | None = None, all_params: bool = False,
+                 tokens_per_s: float | None = None, chip: str | None = None,
+                 json_path: str | None = None) -> int:
+    """`fot-jax plan`: prints the plan of a config on a simulated mesh (and writes it as JSON to
+    `json_path`); exit status 1 when it does not fit in `device_memory` GiB. Must run before JAX
+    starts its backends in this process (it sets the number of simulated CPU devices)."""
+    cfg = config_lib.load_config(config_path, overrides, platform=platform)
+    if mesh:
+        for axis, size in parse_mesh(mesh).items():
+            cfg.mesh[axis] = size
+    # Per-device memory does not depend on which links an axis crosses: a multi-slice mesh is planned
+    # as one slice with the same axis sizes (simulated CPU devices have no slices).
+    for a in ("data", "fsdp", "tensor"):
+        dcn = cfg.mesh[f"dcn_{a}"]
+        if dcn > 1:
+            cfg.mesh[a] = -1 if cfg.mesh[a] == -1 else cfg.mesh[a] * dcn
+            cfg.mesh[f"dcn_{a}"] = 1
+    sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
+    devices = devices or (0 if -1 in sizes else sizes[0] * sizes[1] * sizes[2])
+    if not devices:
+        raise config_lib.ConfigError(
+            "config field 'mesh' has a -1 axis: give --devices N (the pod's chip count) or a full --mesh"
+        )
+    simulate_host_devices(devices, replace=True)
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    if len(jax.devices()) < devices:
+        raise config_lib.ConfigError(f"the plan needs {devices} devices, JAX already started with "
+                                     f"{len(jax.devices())}; run `fot-jax plan` in a fresh process")
+    if tokens_per_s and chip and metrics_lib.chip_peak_flops(chip) is None:
+        raise config_lib.ConfigError(f"--chip: unknown chip {chip!r} (v4, v5e, v5p, v6e, a100, h100, h200)")
+    plan = make_plan(cfg, jax.devices()[:devices], platform=platform)
+    print(format_plan(plan, os.path.basename(config_path), device_memory, all_params, tokens_per_s, chip))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dataclasses.asdict(plan) | {"peak_bytes": plan.peak_bytes}, f, indent=1, default=str)
+    if device_memory and plan.peak_bytes > device_memory * 2 ** 30:
+        print(f"fot-jax plan: {plan.peak_bytes / 2**30:.2f} GiB per device does not fit in "
+              f"{device_memory} GiB", file=sys.stderr)
+        return 1
+    return 0

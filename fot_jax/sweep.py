@@ -186,3 +186,21 @@ def _plot(results, columns, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def sweep_command(path: str, workdir: str, overrides=(), launcher: str = "", list_only: bool = False) -> int:
+    """`fot-jax sweep`: lists the points, or runs them and prints the summary table; exit status 1
+    when a point failed (its train.log says why)."""
+    if list_only:
+        for p in sweep_points(path):
+            print(p["name"], json.dumps(p["overrides"]))
+        return 0
+    results = run_sweep(path, workdir, overrides, launcher=launcher or "")
+    with open(os.path.join(workdir, "sweep.md")) as f:
+        print(f.read())
+    failed = [r["point"] for r in results if r["status"].startswith("FAILED")]
+    if failed:
+        print(f"fot-jax sweep: {len(failed)} point(s) failed: {', '.join(failed)} (see <point>/train.log)",
+              file=sys.stderr)
+        return 1
+    return 0

