@@ -30,7 +30,7 @@ from fot_jax.model import kernels
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.parallel import simulate_host_devices
 from fot_jax.train import metrics as metrics_lib
-from fot_jax.train.loop import batch_shardings, check_batch_divides, jit_train_step
+from fot_jax.train.compile import batch_shardings, check_batch_divides, jit_train_step
 from fot_jax.train.state import abstract_train_state
 
 GiB = 1024 ** 3

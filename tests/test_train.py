@@ -333,3 +333,46 @@ def test_compiled_partly_frozen_step_does_the_flops_counted(tmp_path):
         counted.append(model_flops_per_token(c.model, c.data.seq_len, 1, trainable=tuple(patterns)))
     assert compiled[1] / compiled[0] == pytest.approx(counted[1] / counted[0], rel=0.15)
     assert compiled[1] < 0.75 * compiled[0]
+
+
+def test_hooks_see_an_immutable_step_record_and_stop_a_run_by_raising(tmp_path, data_dir):
+    """add_hook(fn, every): fn gets a read-only record of each due step (progress and evaluation
+    when they ran after it); StopTraining ends the run at that step with a checkpoint and the
+    normal summary, and the next run resumes from there."""
+    import dataclasses
+    cfg = tiny("--config.train.steps=8", "--config.train.log_every=2", "--config.train.eval_every=4",
+               "--config.train.checkpoint_every=0")
+    seen = []
+    trainer = Trainer(cfg, str(tmp_path), quiet=True)
+    trainer.add_hook(seen.append, every=3)
+    everything = []
+
+    def stop_after_five(record):
+        everything.append(record)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.step = 0
+        with pytest.raises(TypeError):
+            record.metrics["loss"] = 0.0
+        if record.step == 5:
+            raise loop.StopTraining("enough")
+
+    trainer.add_hook(stop_after_five)
+    summary = trainer.run()
+    assert summary["steps"] == 5 and "preempted" not in summary
+    assert [r.step for r in seen] == [3] and [r.step for r in everything] == [1, 2, 3, 4, 5]
+    assert [r.progress is not None for r in everything] == [False, True, False, True, False]
+    assert [r.eval is not None for r in everything] == [False, False, False, True, False]
+    record = everything[3]
+    assert record.total_steps == 8 and record.stage == "train" and record.r == cfg.crossbatch.range
+    assert set(record.eval) == set(cfg.crossbatch.eval_ranges)
+    assert record.progress["loss"] == pytest.approx(record.host_metrics()["loss"])
+    assert summary["stages"][-1]["reason"] == "hook: enough"
+    assert set(summary["eval"]) == {str(r) for r in cfg.crossbatch.eval_ranges}   # evaluated at the stop
+    resumed = Trainer(cfg, str(tmp_path), quiet=True)
+    steps = []
+    resumed.add_hook(lambda r: steps.append(r.step))
+    assert resumed.run()["steps"] == 8 and steps == [6, 7, 8]
+    with pytest.raises(TypeError, match="not callable"):
+        resumed.add_hook("print")
+    with pytest.raises(ValueError, match="every must be >= 0"):
+        resumed.add_hook(print, every=-1)

@@ -4,7 +4,6 @@ crossbatch ranges), metrics and the end-of-run report."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -13,7 +12,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,53 +28,88 @@ from fot_jax.data.text import TOKENIZED_TASKS, tokenizer_path
 from fot_jax.data.tokenizer import load_tokenizer
 from fot_jax.errors import FotError
 from fot_jax.model import kernels
-from fot_jax.model.attention import CrossbatchSpec
 from fot_jax.parallel import distributed
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import metrics as metrics_lib
+from fot_jax.train.compile import (
+    TrainStep,
+    batch_shardings,
+    check_batch_divides,
+    global_batcher_state,
+    jit_eval_step,
+    jit_train_step,
+    to_global,
+)
 from fot_jax.train.optim import check_trainable, make_schedule
+from fot_jax.train.stages import StageSchedule
 from fot_jax.train.state import count_params, create_train_state
-from fot_jax.train.step import eval_step, train_step
 
 
 class TrainingError(FotError, RuntimeError):
     pass
 
 
-@dataclasses.dataclass
+class StopTraining(Exception):
+    """Raised by a hook to end the run after the step it saw: a checkpoint is saved at that step
+    and the run finishes as at its last step (final evaluation, summary); the message is the
+    reason the summary gives for the stage's end."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What a hook sees after a step (read-only)."""
+    step: int                                   # steps completed (the step just trained is step - 1)
+    total_steps: int                            # train.steps
+    stage: str                                  # the stage that trained the step
+    stage_index: int
+    r: int                                      # the crossbatch range the step trained with
+    seconds: float                              # since this run (process) started training
+    metrics: Mapping[str, Any]                  # the step's metrics as the device returned them
+    progress: Mapping[str, float] | None = None   # the progress line written after the step, if any
+    eval: Mapping[int, Mapping[str, float]] | None = None   # the evaluation run after the step, if any
+
+    def host_metrics(self) -> dict[str, float]:
+        """The step's metrics as floats (waits for the step to finish)."""
+        return {k: float(v) for k, v in jax.device_get(dict(self.metrics)).items()}
+
+
+@dataclasses.dataclass(frozen=True)
 class Hook:
-    """`fn(run_state)` after every step that is a multiple of `every` (0: never) and, with
-    `at_end`, after the last step."""
-    every: int
-    fn: Callable
+    """`fn(record)` after every step that is a multiple of `every` (0: never) and, with `at_end`,
+    after the last step."""
+    fn: Callable[[StepRecord], None]
+    every: int = 1
     at_end: bool = False
 
     def due(self, done: int, total: int) -> bool:
-        return bool(self.every and done % self.every == 0) or (self.at_end and done == total)
+        return due(self.every, done, total, self.at_end)
+
+
+def due(every: int, done: int, total: int, at_end: bool = False) -> bool:
+    """Whether work done every `every` steps (0: never; with `at_end`, also after the last step)
+    runs after step `done` of `total`."""
+    return bool(every and done % every == 0) or (at_end and done == total)
 
 
 @dataclasses.dataclass
 class RunState:
-    """What the loop and its hooks share during one `Trainer.run`."""
+    """What the loop keeps during one `Trainer.run` (the stages live in `Trainer.schedule`)."""
     start_step: int
     done: int                       # steps completed
     until: int | None
     data_state: dict | None         # the restored data position (applies when its stage starts)
     run_start: float
-    stage: Any = None               # the config_lib.Stage being trained
-    stage_start: int = 0            # the step it started at
-    stage_ends: list = dataclasses.field(default_factory=list)   # [{name, start, end, reason}]
     last_time: float = 0.0          # of the last progress line
     last_step: int = 0
     batcher: Any = None
     batcher_stage: int | None = None
     range_max: int = 0
-    max_range_trained: int = 0
+    r: int = 0                      # the range of the last step
     pending: dict | None = None     # the last step's metrics, still on the device
     history: list = dataclasses.field(default_factory=list)
-    acc_window: list = dataclasses.field(default_factory=list)
     final_eval: dict | None = None
-    stop: str | None = None         # "accuracy", "preempted" or "until"
+    stop: str | None = None         # "accuracy", "stages", "hook", "preempted" or "until"
+    stop_reason: str | None = None  # a hook's StopTraining message
 
 
 class NoCheckpoints:
@@ -94,74 +129,6 @@ class NoCheckpoints:
 
     def close(self):
         pass
-
-
-class TrainStep:
-    """A jitted train step: `(state, batch, r, lr_scale=1, temperature_scale=1) -> (state,
-    metrics)`. The two scales are runtime scalars (a stage that changes them compiles nothing)."""
-
-    def __init__(self, jitted):
-        self.jitted = jitted
-
-    def __call__(self, state, batch, r, lr_scale=1.0, temperature_scale=1.0):
-        return self.jitted(state, batch, r, jnp.float32(lr_scale), jnp.float32(temperature_scale))
-
-    def lower(self, state, batch, r):
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        return self.jitted.lower(state, batch, r, scalar, scalar)
-
-
-def crossbatch_spec(cfg, range_max: int) -> CrossbatchSpec:
-    x = cfg.crossbatch
-    return CrossbatchSpec(range_max=int(range_max), k_packing=x.k_packing, stepping=x.stepping,
-                          doc_mask=x.doc_mask, implementation=x.implementation)
-
-
-BATCH_FIELDS = ("inputs", "targets", "loss_mask", "segment_ids")
-
-
-def batch_shardings(mesh) -> dict:
-    s = mesh_lib.batch_sharding(mesh, 2)
-    return {name: s for name in BATCH_FIELDS}
-
-
-def jit_train_step(cfg, graphdef, tx, mesh, state_shardings, range_max: int, schedule=None) -> TrainStep:
-    """The jitted train step for crossbatch range `range_max` (and cfg's crossbatch layout and
-    microbatches): explicit shardings, donated state."""
-    rep = mesh_lib.replicated(mesh)
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, spec=crossbatch_spec(cfg, range_max),
-                           microbatches=cfg.train.microbatches, schedule=schedule or make_schedule(cfg.train),
-                           trainable=tuple(cfg.train.trainable))
-    return TrainStep(jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh), rep, rep, rep),
-                             out_shardings=(state_shardings, rep), donate_argnums=(0,)))
-
-
-def check_batch_divides(cfg, mesh) -> None:
-    dp = mesh_lib.data_parallel_size(mesh)
-    if cfg.data.batch_size % dp:
-        raise config_lib.ConfigError(
-            f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
-            f"mesh's data-parallel size {dp} (mesh data x fsdp)")
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """Host-local numpy rows -> global arrays sharded over the batch axes."""
-    out = {}
-    for name, value in batch.items():
-        sharding = mesh_lib.batch_sharding(mesh, value.ndim)
-        out[name] = jax.make_array_from_process_local_data(sharding, value)
-    return out
-
-
-def global_batcher_state(state: dict) -> dict:
-    """A host's batcher position covers its own streams; a checkpoint holds every host's (gathered
-    here), so that it restores on any number of hosts."""
-    if jax.process_count() == 1:
-        return state
-    from jax.experimental import multihost_utils
-    local = np.array([[int(s), o, f] for s, (o, f) in state["streams"].items()], np.int32).reshape(-1, 3)
-    everyone = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3)
-    return {"step": state["step"], "streams": {str(s): [int(o), int(f)] for s, o, f in everyone}}
 
 
 class _TermWatch:
@@ -259,7 +226,7 @@ class Trainer:
                                       keep=cfg.train.checkpoint_keep, best=cfg.train.checkpoint_best,
                                       resume_step=cfg.train.resume_step)
         self.checkpoints = checkpoints or NoCheckpoints()  # False: no checkpoints
-        self.schedule = make_schedule(cfg.train)
+        self.schedule = make_schedule(cfg.train)      # the learning rate per step
         with mesh_lib.use_mesh(self.mesh):
             self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)
         check_trainable(self.state["params"], list(cfg.train.trainable))
@@ -268,8 +235,9 @@ class Trainer:
         self._train_steps = {}
         self._eval_steps = {}
         self.stages = config_lib.build_stages(cfg)
+        self.stage_schedule: StageSchedule | None = None
         self.writer = None
-        self.hooks = self._make_hooks()
+        self.hooks: list[Hook] = []         # added with add_hook
 
     # -- compiled steps ------------------------------------------------------------------------
     def _batch_shardings(self):
@@ -287,11 +255,8 @@ class Trainer:
 
     def eval_step_fn(self, r: int):
         if r not in self._eval_steps:
-            rep = mesh_lib.replicated(self.mesh)
-            fn = functools.partial(eval_step, graphdef=self.graphdef, spec=crossbatch_spec(self.cfg, r))
-            self._eval_steps[r] = jax.jit(
-                fn, in_shardings=(self.state_shardings["params"], self._batch_shardings(), rep),
-                out_shardings=rep)
+            self._eval_steps[r] = jit_eval_step(self.cfg, self.graphdef, self.mesh,
+                                                self.state_shardings["params"], r)
         return self._eval_steps[r]
 
     # -- data ----------------------------------------------------------------------------------
@@ -378,30 +343,61 @@ class Trainer:
                 w.write(r.read())
         paths.rename(tmp, out)
 
-    # -- the loop: one step, then the hooks due after it ------------------------------------------
+    # -- the loop: one step, then what is due after it ----------------------------------------
+    def add_hook(self, fn: Callable[[StepRecord], None], every: int = 1, at_end: bool = False) -> None:
+        """Calls `fn(record)` after every `every`-th step (and after the last one with `at_end`), after
+        the run's own work for that step (progress line, stage end, evaluation, checkpoint) and before
+        the check for an agreed stop. `fn` ends the run by raising `StopTraining`; any other
+        exception propagates (the last checkpoint stays valid)."""
+        if not callable(fn):
+            raise TypeError(f"add_hook: {fn!r} is not callable")
+        if int(every) < 0:
+            raise ValueError(f"add_hook: every must be >= 0, got {every}")
+        self.hooks.append(Hook(fn, int(every), at_end))
+
     def _run(self, until):
         rs = self._start(until)
+        t = self.cfg.train
         with mesh_lib.use_mesh(self.mesh):
-            for step in range(rs.start_step, self.cfg.train.steps):
+            for step in range(rs.start_step, t.steps):
                 self._step(rs, step)
-                for hook in self.hooks:
-                    if rs.stop is None and hook.due(rs.done, self.cfg.train.steps):
-                        hook.fn(rs)
+                self._after_step(rs)
                 if rs.stop is not None:
                     break
             if rs.pending is not None:
                 self._check({k: float(v) for k, v in jax.device_get(rs.pending).items()})
         return self._finish(rs)
 
-    def _make_hooks(self) -> list:
-        """After each step, in this order: progress line and metrics, the end of a stage, held-out
-        evaluation (best checkpoint, early stop), periodic checkpoint, the agreed stop."""
-        t = self.cfg.train
-        return [Hook(t.log_every, self._log_progress, at_end=True),
-                Hook(1, self._stage_hook),
-                Hook(t.eval_every, self._evaluate_hook, at_end=True),
-                Hook(t.checkpoint_every, self._checkpoint_hook),
-                Hook(1, self._stop_hook)]
+    def _after_step(self, rs):
+        """In this order: progress line and metrics, the end of a stage, held-out evaluation (best
+        checkpoint, early stop), periodic checkpoint, the hooks added with `add_hook`, the agreed stop."""
+        t, done = self.cfg.train, rs.done
+        stage = self.stage_schedule.current
+        progress = self._log_progress(rs) if due(t.log_every, done, t.steps, at_end=True) else None
+        self._advance_stage(rs, progress is not None)
+        evaluation = None
+        if rs.stop is None and due(t.eval_every, done, t.steps, at_end=True):
+            evaluation = self._evaluate(rs)
+        if rs.stop is None and due(t.checkpoint_every, done, t.steps):
+            self.checkpoints.save(done, self.state, self._data_state(rs))
+        if rs.stop is None and self.hooks:
+            record = StepRecord(
+                step=done, total_steps=t.steps, stage=stage.name, stage_index=stage.index, r=rs.r,
+                seconds=time.perf_counter() - rs.run_start, metrics=types.MappingProxyType(dict(rs.pending)),
+                progress=None if progress is None else types.MappingProxyType(progress),
+                eval=None if evaluation is None else types.MappingProxyType(
+                    {r: types.MappingProxyType(v) for r, v in evaluation.items()}))
+            for hook in self.hooks:
+                if hook.due(done, t.steps):
+                    try:
+                        hook.fn(record)
+                    except StopTraining as e:
+                        self.log(f"a hook stopped the run after step {done}: {e}")
+                        self.checkpoints.save(done, self.state, self._data_state(rs), force=True)
+                        rs.stop, rs.stop_reason = "hook", f"hook: {e}"
+                        break
+        if rs.stop is None:
+            self._stop_check(rs)
 
     def _start(self, until) -> "RunState":
         """Restores (or initialises from train.init_from), logs the run and returns its state."""
@@ -425,19 +421,17 @@ class Trainer:
         rs = RunState(start_step=start, done=start, until=until, data_state=data_state,
                       run_start=time.perf_counter())
         rs.last_time, rs.last_step = rs.run_start, start
-        if data_state is not None and "stage" in data_state:
-            # an earlier schema's range switch counts as the stage after the curriculum's
-            index = int(data_state["stage"]) + int(bool(data_state.get("switched", False)))
-            self._begin_stage(rs, self.stages[min(index, len(self.stages) - 1)],
-                              int(data_state.get("stage_start", start)), resumed=True)
-            rs.stage_ends = list(data_state.get("stage_ends", []))
-            rs.acc_window = list(data_state.get("acc_window", []))
-        else:
-            self._begin_stage(rs, config_lib.stage_at(self.stages, start), start, resumed=start > 0)
+        self.stage_schedule = StageSchedule(self.stages)
+        recorded = self.stage_schedule.resume(data_state, start)
+        self._log_stage(rs, self.stage_schedule.start, resumed=recorded or start > 0)
         return rs
 
-    def _begin_stage(self, rs, stage, step, resumed=False):
-        rs.stage, rs.stage_start, rs.acc_window = stage, step, []
+    def _begin_stage(self, rs, stage, step):
+        self.stage_schedule.begin(stage, step)
+        self._log_stage(rs, step, resumed=False)
+
+    def _log_stage(self, rs, step, resumed):
+        stage = self.stage_schedule.current
         c = stage.cfg
         x = c.crossbatch
         r = f"r={x.range_min}..{x.range}" if x.sample_range else f"r={x.range}"
@@ -450,7 +444,7 @@ class Trainer:
 
     def _enter_stage(self, rs):
         """The batcher of the stage being trained (restored to the checkpoint's position)."""
-        stage = rs.stage
+        stage = self.stage_schedule.current
         if rs.batcher is not None and rs.batcher_stage == stage.index:
             return
         rs.batcher = self._host_batcher(stage.cfg, "train", stage.num_docs)
@@ -461,7 +455,7 @@ class Trainer:
 
     def _step(self, rs, step):
         self._enter_stage(rs)
-        stage = rs.stage
+        stage = self.stage_schedule.current
         x = stage.cfg.crossbatch
         if x.sample_range:
             # stateless per step, so a resumed run draws the same r as an uninterrupted one
@@ -474,10 +468,12 @@ class Trainer:
             self.state, batch, jnp.int32(r), stage.lr_scale, stage.temperature_scale)
         if rs.pending is not None:       # checked one step late: no wait on the step just issued
             self._check(rs.pending)
-        rs.pending, rs.done = dict(metrics, range=r), step + 1
+        rs.pending, rs.done, rs.r = dict(metrics, range=r), step + 1, r
 
-    def _log_progress(self, rs):
-        t, sd = self.cfg.train, rs.stage.cfg.data
+    def _log_progress(self, rs) -> dict:
+        """Writes the progress line (and metrics) of the last step; returns its values."""
+        stage = self.stage_schedule.current
+        t, sd = self.cfg.train, stage.cfg.data
         m = {k: float(v) for k, v in jax.device_get(rs.pending).items()}
         self._check(m)
         now = time.perf_counter()
@@ -485,37 +481,33 @@ class Trainer:
         flops_s = tps * metrics_lib.model_flops_per_token(self.cfg.model, sd.seq_len, rs.range_max,
                                                           trainable=tuple(self.cfg.train.trainable))
         mfu = flops_s / self.peak
-        m.update(tokens_per_s=tps, mfu=mfu, stage=rs.stage.index)
+        m.update(tokens_per_s=tps, mfu=mfu, stage=stage.index)
         early = t.stop_at_accuracy > 0 or any(s.until_accuracy for s in self.stages)
-        eta = metrics_lib.remaining_seconds(self.stages[rs.stage.index:], rs.done, t.steps, flops_s)
+        eta = metrics_lib.remaining_seconds(self.stages[stage.index:], rs.done, t.steps, flops_s)
         self.log(metrics_lib.progress_line(rs.done, t.steps, m, tps, mfu, eta, may_stop_early=early))
         self.writer.write(rs.done, m)
         rs.history.append({**m, "step": rs.done})
         rs.last_time, rs.last_step = now, rs.done
-        rs.acc_window.append(m["accuracy"])
+        self.stage_schedule.note_accuracy(m["accuracy"])
+        return m
 
-    def _stage_hook(self, rs):
-        """Ends the stage at its until_step, or at its until_accuracy (the mean training accuracy
-        of its last three progress lines, checked when a progress line is written); the next stage
-        begins, or after the last one the run ends."""
-        stage, reason = rs.stage, None
-        recent = rs.acc_window[-3:]
-        if rs.done >= stage.until_step:
-            reason = f"until_step {stage.until_step}"
-        elif (stage.until_accuracy and rs.last_step == rs.done and len(recent) == 3
-              and np.mean(recent) >= stage.until_accuracy):
-            reason = f"train accuracy {np.mean(recent):.3f} >= {stage.until_accuracy:g}"
+    def _advance_stage(self, rs, progress_written: bool):
+        """Asks the schedule whether the stage ends after this step; the next stage begins, or after
+        the last one the run ends."""
+        reason = self.stage_schedule.end_reason(rs.done, progress_written)
         if reason is None:
             return
-        rs.stage_ends.append({"name": stage.name, "start": rs.stage_start, "end": rs.done, "reason": reason})
+        stage = self.stage_schedule.current
+        following = self.stage_schedule.end(rs.done, reason)
         if len(self.stages) > 1:
             self.log(f"stage '{stage.name}' ends at step {rs.done}: {reason}")
-        if stage.index + 1 < len(self.stages):
-            self._begin_stage(rs, self.stages[stage.index + 1], rs.done)
+        if following is not None:
+            self._begin_stage(rs, following, rs.done)
         elif rs.done < self.cfg.train.steps:
             rs.stop = "stages"
 
-    def _evaluate_hook(self, rs):
+    def _evaluate(self, rs) -> dict:
+        """Held-out evaluation after a step: best checkpoint, early stop at train.stop_at_accuracy."""
         t, done = self.cfg.train, rs.done
         rs.final_eval = res = self._eval_and_log(done)
         rs.history.append({"step": done, "eval": {str(k): v for k, v in res.items()}})
@@ -527,11 +519,9 @@ class Trainer:
                      f"stopping at step {done}")
             self.checkpoints.save(done, self.state, self._data_state(rs), force=True)
             rs.stop = "accuracy"
+        return res
 
-    def _checkpoint_hook(self, rs):
-        self.checkpoints.save(rs.done, self.state, self._data_state(rs))
-
-    def _stop_hook(self, rs):
+    def _stop_check(self, rs):
         """SIGTERM agreed by every host, or the step `run(until=...)` asked for."""
         agreed = self._stop_agreed(rs.done)
         if not (agreed or (rs.until is not None and rs.until <= rs.done < self.cfg.train.steps)):
@@ -569,12 +559,10 @@ class Trainer:
         """The stages run (name, steps, why each ended), the largest training range, and a warning
         when a model with memory layers never trained with r > 1: it is not expected to read large
         memories (its memory layers never had to tell its own context from other documents')."""
-        ends = list(rs.stage_ends)
-        if not ends or ends[-1]["name"] != rs.stage.name:
-            ends.append({"name": rs.stage.name, "start": rs.stage_start, "end": step,
-                         "reason": "train.steps" if step >= self.cfg.train.steps else
-                         {"accuracy": "train.stop_at_accuracy"}.get(rs.stop, "stopped")})
-        trained = max(self.stages[i].cfg.crossbatch.range for i in range(rs.stage.index + 1))
+        stopped_by = rs.stop_reason or {"accuracy": "train.stop_at_accuracy"}.get(rs.stop)
+        ends = self.stage_schedule.summary(step, step >= self.cfg.train.steps, stopped_by)
+        current = self.stage_schedule.current
+        trained = max(self.stages[i].cfg.crossbatch.range for i in range(current.index + 1))
         out = {"stages": ends, "max_train_range": trained}
         if len(self.stages) > 1:
             self.log("stages: " + ", ".join(f"{e['name']} {e['start']}-{e['end']} ({e['reason']})"
@@ -589,11 +577,10 @@ class Trainer:
         return out
 
     def _data_state(self, rs):
-        if rs.stage is None:
+        if self.stage_schedule is None or self.stage_schedule.current is None:
             return None
-        own = rs.batcher is not None and rs.batcher_stage == rs.stage.index
-        return {"stage": rs.stage.index, "stage_start": rs.stage_start, "stage_ends": rs.stage_ends,
-                "acc_window": [float(a) for a in rs.acc_window[-3:]],
+        own = rs.batcher is not None and rs.batcher_stage == self.stage_schedule.current.index
+        return {**self.stage_schedule.state(),
                 "batcher": global_batcher_state(rs.batcher.state()) if own else None}
 
     def _check(self, m):
