@@ -205,6 +205,32 @@ def test_generation_moves_cache_to_memory_and_matches_reference():
     assert int(rt.cache_len[0]) == (10 + 20) - 16   # 10 tail + 20 generated tokens fed back; one flush at 16
 
 
+def test_cache_views_read_only_the_filled_prefix_and_change_no_token(monkeypatch):
+    """Steps read the smallest power-of-two prefix of the cache that holds every row (views 4, 8,
+    ..., the window): greedy generation through growing views, a flush to memory at the window
+    and a fresh cache after it equals the NumPy reference token for token, streamed or not, with
+    one compiled decode program per view size."""
+    from fot_jax.infer import runtime as runtime_lib
+    monkeypatch.setattr(runtime_lib, "CACHE_VIEW_MIN", 4)
+    c = _cfg(max_position_embeddings=64)
+    model = llama.create(c.model, seed=9)
+    settings = MemorySettings(top_k=6, capacity=256, dtype="float32", last_context_length=3, chunk=32)
+    doc = np.random.default_rng(10).integers(3, 50, 150)
+    ref = Reference(model, c.model, 6, 256, 3)
+    lg = ref.ingest(doc)[-1]
+    expect = []
+    for _ in range(90):
+        expect.append(int(np.argmax(lg)))
+        lg = ref.step(expect[-1])[-1]
+    for on_token in (None, lambda b, t: None):
+        rt = MemoryRuntime(model, batch=1, settings=settings)
+        assert [rt._cache_view(n) for n in (1, 4, 5, 33, 64, 65, 1000)] == [4, 4, 8, 64, 64, 64, 64]
+        out = rt.generate([doc], max_new_tokens=90, stop_token=-1, on_token=on_token)[0]
+        np.testing.assert_array_equal(out, expect)
+        assert int(rt.cache_len[0]) == 3 + 90 - 64       # one flush at the window
+        assert rt._decode_fn._cache_size() <= 5          # views 4 .. 64
+
+
 def test_device_decode_loop_equals_host_loop_with_stops_streaming_and_sampling():
     """The on-device decode loop against a host loop of `sample` + `extend` with the same keys:
     two rows stopping at different steps, past the window (cache moved to memory), streamed."""

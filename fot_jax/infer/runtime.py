@@ -132,6 +132,7 @@ def check_store_fits(total: int, shards: int, platform: str, device_bytes: int |
 
 DECODE_BLOCK = 64   # tokens decoded on the device per call
 INGEST_GROUP = 16   # windows per call when windows are independent (one memory layer, no logits)
+CACHE_VIEW_MIN = 256  # smallest cache prefix a step reads (views are powers of two up to the window)
 
 
 class MemoryRuntime:
@@ -164,12 +165,12 @@ class MemoryRuntime:
         self.cache_len = np.zeros(batch, np.int64)    # host mirror (no device sync to plan steps)
         self.doc_pos = np.zeros(batch, np.int64)
         self._window_fn = jax.jit(self._window_step, donate_argnums=1, static_argnums=4)
-        self._extend_fn = jax.jit(self._extend_step, donate_argnums=1)
+        self._extend_fn = jax.jit(self._extend_step, donate_argnums=1, static_argnums=4)
         self._flush_fn = jax.jit(self._flush_step, donate_argnums=0)
         self._reset_fn = jax.jit(self._reset_step, donate_argnums=0)
         self._group_fn = jax.jit(self._group_step, donate_argnums=1)
         self._rewind_fn = jax.jit(self._rewind_step, donate_argnums=0)
-        self._decode_fn = jax.jit(self._decode_step, donate_argnums=1, static_argnums=(7, 8))
+        self._decode_fn = jax.jit(self._decode_step, donate_argnums=1, static_argnums=(7, 8, 9))
 
     # -- state --------------------------------------------------------------------------------
     def _empty_state(self) -> RuntimeState:
@@ -265,13 +266,23 @@ class MemoryRuntime:
     def _rewind_step(self, state: RuntimeState, drop):
         return dataclasses.replace(state, cache_len=state.cache_len - drop, doc_pos=state.doc_pos - drop)
 
-    def _extend_step(self, params, state: RuntimeState, tokens, n_valid):
+    def _cache_view(self, needed: int) -> int:
+        """The cache prefix a step reads when its rows hold at most `needed` tokens after it: the
+        next power of two (at least CACHE_VIEW_MIN, at most the window). A step then costs in
+        proportion to the tokens in the cache, not to the window, with one compiled program per
+        view size."""
+        view = max(CACHE_VIEW_MIN, 1 << max(int(needed) - 1, 0).bit_length())
+        return min(view, self.window)
+
+    def _extend_step(self, params, state: RuntimeState, tokens, n_valid, view: int):
+        """Appends tokens [B,T] (n_valid [B] of them real) to the caches; every row holds at most
+        `view` tokens after it (the step reads only that prefix of the caches)."""
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         positions = state.cache_len[:, None] + offsets
-        cache = list(zip(state.cache_k, state.cache_v))
-        cache_valid = jnp.arange(self.window)[None, :] < state.cache_len[:, None]
+        cache = [(ck[:, :view], cv[:, :view]) for ck, cv in zip(state.cache_k, state.cache_v)]
+        cache_valid = jnp.arange(view)[None, :] < state.cache_len[:, None]
         new_kv, logits = model.forward(
             tokens,
             positions,
@@ -455,7 +466,8 @@ class MemoryRuntime:
             self._flush((n_valid > 0) & (self.cache_len + n_valid > self.window))
             tokens, _ = _slice_rows(pieces, done, n_valid, t)
             self.state, logits = self._extend_fn(self.params, self.state, jnp.asarray(tokens),
-                                                 jnp.asarray(n_valid, jnp.int32))
+                                                 jnp.asarray(n_valid, jnp.int32),
+                                                 self._cache_view((self.cache_len + n_valid).max()))
             if keep_logits:
                 logits = np.asarray(logits)[:, :, :self.model_config.vocab_size]
             else:   # only each row's last logits leave the device
@@ -480,7 +492,8 @@ class MemoryRuntime:
         last, rows = self._extend_all(self._check_tokens(tokens), return_logits)
         return (last, rows) if return_logits else last
 
-    def _decode_step(self, params, state: RuntimeState, logits, key, finished, n, stop, temperature, top_p):
+    def _decode_step(self, params, state: RuntimeState, logits, key, finished, n, stop, temperature, top_p,
+                     view: int):
         """Up to `n` tokens per row on the device: sample, record, and extend each row that had
         not stopped with its token (its stop token included), so that a row's document is its
         prompt and what it generated. Returns the state, the next logits, key and finished flags,
@@ -489,7 +502,9 @@ class MemoryRuntime:
         Two nested loops and no conditional around the state: the outer one moves the full caches
         of rows still generating to memory (a masked write), the inner one decodes until some
         such row's cache is full. A `lax.cond` whose branches carry the memory stores makes XLA
-        copy every store on every token."""
+        copy every store on every token. Steps read the first `view` cache slots: the caller picks a
+        view that holds every row's cache after `n` more tokens (or the window, where caches fill
+        up and move to memory)."""
         b = logits.shape[0]
         vocab = self.model_config.vocab_size
 
@@ -502,7 +517,7 @@ class MemoryRuntime:
             tok = sample(logits, sub, temperature, top_p)
             out = out.at[:, i].set(jnp.where(finished, -1, tok))
             live = ~finished
-            state, logits = self._extend_step(params, state, tok[:, None], live.astype(jnp.int32))
+            state, logits = self._extend_step(params, state, tok[:, None], live.astype(jnp.int32), view)
             finished = finished | (tok == stop)
             return i + 1, state, logits[:, 0, :vocab].astype(jnp.float32), key, finished, out
 
@@ -518,8 +533,23 @@ class MemoryRuntime:
                 (i, state, logits, key, finished, out))
 
         out = jnp.full((b, DECODE_BLOCK), -1, jnp.int32)
+        if view == self.window:
+            i, state, logits, key, finished, out = jax.lax.while_loop(
+                going, segment, (jnp.int32(0), state, logits, key, finished, out))
+            return state, logits, key, finished, out, i
+        # Every row's cache stays within `view` slots: the loop carries only that prefix of the
+        # caches (XLA copies a loop-carried buffer that a step both reads and updates, so what is
+        # carried is what a token costs) and writes it back once; no cache fills up on the way.
+        full_k, full_v = state.cache_k, state.cache_v
+        state = dataclasses.replace(state, cache_k=tuple(c[:, :view] for c in full_k),
+                                    cache_v=tuple(c[:, :view] for c in full_v))
         i, state, logits, key, finished, out = jax.lax.while_loop(
-            going, segment, (jnp.int32(0), state, logits, key, finished, out))
+            going, step, (jnp.int32(0), state, logits, key, finished, out))
+        def put_back(full, part):
+            return tuple(jax.lax.dynamic_update_slice(f, p, (0, 0, 0, 0)) for f, p in zip(full, part))
+
+        state = dataclasses.replace(state, cache_k=put_back(full_k, state.cache_k),
+                                    cache_v=put_back(full_v, state.cache_v))
         return state, logits, key, finished, out, i
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -549,10 +579,12 @@ class MemoryRuntime:
         out = [[] for _ in range(self.batch)]
         produced, block = 0, (1 if on_token is not None else DECODE_BLOCK)
         stop = jnp.int32(-1 if stop is None else stop)
+        cache_len = self.cache_len
         while produced < max_new_tokens:
-            n = jnp.int32(min(block, max_new_tokens - produced))
+            n = min(block, max_new_tokens - produced)
             self.state, logits, key, finished, toks, steps = self._decode_fn(
-                self.params, self.state, logits, key, finished, n, stop, float(temperature), float(top_p))
+                self.params, self.state, logits, key, finished, jnp.int32(n), stop, float(temperature),
+                float(top_p), self._cache_view(cache_len.max() + n))
             toks, steps = np.asarray(toks), int(steps)
             for j in range(steps):
                 for b in range(self.batch):
@@ -561,8 +593,9 @@ class MemoryRuntime:
                         if on_token is not None:
                             on_token(b, int(toks[b, j]))
             produced += steps
-            if steps < int(n) or bool(np.asarray(finished).all()):
+            if steps < n or bool(np.asarray(finished).all()):
                 break
+            cache_len = np.asarray(self.state.cache_len)
             block = min(2 * block, DECODE_BLOCK)
         self.cache_len = np.asarray(self.state.cache_len).astype(np.int64)
         self.doc_pos = np.asarray(self.state.doc_pos).astype(np.int64)
