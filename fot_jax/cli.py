@@ -91,6 +91,16 @@ def cmd_tokenizer(args, overrides):
     return 0
 
 
+def cmd_goodput(args, overrides):
+    from fot_jax.train import goodput
+    summary = goodput.summarize(goodput.read(args.workdir))
+    print(goodput.report(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
 def _request(cls, args):
     """A request dataclass from the parsed flags of the same names."""
     import dataclasses
@@ -126,11 +136,8 @@ def _add_train(sub):
 def _add_generate(sub):
     p = sub.add_parser("generate", help="ingest prompts (any length) with memory and generate")
     p.add_argument("--workdir", required=True, help="a training workdir (its latest checkpoint)")
-    p.add_argument(
-        "--prompt",
-        action="append",
-        help="a text prompt, through the workdir's tokenizer (repeat for a batch)",
-    )
+    p.add_argument("--prompt", action="append",
+                   help="a text prompt, through the workdir's tokenizer (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", help="a text file as the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the workdir's)")
@@ -190,15 +197,12 @@ def _add_eval(sub):
 
 def _add_sweep(sub):
     p = sub.add_parser("sweep", help="run a config's sweep points (get_sweep()), each in its own workdir")
-    p.add_argument(
-        "--config", required=True, help="a config file with get_sweep(), e.g. configs/ablations/*.py"
-    )
-    p.add_argument(
-        "--workdir", required=True, help="points go to WORKDIR/<point>; summary in WORKDIR/sweep.md"
-    )
-    p.add_argument(
-        "--launcher", help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)"
-    )
+    p.add_argument("--config", required=True,
+                   help="a config file with get_sweep(), e.g. configs/ablations/*.py")
+    p.add_argument("--workdir", required=True,
+                   help="points go to WORKDIR/<point>; summary in WORKDIR/sweep.md")
+    p.add_argument("--launcher",
+                   help="prefix for each point's `fot-jax train ...` (e.g. a pod launch command)")
     p.add_argument("--list", action="store_true", help="only list the points")
 
 
@@ -212,9 +216,8 @@ def _add_plan(sub):
                    "exit 1 when the plan does not fit")
     p.add_argument("--all-params", action="store_true", help="list every parameter, not one per shape")
     p.add_argument("--json", help="also write the plan as JSON here")
-    p.add_argument(
-        "--tokens-per-s", type=float, help="a global throughput target: with --chip, the MFU it needs"
-    )
+    p.add_argument("--tokens-per-s", type=float,
+                   help="a global throughput target: with --chip, the MFU it needs")
     p.add_argument("--chip", help="the pod's chip for --tokens-per-s (v4, v5e, v5p, v6e, h100, h200, ...)")
     p.add_argument("--platform", choices=("tpu", "cpu"), default="tpu",
                    help="the chips the plan is for: picks the attention backend that `auto` means there "
@@ -224,9 +227,8 @@ def _add_plan(sub):
 def _add_import(sub):
     p = sub.add_parser("import", help="an HF LLaMA-family directory or a GGUF file -> a fot_jax checkpoint")
     p.add_argument("source", help="HF model directory (safetensors or .bin, sharded or not) or a .gguf file")
-    p.add_argument(
-        "--out", required=True, help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)"
-    )
+    p.add_argument("--out", required=True,
+                   help="new fot_jax workdir (fine-tune with --config.train.init_from=OUT)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true")
 
@@ -237,13 +239,19 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="the HF directory to write")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument(
-        "--max-shard-size", default="5GB", help="split the weights into files of at most this size"
-    )
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="split the weights into files of at most this size")
     p.add_argument("--tokenizer", help="tokenizer file or directory to include (default <workdir>/tokenizer)")
     p.add_argument("--fot-extensions", action="store_true",
                    help="allow qk_norm / gated models (readable by fot_jax.torch, not by stock LLaMA code)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_goodput(sub):
+    p = sub.add_parser("goodput", help="where a run's wall time went: goodput and badput by cause "
+                       "(a run trained with --config.train.goodput=True)")
+    p.add_argument("--workdir", required=True, help="the training workdir")
+    p.add_argument("--json", help="also write the summary as JSON here")
 
 
 def _add_tokenizer(sub):
@@ -260,7 +268,7 @@ def _add_tokenizer(sub):
 
 COMMANDS = {
     "train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "import": cmd_import, "sweep": cmd_sweep,
-    "plan": cmd_plan, "export": cmd_export, "tokenizer": cmd_tokenizer,
+    "plan": cmd_plan, "export": cmd_export, "tokenizer": cmd_tokenizer, "goodput": cmd_goodput,
 }
 
 
@@ -270,7 +278,7 @@ def _parser():
     parser.add_argument("--version", action="version", version=f"fot-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_generate, _add_eval, _add_sweep, _add_plan, _add_import, _add_export,
-                _add_tokenizer):
+                _add_tokenizer, _add_goodput):
         add(sub)
     return parser
 

@@ -172,6 +172,8 @@ def _train_fields() -> ml_collections.ConfigDict:
     t.preemption_check_every = 10  # multi-host: steps between the hosts' SIGTERM votes (all stop at one step)
     t.stop_timeout = 300.0            # s after SIGTERM before a process that cannot stop cleanly exits 143
     t.resume_step = -1                # -1: resume from the latest complete checkpoint; else this step
+    t.goodput = False                 # record where the wall time goes in <workdir>/goodput.jsonl
+                                      # (`fot-jax goodput --workdir` reports goodput and badput)
     return t
 
 

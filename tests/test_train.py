@@ -376,3 +376,61 @@ def test_hooks_see_an_immutable_step_record_and_stop_a_run_by_raising(tmp_path, 
         resumed.add_hook("print")
     with pytest.raises(ValueError, match="every must be >= 0"):
         resumed.add_hook(print, every=-1)
+
+
+def test_goodput_arithmetic_on_events():
+    """Goodput and badput from a hand-made log: two attempts, the first killed after step 3 with
+    step 2 its last checkpoint, so step 3 is trained twice."""
+    from fot_jax.train import goodput
+    ev = [dict(event="job_start", time=100.0), dict(event="init", seconds=2.0, time=102.0),
+          dict(event="restore", seconds=1.0, step=0, time=103.0),
+          dict(event="step", step=1, seconds=5.0, data_seconds=0.5, compile=True, time=108.0),
+          dict(event="step", step=2, seconds=1.5, data_seconds=0.5, compile=False, time=109.5),
+          dict(event="checkpoint", step=2, seconds=0.5, time=110.0),
+          dict(event="step", step=3, seconds=1.5, data_seconds=0.5, compile=False, time=111.5),
+          dict(event="job_start", time=120.0), dict(event="init", seconds=2.0, time=122.0),
+          dict(event="restore", seconds=1.0, step=2, time=123.0),
+          dict(event="step", step=3, seconds=4.0, data_seconds=0.0, compile=True, time=127.0),
+          dict(event="eval", step=3, seconds=1.0, time=128.0),
+          dict(event="job_end", step=3, time=130.0)]
+    s = goodput.summarize(ev)
+    assert s["wall_seconds"] == 30.0 and s["attempts"] == 2 and s["steps_lost"] == 1 and s["finished"]
+    # productive: steps 1-2 and the second step 3 at the typical (median non-compiling) 1.0 s; what
+    # the compiling steps took beyond it is compile badput
+    assert s["productive_seconds"] == pytest.approx(3.0)
+    b = s["badput_seconds"]
+    assert b["compile"] == pytest.approx(3.5 + 3.0) and b["data"] == pytest.approx(1.5)
+    assert b["checkpoint"] == pytest.approx(2.5) and b["init"] == pytest.approx(4.0) and b["eval"] == 1.0
+    assert b["restart"] == pytest.approx(1.0 + (120.0 - 111.5))     # the lost step and the dead time
+    assert s["goodput"] + sum(s["badput"].values()) == pytest.approx(1.0)
+    assert b["other"] == pytest.approx(30.0 - 3.0 - 6.5 - 1.5 - 2.5 - 4.0 - 1.0 - 9.5)
+    assert "goodput: 10.0%" in goodput.report(s)
+
+
+def test_goodput_of_a_run_killed_and_restarted(tmp_path, data_dir, capsys):
+    """A run that dies after step 6 (checkpoint at 4) and is restarted: its log has two attempts,
+    two steps lost, and shares that add up to the wall time; `fot-jax goodput` prints it."""
+    from fot_jax import cli
+    from fot_jax.train import goodput
+    cfg = tiny("--config.train.steps=8", "--config.train.checkpoint_every=4", "--config.train.goodput=True",
+               "--config.train.eval_every=0")
+    first = Trainer(cfg, str(tmp_path), quiet=True)
+
+    def die(record):
+        if record.step == 6:
+            raise RuntimeError("the host died")
+
+    first.add_hook(die)
+    with pytest.raises(RuntimeError, match="the host died"):
+        first.run()
+    first.checkpoints.wait()
+    assert Trainer(cfg, str(tmp_path), quiet=True).run()["steps"] == 8
+    s = goodput.summarize(goodput.read(str(tmp_path)))
+    assert s["attempts"] == 2 and s["steps_lost"] == 2 and s["finished"] and s["last_step"] == 8
+    assert 0 < s["goodput"] < 1 and s["badput_seconds"]["compile"] > 0 and s["badput_seconds"]["restart"] > 0
+    assert s["goodput"] + sum(s["badput"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert cli.main(["goodput", "--workdir", str(tmp_path)]) == 0
+    assert "steps lost to restarts: 2" in capsys.readouterr().out
+    assert cli.main(["goodput", "--workdir", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.goodput=True" in err[0]

@@ -30,6 +30,7 @@ from fot_jax.errors import FotError
 from fot_jax.model import kernels
 from fot_jax.parallel import distributed
 from fot_jax.parallel import mesh as mesh_lib
+from fot_jax.train import goodput as goodput_lib
 from fot_jax.train import metrics as metrics_lib
 from fot_jax.train.compile import (
     TrainStep,
@@ -110,6 +111,10 @@ class RunState:
     final_eval: dict | None = None
     stop: str | None = None         # "accuracy", "stages", "hook", "preempted" or "until"
     stop_reason: str | None = None  # a hook's StopTraining message
+    step_mark: float = 0.0          # goodput: when the last step's bookkeeping ended
+    aside: float = 0.0              # goodput: evaluation/checkpoint/hook seconds after this step
+    data_seconds: float = 0.0       # goodput: waiting for this step's batch
+    compiles: bool = False          # goodput: this step compiled a new program
 
 
 class NoCheckpoints:
@@ -209,6 +214,9 @@ class Trainer:
     def __init__(self, cfg, workdir: str, checkpoints=None, devices=None, quiet: bool = False):
         """checkpoints: None -> `fot_jax.checkpoint.Checkpoints` in workdir; False -> none; or any
         object with restore/save/close."""
+        init_start = time.perf_counter()
+        self.goodput = goodput_lib.Recorder(workdir, bool(cfg.train.goodput) and jax.process_index() == 0)
+        self.goodput.event("job_start", pid=os.getpid(), processes=jax.process_count())
         config_lib.validate(cfg)
         if jax.process_count() > 1:
             distributed.check_agreement(cfg)
@@ -238,6 +246,7 @@ class Trainer:
         self.stage_schedule: StageSchedule | None = None
         self.writer = None
         self.hooks: list[Hook] = []         # added with add_hook
+        self.goodput.event("init", seconds=time.perf_counter() - init_start)
 
     # -- compiled steps ------------------------------------------------------------------------
     def _batch_shardings(self):
@@ -373,14 +382,20 @@ class Trainer:
         checkpoint, early stop), periodic checkpoint, the hooks added with `add_hook`, the agreed stop."""
         t, done = self.cfg.train, rs.done
         stage = self.stage_schedule.current
+        rs.aside = 0.0                      # evaluation, checkpoint and hook seconds after this step
         progress = self._log_progress(rs) if due(t.log_every, done, t.steps, at_end=True) else None
         self._advance_stage(rs, progress is not None)
         evaluation = None
         if rs.stop is None and due(t.eval_every, done, t.steps, at_end=True):
             evaluation = self._evaluate(rs)
         if rs.stop is None and due(t.checkpoint_every, done, t.steps):
-            self.checkpoints.save(done, self.state, self._data_state(rs))
+            self._save(rs, done)
+        now = time.perf_counter()           # recorded before the hooks, which may not return
+        self.goodput.event("step", step=done, seconds=now - rs.step_mark - rs.aside,
+                           data_seconds=rs.data_seconds, compile=rs.compiles)
+        rs.step_mark = now
         if rs.stop is None and self.hooks:
+            hooks_start = time.perf_counter()
             record = StepRecord(
                 step=done, total_steps=t.steps, stage=stage.name, stage_index=stage.index, r=rs.r,
                 seconds=time.perf_counter() - rs.run_start, metrics=types.MappingProxyType(dict(rs.pending)),
@@ -393,17 +408,27 @@ class Trainer:
                         hook.fn(record)
                     except StopTraining as e:
                         self.log(f"a hook stopped the run after step {done}: {e}")
-                        self.checkpoints.save(done, self.state, self._data_state(rs), force=True)
+                        self._save(rs, done, force=True)
                         rs.stop, rs.stop_reason = "hook", f"hook: {e}"
                         break
+            rs.step_mark += time.perf_counter() - hooks_start     # hook time is no step's
         if rs.stop is None:
             self._stop_check(rs)
+
+    def _save(self, rs, step, force=False):
+        """A checkpoint save (its blocking part timed as checkpoint badput)."""
+        start = time.perf_counter()
+        self.checkpoints.save(step, self.state, self._data_state(rs), force=force)
+        seconds = time.perf_counter() - start
+        rs.aside += seconds
+        self.goodput.event("checkpoint", step=step, seconds=seconds)
 
     def _start(self, until) -> "RunState":
         """Restores (or initialises from train.init_from), logs the run and returns its state."""
         t = self.cfg.train
         self.writer = metrics_lib.MetricWriter(self.workdir)
         self.peak, peak_source = metrics_lib.peak_flops()
+        restore_start = time.perf_counter()
         restored = self.checkpoints.restore(self.state, self.state_shardings)
         data_state = None
         if restored is not None:
@@ -415,12 +440,14 @@ class Trainer:
             self.log(f"fine-tuning from the parameters in {t.init_from}")
         self._save_tokenizer()
         start = int(jax.device_get(self.state["step"]))
+        self.goodput.event("restore", seconds=time.perf_counter() - restore_start, step=start)
         self.log(f"fot_jax: {self.num_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
                  f"{jax.device_count()} devices, attention {self.attention_backend}, MFU against "
                  f"{peak_source}, steps {start}->{t.steps}")
         rs = RunState(start_step=start, done=start, until=until, data_state=data_state,
                       run_start=time.perf_counter())
         rs.last_time, rs.last_step = rs.run_start, start
+        rs.step_mark = time.perf_counter()
         self.stage_schedule = StageSchedule(self.stages)
         recorded = self.stage_schedule.resume(data_state, start)
         self._log_stage(rs, self.stage_schedule.start, resumed=recorded or start > 0)
@@ -463,8 +490,13 @@ class Trainer:
             rs.range_max, r = x.range, int(rng.integers(x.range_min, x.range + 1))
         else:
             rs.range_max = r = x.range
+        data_start = time.perf_counter()
         batch = to_global(next(rs.batcher).as_dict(), self.mesh)
-        self.state, metrics = self.train_step_fn(rs.range_max, stage.cfg)(
+        rs.data_seconds = time.perf_counter() - data_start
+        compiled = len(self._train_steps)
+        fn = self.train_step_fn(rs.range_max, stage.cfg)
+        rs.compiles = len(self._train_steps) > compiled
+        self.state, metrics = fn(
             self.state, batch, jnp.int32(r), stage.lr_scale, stage.temperature_scale)
         if rs.pending is not None:       # checked one step late: no wait on the step just issued
             self._check(rs.pending)
@@ -509,15 +541,22 @@ class Trainer:
     def _evaluate(self, rs) -> dict:
         """Held-out evaluation after a step: best checkpoint, early stop at train.stop_at_accuracy."""
         t, done = self.cfg.train, rs.done
+        eval_start = time.perf_counter()
         rs.final_eval = res = self._eval_and_log(done)
+        seconds = time.perf_counter() - eval_start
+        rs.aside += seconds
+        self.goodput.event("eval", step=done, seconds=seconds)
         rs.history.append({"step": done, "eval": {str(k): v for k, v in res.items()}})
+        best_start = time.perf_counter()
         if self.checkpoints.offer_best(done, self.state, self._data_state(rs), res[max(res)]):
+            rs.aside += time.perf_counter() - best_start
+            self.goodput.event("checkpoint", step=done, seconds=time.perf_counter() - best_start)
             self.log(f"best {t.checkpoint_best} so far at step {done}: saved to {self.workdir}/best")
         best_r = max(res)
         if t.stop_at_accuracy > 0 and res[best_r]["accuracy"] >= t.stop_at_accuracy and done < t.steps:
             self.log(f"eval accuracy {res[best_r]['accuracy']:.3f} at r={best_r} >= {t.stop_at_accuracy}: "
                      f"stopping at step {done}")
-            self.checkpoints.save(done, self.state, self._data_state(rs), force=True)
+            self._save(rs, done, force=True)
             rs.stop = "accuracy"
         return res
 
@@ -530,7 +569,7 @@ class Trainer:
             self.log("another host received SIGTERM")
         self.log(("SIGTERM" if agreed else f"stop requested after step {rs.until}") +
                  f": saving a checkpoint at step {rs.done} and stopping; the next run resumes here")
-        self.checkpoints.save(rs.done, self.state, self._data_state(rs), force=True)
+        self._save(rs, rs.done, force=True)
         rs.final_eval = rs.final_eval or {}
         rs.stop = "preempted" if agreed else "until"
 
@@ -539,21 +578,29 @@ class Trainer:
         returns early with its checkpoint (and `preempted` when SIGTERM stopped it)."""
         t = self.cfg.train
         step = int(jax.device_get(self.state["step"]))
+        eval_start = time.perf_counter()
         final_eval = rs.final_eval if rs.final_eval is not None else self._eval_and_log(step)
+        if rs.final_eval is None:
+            self.goodput.event("eval", step=step, seconds=time.perf_counter() - eval_start)
         summary = {"steps": step, "seconds": time.perf_counter() - rs.run_start,
                    "eval": {str(k): v for k, v in final_eval.items()}, **self._stage_summary(rs, step)}
         if rs.stop == "preempted" or (rs.until is not None and step < t.steps):
-            self.checkpoints.close()
-            self.writer.close()
+            self._close(step)
             return {"steps": step, "preempted": rs.stop == "preempted", **summary}
-        self.checkpoints.save(step, self.state, self._data_state(rs), force=True)
-        self.checkpoints.close()
-        self.writer.close()
+        self._save(rs, step, force=True)
+        self._close(step)
         if jax.process_index() == 0:
             with paths.open_file(paths.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)
             plot_history(rs.history, paths.join(self.workdir, "curve.png"))
         return summary
+
+    def _close(self, step):
+        close_start = time.perf_counter()
+        self.checkpoints.close()            # waits for the saves still being written
+        self.goodput.event("checkpoint", step=step, seconds=time.perf_counter() - close_start)
+        self.writer.close()
+        self.goodput.event("job_end", step=step)
 
     def _stage_summary(self, rs, step) -> dict:
         """The stages run (name, steps, why each ended), the largest training range, and a warning
