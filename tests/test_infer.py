@@ -229,6 +229,13 @@ def test_cache_views_read_only_the_filled_prefix_and_change_no_token(monkeypatch
         np.testing.assert_array_equal(out, expect)
         assert int(rt.cache_len[0]) == 3 + 90 - 64       # one flush at the window
         assert rt._decode_fn._cache_size() <= 5          # views 4 .. 64
+    # decode calls that share a view share one program, the first call included (its inputs are
+    # placed as the program's outputs are)
+    monkeypatch.setattr(runtime_lib, "CACHE_VIEW_MIN", 16)
+    monkeypatch.setattr(runtime_lib, "DECODE_BLOCK", 4)
+    rt = MemoryRuntime(model, batch=1, settings=settings)
+    np.testing.assert_array_equal(rt.generate([doc], max_new_tokens=12, stop_token=-1)[0], expect[:12])
+    assert rt._decode_fn._cache_size() == 1                # 3 blocks of 4 tokens, all in view 16
 
 
 def test_device_decode_loop_equals_host_loop_with_stops_streaming_and_sampling():

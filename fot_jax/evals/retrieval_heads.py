@@ -19,6 +19,7 @@ import numpy as np
 
 from fot_jax import config as config_lib
 from fot_jax.evals import passkey
+from fot_jax.model.attention import NEG_INF
 from fot_jax.model.rope import rope_cos_sin
 
 
@@ -53,7 +54,7 @@ def retrieval_scores(model, tokenizer, length: int = 1024, seeds: int = 4):
         for li, layer in enumerate(model.layers):
             q, k, _, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
             k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-            p = jax.nn.softmax(jnp.where(causal, jnp.einsum("bqhd,bkhd->bhqk", q, k), -1e30), axis=-1)
+            p = jax.nn.softmax(jnp.where(causal, jnp.einsum("bqhd,bkhd->bhqk", q, k), NEG_INF), axis=-1)
             scores[li] += np.asarray(p[0][:, q_pos, src]).mean(-1)
             out = jnp.einsum("bhqk,bkhd->bqhd", p, v)
             x = x + jnp.einsum("bqhd,hde->bqe", out, layer.self_attn.o_proj[...])

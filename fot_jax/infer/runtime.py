@@ -156,9 +156,12 @@ class MemoryRuntime:
                          limit, host_memory_bytes(),
                          what=f"{batch} row(s) x {settings.capacity:,} tokens of memory: ")
         self.graphdef, self.params = nnx.split(model, nnx.Param)
-        if mesh is not None:  # parameters replicated over the mesh that holds the stores
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self.params = jax.device_put(self.params, replicated)
+        # Everything the steps take is committed to one placement (parameters replicated over the
+        # mesh that holds the stores, or the first device): a program's inputs then always match its
+        # outputs, and no call compiles a second program for differently placed inputs.
+        self._home = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+                      else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        self.params = jax.device_put(self.params, self._home)
         self.kv_heads, self.head_dim = m.num_kv_heads, config_lib.head_dim(m)
         self.tail = min(settings.last_context_length, self.window)
         self.state = self._empty_state()
@@ -180,11 +183,14 @@ class MemoryRuntime:
         dt = jnp.dtype(self.model_config.dtype)
         shape = (b, self.window, self.kv_heads, self.head_dim)
         n = self.model_config.num_layers
-        fresh = jax.jit(lambda: jnp.zeros(shape, dt))  # distinct buffers: the state is donated
+        if self.mesh is None:
+            stores = jax.device_put(stores, self._home)
+        # distinct buffers (the state is donated), committed like the parameters
+        fresh = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self._home)
+        counters = jax.device_put({k: np.zeros(b, np.int32) for k in ("cache_len", "doc_pos", "doc_id")},
+                                  self._home)
         return RuntimeState(stores=stores, cache_k=tuple(fresh() for _ in range(n)),
-                            cache_v=tuple(fresh() for _ in range(n)),
-                            cache_len=jnp.zeros(b, jnp.int32), doc_pos=jnp.zeros(b, jnp.int32),
-                            doc_id=jnp.zeros(b, jnp.int32))
+                            cache_v=tuple(fresh() for _ in range(n)), **counters)
 
     # -- jitted steps -------------------------------------------------------------------------
     def _memory_fns(self, stores):
@@ -573,9 +579,11 @@ class MemoryRuntime:
         stop = self.model_config.eos_token_id if stop_token is None else stop_token
         if continue_documents and any(len(p) == 0 for p in prompts):
             raise MemoryRuntimeError("continue_documents needs at least one prompt token per row")
-        logits = jnp.asarray(self.extend(prompts) if continue_documents
-                             else self.ingest(prompts, progress=progress))
-        key, finished = jax.random.key(seed), jnp.zeros(self.batch, bool)
+        logits = self.extend(prompts) if continue_documents else self.ingest(prompts, progress=progress)
+        # placed as the decode program's own outputs are (committed beside the state): arrays made
+        # on the host would make the first call a program of its own, compiled a second time
+        logits, key, finished = jax.device_put((logits, jax.random.key(seed), np.zeros(self.batch, bool)),
+                                               self._home)
         out = [[] for _ in range(self.batch)]
         produced, block = 0, (1 if on_token is not None else DECODE_BLOCK)
         stop = jnp.int32(-1 if stop is None else stop)
