@@ -287,27 +287,20 @@ class MemoryRuntime:
         b, t = tokens.shape
         offsets = jnp.arange(t, dtype=jnp.int32)
         positions = state.cache_len[:, None] + offsets
-        cache = [(ck[:, :view], cv[:, :view]) for ck, cv in zip(state.cache_k, state.cache_v)]
-        cache_valid = jnp.arange(view)[None, :] < state.cache_len[:, None]
-        new_kv, logits = model.forward(
+        new_cache, logits = model.forward(
             tokens,
             positions,
             inference=True,
-            cache=cache,
-            cache_valid=cache_valid,
+            cache=list(zip(state.cache_k, state.cache_v)),
+            cache_slots=jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window),  # W: dropped
+            cache_view=view,
             memory_fns=self._memory_fns(state.stores),
             memory_scale=self._memory_scale(state.stores, positions + 1),
         )
-        slots = jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window)  # window: dropped
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        cache_k = tuple(ck.at[rows, slots].set(k.astype(ck.dtype), mode="drop")
-                        for ck, (k, _) in zip(state.cache_k, new_kv))
-        cache_v = tuple(cv.at[rows, slots].set(v.astype(cv.dtype), mode="drop")
-                        for cv, (_, v) in zip(state.cache_v, new_kv))
         state = dataclasses.replace(
             state,
-            cache_k=cache_k,
-            cache_v=cache_v,
+            cache_k=tuple(k for k, _ in new_cache),
+            cache_v=tuple(v for _, v in new_cache),
             cache_len=state.cache_len + n_valid,
             doc_pos=state.doc_pos + n_valid,
         )
@@ -539,23 +532,8 @@ class MemoryRuntime:
                 (i, state, logits, key, finished, out))
 
         out = jnp.full((b, DECODE_BLOCK), -1, jnp.int32)
-        if view == self.window:
-            i, state, logits, key, finished, out = jax.lax.while_loop(
-                going, segment, (jnp.int32(0), state, logits, key, finished, out))
-            return state, logits, key, finished, out, i
-        # Every row's cache stays within `view` slots: the loop carries only that prefix of the
-        # caches (XLA copies a loop-carried buffer that a step both reads and updates, so what is
-        # carried is what a token costs) and writes it back once; no cache fills up on the way.
-        full_k, full_v = state.cache_k, state.cache_v
-        state = dataclasses.replace(state, cache_k=tuple(c[:, :view] for c in full_k),
-                                    cache_v=tuple(c[:, :view] for c in full_v))
         i, state, logits, key, finished, out = jax.lax.while_loop(
-            going, step, (jnp.int32(0), state, logits, key, finished, out))
-        def put_back(full, part):
-            return tuple(jax.lax.dynamic_update_slice(f, p, (0, 0, 0, 0)) for f, p in zip(full, part))
-
-        state = dataclasses.replace(state, cache_k=put_back(full_k, state.cache_k),
-                                    cache_v=put_back(full_v, state.cache_v))
+            going, segment, (jnp.int32(0), state, logits, key, finished, out))
         return state, logits, key, finished, out, i
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

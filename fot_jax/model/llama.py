@@ -133,14 +133,19 @@ class Attention(nnx.Module):
         return _dense(out, self.o_proj[...].astype(self.dtype))
 
 
-    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn, q_scale=None):
-        """Inference: x [B,T,E] new tokens; cache (k_raw, v) [B,S,Hkv,D] or None (slot j at position j,
-        rotated here with cache_cos/sin in memory layers, stored rotated in the others); mask
-        `(cache_mask [B,T,S], causal [B,T,T])`, or `(causal,)` without a cache; memory_fn(q
-        [B,Hkv,G*T,D]) -> partial sums or None. Returns (out [B,T,E], k, v) with k the new keys as
-        the cache stores them: un-rotated in memory layers (what memory stores), rotated at their
-        positions in the others. q_scale [B,T]: memory layers' queries (so the logits of memory
-        and local keys alike) are multiplied by it (`memory.logn_base`)."""
+    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn, q_scale=None, write=None):
+        """Inference: x [B,T,E] new tokens; memory_fn(q [B,Hkv,G*T,D]) -> partial sums or None;
+        q_scale [B,T]: memory layers' queries (so the logits of memory and local keys alike) are
+        multiplied by it (`memory.logn_base`). Keys are kept as the cache stores them: un-rotated in
+        memory layers (what memory stores; rotated here with cache_cos/sin at use), rotated at their
+        positions in the others.
+
+        Without a cache: mask `(causal [B,T,T],)`; returns (out [B,T,E], (k, v)) of the new tokens.
+        With a cache (k, v) [B,S,Hkv,D] (slot j holds position j) and `write` (rows, slots [B,T];
+        a slot >= S drops its token): the new keys and values are written first, then the queries
+        read the cache's first V slots (V = cache_cos's length) under mask `(mask [B,T,V],)`;
+        returns (out, (k, v)) the updated cache. Reading after writing keeps a decode loop from
+        copying the cache it carries (a buffer read and then updated in one step is copied)."""
         q, k_own, k_raw, v = self.project(x, cos, sin)
         if self.is_memory and q_scale is not None:
             q = q * q_scale[:, :, None, None].astype(q.dtype)
@@ -149,11 +154,17 @@ class Attention(nnx.Module):
         # position j either way), which saves rotating the whole cache every generated token.
         k_cache = k_raw if self.is_memory else k_own
         if cache is not None:
-            ck, cv = cache
-            ck_own = apply_rope(ck, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else ck
-            keys, vals = (ck_own.astype(k_own.dtype), k_own), (cv, v)
+            rows, slots = write
+            ck = cache[0].at[rows, slots].set(k_cache.astype(cache[0].dtype), mode="drop")
+            cv = cache[1].at[rows, slots].set(v.astype(cache[1].dtype), mode="drop")
+            view = cache_cos.shape[0]
+            rk = ck[:, :view]
+            rk = apply_rope(rk, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else rk
+            keys, vals = (rk.astype(k_own.dtype),), (cv[:, :view],)
+            kept = (ck, cv)
         else:
             keys, vals = (k_own,), (v,)
+            kept = (k_cache, v)
         memory = gate = None
         if self.is_memory and memory_fn is not None:
             b, t, h, d = q.shape
@@ -163,7 +174,7 @@ class Attention(nnx.Module):
             if hasattr(self, "mem_gate"):
                 gate = self.mem_gate[...]
         out = memory_attention(q, keys, vals, mask, memory, gate)
-        return _dense(out, self.o_proj[...].astype(self.dtype)), k_cache, v
+        return _dense(out, self.o_proj[...].astype(self.dtype)), kept
 
 
 class DecoderLayer(nnx.Module):
@@ -214,21 +225,25 @@ class Llama(nnx.Module):
                             crossbatch_range=crossbatch_range)[1]
 
     def forward(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
-                crossbatch_range=None, inference: bool = False, cache=None, cache_valid=None, memory_fns=None,
-                keys_through_layer: int | None = None, memory_scale=None):
+                crossbatch_range=None, inference: bool = False, cache=None, cache_slots=None,
+                cache_view: int | None = None, memory_fns=None, keys_through_layer: int | None = None,
+                memory_scale=None):
         """The decoder, for training and for inference: `(kv, logits)`.
 
         tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (`inference=False`): each
         layer attends within its row (document mask: segment_ids [B,T]) and memory layers across the
         batch (`crossbatch`, range `crossbatch_range`); layer runs are scanned; kv is None.
         Inference: cache per layer (k, v) [B,S,Hkv,D] or None, slot j holding position j (keys
-        un-rotated in memory layers, rotated in the others), cache_valid [B,S]; memory_fns per layer
-        q [B,Hkv,G*T,D] -> memory partial sums (memory layers) or None; a new token sees the valid
-        cache slots and the new tokens up to itself; kv holds per layer the (k, v) [B,T,Hkv,D] of the
-        new tokens as the cache stores them. With `keys_through_layer` L, the pass stops once layer
-        L's keys and values are known (what memory stores depends on nothing above) and logits is
-        None. memory_scale [B,T]: multiplies the memory layers' queries (`memory.logn_base`).
-        Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's padding rows.
+        un-rotated in memory layers, rotated in the others); cache_slots [B,T]: where each new token
+        is written (>= S: dropped), which is its position; a new token at position p then sees the
+        cache slots up to p (cache_view: only the first cache_view slots are read, none beyond them
+        may be needed); memory_fns per layer q [B,Hkv,G*T,D] -> memory partial sums (memory layers)
+        or None. kv holds per layer the updated cache (k, v), or, without a cache, the (k, v)
+        [B,T,Hkv,D] of the new tokens as a cache stores them. With `keys_through_layer` L, the pass
+        stops once layer L's keys and values are known (what memory stores depends on nothing
+        above) and logits is None. memory_scale [B,T]: multiplies the memory layers' queries
+        (`memory.logn_base`). Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's
+        padding rows.
         """
         m = self.config
         b, t = tokens.shape
@@ -238,8 +253,8 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         if inference:
-            x, kv = self._inference_layers(x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer,
-                                           memory_scale)
+            x, kv = self._inference_layers(x, positions, cos, sin, cache, cache_slots, cache_view, memory_fns,
+                                           keys_through_layer, memory_scale)
             if x is None:
                 return kv, None
         else:
@@ -268,18 +283,19 @@ class Llama(nnx.Module):
                     x = run_layer(layer, x, cos, sin, segment_ids, r)
         return x
 
-    def _inference_layers(self, x, cos, sin, cache, cache_valid, memory_fns, keys_through_layer,
-                          memory_scale=None):
+    def _inference_layers(self, x, positions, cos, sin, cache, cache_slots, cache_view, memory_fns,
+                          keys_through_layer, memory_scale=None):
         m = self.config
         b, t = x.shape[:2]
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        write = None
         if cache is not None and cache[0] is not None:
-            s = cache[0][0].shape[1]
-            cache_cos, cache_sin = rope_cos_sin(jnp.arange(s), config_lib.head_dim(m), m.rope_theta)
-            mask = (jnp.broadcast_to(cache_valid[:, None, :], (b, t, s)), causal)
+            view = cache_view or cache[0][0].shape[1]
+            cache_cos, cache_sin = rope_cos_sin(jnp.arange(view), config_lib.head_dim(m), m.rope_theta)
+            mask = (jnp.arange(view)[None, None, :] <= positions[:, :, None],)
+            write = (jnp.broadcast_to(jnp.arange(b)[:, None], (b, t)), cache_slots)
         else:
             cache_cos = cache_sin = None
-            mask = (causal,)
+            mask = (jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)),)
         new_kv = []
         for i, layer in enumerate(self.layers):
             h_in = layer.input_layernorm(x)
@@ -289,12 +305,12 @@ class Llama(nnx.Module):
                 return None, new_kv
             layer_cache = None if cache is None else cache[i]
             fn = None if memory_fns is None else memory_fns[i]
-            attn, k_raw, v = layer.self_attn.infer(
-                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn, memory_scale
+            attn, kept = layer.self_attn.infer(
+                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn, memory_scale, write
             )
             h = x + attn
             x = h + layer.mlp(layer.post_attention_layernorm(h))
-            new_kv.append((k_raw, v))
+            new_kv.append(kept)
         return x, new_kv
 
     def _scan(self, layers, x, cos, sin, segment_ids, crossbatch, r):
