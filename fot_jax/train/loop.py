@@ -481,6 +481,7 @@ class Trainer:
             rs.batcher.restore(ds["batcher"])
 
     def _step(self, rs, step):
+        data_start = time.perf_counter()    # a stage's batcher (its dataset prepared) counts as data
         self._enter_stage(rs)
         stage = self.stage_schedule.current
         x = stage.cfg.crossbatch
@@ -490,7 +491,6 @@ class Trainer:
             rs.range_max, r = x.range, int(rng.integers(x.range_min, x.range + 1))
         else:
             rs.range_max = r = x.range
-        data_start = time.perf_counter()
         batch = to_global(next(rs.batcher).as_dict(), self.mesh)
         rs.data_seconds = time.perf_counter() - data_start
         compiled = len(self._train_steps)
