@@ -40,7 +40,7 @@ def main():
     from fot_jax import config as config_lib
     from fot_jax.checkpoint import load_model
     from fot_jax.convert.api import import_model
-    from fot_jax.infer.generate import GenerateRequest, _text_prompts
+    from fot_jax.infer.generate import GenerateRequest, text_prompts
     from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
 
     torch.set_num_threads(args.threads)
@@ -52,7 +52,7 @@ def main():
         workdir = os.path.join(tmp, "smollm2")
         import_model(gguf, workdir, dtype="float32")
         cfg, model = load_model(workdir)
-        _, (ids,) = _text_prompts(GenerateRequest(workdir, prompt=[args.prompt], chat=True), cfg)
+        _, (ids,) = text_prompts(GenerateRequest(workdir, prompt=[args.prompt], chat=True), cfg)
         ids = np.asarray(ids, np.int32)
         eos = cfg.model.eos_token_id
 

@@ -56,7 +56,7 @@ def _token_prompts(req: GenerateRequest) -> list[np.ndarray]:
     return prompts
 
 
-def _text_prompts(req: GenerateRequest, cfg):
+def text_prompts(req: GenerateRequest, cfg):
     """(tokenizer, token ids) of the text prompts (with `chat`, through the model's chat template)."""
     from fot_jax.data.text import workdir_tokenizer
     from fot_jax.data.tokenizer import apply_chat_template, chat_template, check_vocab
@@ -99,7 +99,7 @@ def run_generate(req: GenerateRequest, overrides=(), out=None, log=None) -> list
     cfg, model = load_model(req.workdir, overrides=overrides)
     tok = None
     if texts:
-        tok, prompts = _text_prompts(req, cfg)
+        tok, prompts = text_prompts(req, cfg)
     rt = MemoryRuntime(model, len(prompts), MemorySettings.from_config(cfg))
     start = time.perf_counter()
     first = []

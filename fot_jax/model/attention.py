@@ -17,7 +17,6 @@ collective permute between neighbours, never to a gather of the whole batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -196,38 +195,29 @@ def _blockwise(q, k_own, k_other, v, spec, visible, segment_ids):
 def memory_attention(q, k, v, mask, memory=None, gate=None):
     """Inference attention of one layer (docs/architecture.md, "Long inputs with memory").
 
-    q [B,T,H,D] (scaled, rotated); k/v [B,S,Hkv,D] local keys (rotated) with mask [B,T,S] which of
-    them each query sees, or tuples of such parts (the cache and the new tokens: they share one
-    softmax and are never concatenated, so a generated token does not copy the cache). memory: the
+    q [B,T,H,D] (scaled, rotated); k/v [B,S,Hkv,D] local keys (rotated: a layer's cache with the
+    new tokens already written into it) with mask [B,T,S] which of them each query sees. memory: the
     partial softmax sums of the query's top-k memory entries, `(m [B,Hkv,G*T], l, acc
     [B,Hkv,G*T,D])` from `fot_jax.memory.knn.lookup` (queries ordered kv-head, group, position), or
     None. Without a gate the memory entries join the local keys in one softmax (FoT); with `gate`
     [H] (logits) the memory-only and local-only attention outputs are mixed by sigmoid(gate)
     (Memorizing Transformer). Returns [B,T,H,D].
     """
-    if not isinstance(k, (tuple, list)):
-        k, v, mask = (k,), (v,), (mask,)
     b, t, h, d = q.shape
-    hkv = k[0].shape[2]
+    hkv = k.shape[2]
     g = h // hkv
     qg = _group(q, hkv)
-    scores = [
-        jnp.where(
-            mk[:, None, None],
-            jnp.einsum("bthgd,bshd->bhgts", qg, kk, preferred_element_type=jnp.float32),
-            NEG_INF,
-        )
-        for kk, mk in zip(k, mask)
-    ]
-    m = functools.reduce(jnp.maximum, [s.max(-1) for s in scores])          # [B, Hkv, G, T]
+    scores = jnp.where(mask[:, None, None],
+                       jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32), NEG_INF)
+    m = scores.max(-1)                                                       # [B, Hkv, G, T]
     m_mem = l_mem = acc_mem = None
     if memory is not None:
         m_mem, l_mem, acc_mem = (x.reshape(b, hkv, g, t, *x.shape[3:]) for x in memory)
     joint = memory is not None and gate is None
     m_all = jnp.maximum(m, m_mem) if joint else m
-    probs = [jnp.exp(s - m_all[..., None]) for s in scores]
-    denom = sum(p.sum(-1) for p in probs)
-    out = sum(jnp.einsum("bhgts,bshd->bhgtd", p, vv.astype(jnp.float32)) for p, vv in zip(probs, v))
+    probs = jnp.exp(scores - m_all[..., None])
+    denom = probs.sum(-1)
+    out = jnp.einsum("bhgts,bshd->bhgtd", probs, v.astype(jnp.float32))
     if joint:
         scale = jnp.where(jnp.isfinite(m_mem), jnp.exp(m_mem - m_all), 0.0)
         denom = denom + l_mem * scale

@@ -140,10 +140,10 @@ class Attention(nnx.Module):
         memory layers (what memory stores; rotated here with cache_cos/sin at use), rotated at their
         positions in the others.
 
-        Without a cache: mask `(causal [B,T,T],)`; returns (out [B,T,E], (k, v)) of the new tokens.
+        Without a cache: mask causal [B,T,T]; returns (out [B,T,E], (k, v)) of the new tokens.
         With a cache (k, v) [B,S,Hkv,D] (slot j holds position j) and `write` (rows, slots [B,T];
         a slot >= S drops its token): the new keys and values are written first, then the queries
-        read the cache's first V slots (V = cache_cos's length) under mask `(mask [B,T,V],)`;
+        read the cache's first V slots (V = cache_cos's length) under mask [B,T,V];
         returns (out, (k, v)) the updated cache. Reading after writing keeps a decode loop from
         copying the cache it carries (a buffer read and then updated in one step is copied)."""
         q, k_own, k_raw, v = self.project(x, cos, sin)
@@ -160,10 +160,10 @@ class Attention(nnx.Module):
             view = cache_cos.shape[0]
             rk = ck[:, :view]
             rk = apply_rope(rk, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else rk
-            keys, vals = (rk.astype(k_own.dtype),), (cv[:, :view],)
+            keys, vals = rk.astype(k_own.dtype), cv[:, :view]
             kept = (ck, cv)
         else:
-            keys, vals = (k_own,), (v,)
+            keys, vals = k_own, v
             kept = (k_cache, v)
         memory = gate = None
         if self.is_memory and memory_fn is not None:
@@ -291,11 +291,11 @@ class Llama(nnx.Module):
         if cache is not None and cache[0] is not None:
             view = cache_view or cache[0][0].shape[1]
             cache_cos, cache_sin = rope_cos_sin(jnp.arange(view), config_lib.head_dim(m), m.rope_theta)
-            mask = (jnp.arange(view)[None, None, :] <= positions[:, :, None],)
+            mask = jnp.arange(view)[None, None, :] <= positions[:, :, None]
             write = (jnp.broadcast_to(jnp.arange(b)[:, None], (b, t)), cache_slots)
         else:
             cache_cos = cache_sin = None
-            mask = (jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)),)
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
         new_kv = []
         for i, layer in enumerate(self.layers):
             h_in = layer.input_layernorm(x)

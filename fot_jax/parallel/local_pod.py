@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from fot_jax.parallel import with_host_devices
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -72,9 +74,7 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
     on_parent_death = _death_signal()
     for pid in range(processes):
         e = dict(os.environ, **(env or {}))
-        flags = " ".join(f for f in e.get("XLA_FLAGS", "").split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
-        e.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+        e.update(XLA_FLAGS=with_host_devices(e.get("XLA_FLAGS", ""), devices),
                  JAX_PLATFORMS="cpu", FOT_JAX_COORDINATOR=f"127.0.0.1:{port}",
                  FOT_JAX_NUM_PROCESSES=str(processes), FOT_JAX_PROCESS_ID=str(pid),
                  PYTHONUNBUFFERED="1")
