@@ -6,6 +6,10 @@ schedule, JSON) and `config` (the run's config, JSON). Saves are asynchronous; O
 under a temporary name and renames it when complete, so a partial save (a process killed mid-save)
 is never mistaken for a checkpoint: the next start restores the last complete step.
 
+Local checkpoints (`train.local_checkpoint_dir`, `fot_jax.local_checkpoint`): each host's own
+shards saved often to its own disk; a restart resumes from the newest step every host holds when it
+is newer than the newest persistent one.
+
 Keep-best (`train.checkpoint_best`): a second manager in `<workdir>/best` holds the step with the
 best held-out metric, apart from the rolling `keep` latest ones that resuming uses.
 """
@@ -95,6 +99,7 @@ class Checkpoints:
             save_interval_steps=max(int(every), 1), max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.local = None               # LocalCheckpoints, attached by the trainer once the mesh exists
         self.best_metric = best
         self.best_manager = None
         self.best_value = None
@@ -111,10 +116,40 @@ class Checkpoints:
     def stored_config(self, step) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+    def attach_local(self, local) -> None:
+        """Adds local (emergency) checkpoints: `local_due`/`save_local` save there; `restore` prefers
+        them when newer than the persistent ones."""
+        self.local = local
+
+    def local_due(self, step) -> bool:
+        return self.local is not None and self.local.due(step)
+
+    def save_local(self, step, state, data_state):
+        self.local.save(step, state, data_state, json.loads(self.cfg.to_json())["model"])
+
+    def _restore_local(self, target):
+        got = self.local.restore(target, newer_than=self.manager.latest_step())
+        if got is None:
+            return None
+        state, data_state, step = got
+        _check_model_config({"model": self.local.model_config(step)}, self.cfg,
+                            f"{self.local.directory}/{step}")
+        if jax.process_index() == 0:
+            print(f"resuming from the local checkpoint at step {step} ({self.local.directory}; newest "
+                  f"persistent step: {self.manager.latest_step()})", flush=True)
+        return state, data_state, step
+
     def restore(self, abstract_state, shardings, step=None):
         """(state, data_state) of the latest complete step (or `step`, or train.resume_step), placed
-        on `shardings` (any mesh); None when the workdir has no checkpoint."""
+        on `shardings` (any mesh); None when the workdir has no checkpoint. With local checkpoints
+        attached, the newest local step every host holds wins when it is newer."""
         step = step if step is not None else self.resume_step
+        if self.local is not None:
+            got = self._restore_local(_abstract(abstract_state, shardings)) if step is None else None
+            resumed = got[2] if got is not None else step if step is not None else self.manager.latest_step()
+            self.local.discard_after(resumed or 0)       # a restart abandons the local steps after it
+            if got is not None:
+                return got[:2]
         if step is None:
             step = self.manager.latest_step()
             if step is None:
@@ -164,12 +199,16 @@ class Checkpoints:
         self.manager.wait_until_finished()
         if self.best_manager is not None:
             self.best_manager.wait_until_finished()
+        if self.local is not None:
+            self.local.wait()
 
     def close(self):
         self.wait()
         self.manager.close()
         if self.best_manager is not None:
             self.best_manager.close()
+        if self.local is not None:
+            self.local.close()
 
 
 def _restore_params(manager, step, abstract_params):

