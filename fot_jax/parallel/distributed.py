@@ -3,8 +3,10 @@
 A pod is N hosts running the same program; each is one JAX process that owns its local devices.
 `initialize()` joins the processes:
 
-- On a TPU VM (or under SLURM / Open MPI), `jax.distributed.initialize()` finds the others itself
-  (`FOT_JAX_DISTRIBUTED=auto`, the default on a TPU VM with several workers).
+- Under a scheduler, `jax.distributed.initialize()` finds the others itself, and fot_jax asks it to
+  without flags when `detect_cluster()` sees one: GKE TPU slices (JobSet, `launch/xpk.py`), Cloud
+  TPU VM pods, multislice, Slurm and Open MPI with more than one process
+  (`FOT_JAX_DISTRIBUTED=auto` forces it, `off` turns it off).
 - On CPU or GPU machines without a scheduler, give the coordinator (`host:port` of process 0), the
   process count and this process's id, as flags (`fot-jax train --coordinator ... --num-processes
   ... --process-id ...`) or environment (`FOT_JAX_COORDINATOR`, `FOT_JAX_NUM_PROCESSES`,
@@ -76,11 +78,33 @@ class DistributedSettings:
             return "auto"
         if self.coordinator or self.num_processes > 1:
             return "explicit"
-        # A TPU VM with several workers: jax reads the topology from the metadata server.
-        hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-        if len([h for h in hosts.split(",") if h]) > 1:
-            return "auto"
-        return "off"
+        return "auto" if detect_cluster() else "off"
+
+
+def _count(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def detect_cluster(env=None) -> str | None:
+    """The multi-process scheduler this process runs under, which `jax.distributed.initialize()`
+    reads by itself: 'gke-tpu' (GKE TPU slices: JobSet/xpk), 'cloud-tpu' (a TPU VM pod slice or
+    queued resource), 'multislice' (several TPU slices, one host each), 'slurm' or 'openmpi' with
+    more than one process; None for one process (or FOT_JAX_* / flags, handled as explicit)."""
+    env = os.environ if env is None else env
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return "gke-tpu" if env.get("KUBERNETES_SERVICE_HOST") else "cloud-tpu"
+    if _count(env.get("MEGASCALE_NUM_SLICES")) > 1:
+        return "multislice"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in env for k in slurm) and _count(env.get("SLURM_NTASKS")) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
+        return "openmpi"
+    return None
 
 
 _STATE = {"initialized": False, "settings": None, "barriers": {}}
