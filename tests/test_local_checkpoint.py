@@ -117,6 +117,21 @@ def test_local_checkpoint_settings_and_disks_are_checked_before_step_0(tmp_path,
     assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))       # refused before step 0
 
 
+def test_a_checkpoint_resumes_on_fewer_devices_or_refuses_in_one_line(tmp_path, data_dir):
+    """The same global batch on half the devices (two rows each instead of one): the same steps.
+    On 6 devices the batch of 8 cannot be split: one line naming why, before anything runs."""
+    import jax
+    ref, wd = str(tmp_path / "ref"), str(tmp_path / "w")
+    Trainer(_cfg(data_dir, 6), ref, quiet=True).run()
+    Trainer(_cfg(data_dir, 3), wd, quiet=True).run()                    # 8 devices, steps 1-3
+    Trainer(_cfg(data_dir, 6), wd, devices=jax.devices()[:4], quiet=True).run()   # 4 devices, 4-6
+    np.testing.assert_allclose([_losses(wd)[s] for s in range(1, 7)], [_losses(ref)[s] for s in range(1, 7)],
+                               rtol=2e-6)
+    message = r"8 rows do not divide over the mesh's data-parallel size 6 .* on 6 devices\). A run keeps"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        Trainer(_cfg(data_dir, 8), wd, devices=jax.devices()[:6], quiet=True)
+
+
 def _fot_jax(*args):
     return [sys.executable, "-m", "fot_jax.cli", *args]
 
@@ -136,7 +151,7 @@ def test_a_pod_killed_mid_run_restarts_from_the_newest_common_local_step(tmp_pat
     the launcher's restart policy; then the same run on half the hosts (a new topology: local
     checkpoints are skipped, the persistent one restores onto 1 process)."""
     ref = str(tmp_path / "ref")
-    Trainer(_cfg(data_dir, 12), ref, quiet=True).run()        # 1 process x 8 devices
+    Trainer(_cfg(data_dir, 16), ref, quiet=True).run()        # 1 process x 8 devices
     ref = _losses(ref)
     base, wd = str(tmp_path / "local"), str(tmp_path / "w")
     # 1. process 1 is SIGKILLed once step 7 is logged; no restart: the pod goes down
@@ -169,3 +184,12 @@ def test_a_pod_killed_mid_run_restarts_from_the_newest_common_local_step(tmp_pat
     assert codes == [0], log[-3000:]
     assert "written on another topology" in log and "resuming from the local checkpoint" not in log
     assert "steps 12->14" in log
+    # 4. and back to 2 processes x 4 devices for two more: 1 -> 2 hosts
+    codes, log = _pod(wd, data_dir, 16, *_local(base))
+    assert codes == [0, 0] and "steps 14->16" in log, log[-3000:]
+    # the same global batch on every topology (more rows per device on fewer devices), and the data
+    # position carried across: every step equals the uninterrupted run's
+    losses = _losses(wd)
+    assert sorted(losses) == list(range(1, 17))
+    for step in range(13, 17):
+        np.testing.assert_allclose(losses[step], ref[step], rtol=2e-6, err_msg=f"step {step}")

@@ -61,7 +61,11 @@ def check_batch_divides(cfg, mesh) -> None:
     if cfg.data.batch_size % dp:
         raise config_lib.ConfigError(
             f"config field 'data.batch_size': {cfg.data.batch_size} rows do not divide over the "
-            f"mesh's data-parallel size {dp} (mesh data x fsdp)")
+            f"mesh's data-parallel size {dp} (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} "
+            f"on {mesh.devices.size} devices). A run keeps its global batch on any number of hosts (a "
+            "checkpoint resumes with more or fewer rows per device, the same computation); run it on "
+            "devices whose data x fsdp divides the batch, or move devices to mesh.tensor, which does not "
+            "split it")
 
 
 def to_global(batch: dict, mesh) -> dict:
