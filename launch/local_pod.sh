@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A pod on this machine: N processes x M simulated CPU devices run the same command.
 #   launch/local_pod.sh 2 4 fot-jax train --config configs/tiny.py --workdir /tmp/pod
+#   MAX_RESTARTS=3 launch/local_pod.sh 2 4 ...   # restart the whole pod when a process dies
 # (see fot_jax/parallel/local_pod.py; the multi-host tests use it)
 set -euo pipefail
 if [ $# -lt 3 ]; then
@@ -8,4 +9,5 @@ if [ $# -lt 3 ]; then
   exit 2
 fi
 n="$1"; m="$2"; shift 2
-exec python -m fot_jax.parallel.local_pod --processes "$n" --devices "$m" -- "$@"
+exec python -m fot_jax.parallel.local_pod --processes "$n" --devices "$m" \
+  --max-restarts "${MAX_RESTARTS:-0}" -- "$@"
