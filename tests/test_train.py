@@ -407,6 +407,61 @@ def test_goodput_arithmetic_on_events():
     assert "goodput: 10.0%" in goodput.report(s)
 
 
+def test_goodput_goes_to_ml_goodput_measurement_where_it_and_a_cloud_exist(tmp_path, data_dir, monkeypatch,
+                                                                          capsys):
+    """A stand-in for ml-goodput-measurement's GoodputRecorder (its constructor and record_* calls,
+    as the package defines them) receives job start, preparation, every step's start with its data
+    loading, and job end, in order and in UTC; without a cloud, or without the package, the run
+    says so once and records locally; a bucket workdir without either is refused."""
+    import datetime
+    import sys
+    import types as pytypes
+
+    from fot_jax.train import goodput
+
+    calls = []
+
+    class FakeRecorder:
+        def __init__(self, job_name, logger_name, logging_enabled=False, cloud_logger=None):
+            calls.append(("init", job_name, logger_name, logging_enabled))
+
+        def __getattr__(self, name):
+            if not name.startswith("record_"):
+                raise AttributeError(name)
+            return lambda *args: calls.append((name, *args))
+
+    package = pytypes.ModuleType("ml_goodput_measurement")
+    package.goodput = pytypes.SimpleNamespace(GoodputRecorder=FakeRecorder)
+    monkeypatch.setitem(sys.modules, "ml_goodput_measurement", package)
+    cfg = tiny("--config.train.steps=3", "--config.train.goodput=True", "--config.train.eval_every=0")
+    Trainer(cfg, str(tmp_path / "run7"), quiet=True).run()
+    assert calls[0] == ("init", "run7", "goodput_run7", True)
+    names = [c[0] for c in calls[1:]]
+    assert names[0] == "record_job_start_time" and names[-1] == "record_job_end_time"
+    assert names[1:3] == ["record_training_preparation_start_time", "record_training_preparation_end_time"]
+    steps = [c[1] for c in calls if c[0] == "record_step_start_time"]
+    assert steps == [0, 1, 2]
+    times = [c[-1] for c in calls[1:]]
+    assert all(t.tzinfo == datetime.timezone.utc for t in times)
+    starts = [c[2] for c in calls if c[0] == "record_step_start_time"]
+    assert starts == sorted(starts) and "record_data_loading_start_time" in names
+    assert len(goodput.read(str(tmp_path / "run7"))) > 0                  # and the local log
+
+    def no_cloud(**kwargs):
+        raise OSError("Your default credentials were not found")
+    package.goodput = pytypes.SimpleNamespace(GoodputRecorder=no_cloud)
+    capsys.readouterr()
+    Trainer(cfg, str(tmp_path / "run8"), quiet=False).run()
+    out = capsys.readouterr().out
+    assert out.count("Cloud Logging is not reachable (OSError: Your default credentials") == 1
+    assert goodput.summarize(goodput.read(str(tmp_path / "run8")))["finished"]
+    with pytest.raises(goodput.GoodputError, match="no Cloud Logging recorder"):
+        goodput.Recorder("gs://bucket/run", True, log=lambda m: None)
+    monkeypatch.setitem(sys.modules, "ml_goodput_measurement", None)           # not installed
+    messages = []
+    assert goodput.cloud_recorder("x", messages.append) is None and "not installed" in messages[0]
+
+
 def test_goodput_of_a_run_killed_and_restarted(tmp_path, data_dir, capsys):
     """A run that dies after step 6 (checkpoint at 4) and is restarted: its log has two attempts,
     two steps lost, and shares that add up to the wall time; `fot-jax goodput` prints it."""

@@ -11,6 +11,12 @@
     checkpoint  the blocking part of a checkpoint save (seconds)
     job_end     the run finished or stopped cleanly
 
+With `ml-goodput-measurement` installed and Cloud Logging reachable (a GCP job), the same moments
+also go to its `GoodputRecorder` (job start and end, training preparation, every step's start, data
+loading), under the job name of the workdir's last path part, for its calculator and monitor; where
+the package or the cloud is absent, the run says so once and the local log is all there is. A
+bucket workdir, which cannot be appended to, keeps only the cloud record.
+
 `summarize` turns the events into goodput (productive step time over the job's wall time, from the
 first job_start to the last event) and badput by cause; `fot-jax goodput --workdir W` prints it.
 A restart is a job_start after the first: the wall time between the previous attempt's last event
@@ -35,25 +41,83 @@ class GoodputError(FotError, ValueError):
     """A goodput log that cannot be read."""
 
 
-class Recorder:
-    """Appends events to `<workdir>/goodput.jsonl` (a no-op when `enabled` is false)."""
+def cloud_recorder(job_name: str, log=print):
+    """ml-goodput-measurement's GoodputRecorder writing to Cloud Logging, or None (said once, with
+    why) where the package is not installed or Cloud Logging cannot be reached."""
+    try:
+        from ml_goodput_measurement import goodput as mgm
+    except ImportError:
+        log("goodput: ml-goodput-measurement is not installed (pip install -e '.[goodput]'): recording "
+            "locally only")
+        return None
+    try:
+        return mgm.GoodputRecorder(job_name=job_name, logger_name=f"goodput_{job_name}", logging_enabled=True)
+    except Exception as e:  # noqa: BLE001 -- no credentials, no project, no network: no cloud
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        log(f"goodput: Cloud Logging is not reachable ({type(e).__name__}: {why}): recording locally only")
+        return None
 
-    def __init__(self, workdir: str, enabled: bool):
+
+class _CloudMirror:
+    """Maps the local events onto GoodputRecorder's calls (backfilled times, UTC)."""
+
+    def __init__(self, recorder, log=print):
+        self.recorder, self.log = recorder, log
+
+    def event(self, name: str, now: float, fields: dict) -> None:
+        if self.recorder is None:
+            return
+        import datetime
+        def at(t):
+            return datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+        r = self.recorder
+        try:
+            if name == "job_start":
+                r.record_job_start_time(at(now))
+            elif name == "init":
+                r.record_training_preparation_start_time(at(now - fields["seconds"]))
+                r.record_training_preparation_end_time(at(now))
+            elif name == "step":
+                start = now - fields["seconds"]
+                r.record_step_start_time(int(fields["step"]) - 1, at(start))
+                if fields.get("data_seconds"):
+                    r.record_data_loading_start_time(at(start))
+                    r.record_data_loading_end_time(at(start + fields["data_seconds"]))
+            elif name == "job_end":
+                r.record_job_end_time(at(now))
+        except Exception as e:  # noqa: BLE001 -- the record must never stop training
+            self.log(f"goodput: the cloud recorder failed ({type(e).__name__}: {e}); recording locally only")
+            self.recorder = None
+
+
+class Recorder:
+    """Appends events to `<workdir>/goodput.jsonl` (a no-op when `enabled` is false) and, where
+    ml-goodput-measurement and Cloud Logging are available, mirrors them to its recorder."""
+
+    def __init__(self, workdir: str, enabled: bool, log=print, cloud=None):
         self.enabled = enabled
         self.path = paths.join(workdir, FILE)
-        if enabled and paths.is_url(workdir):
+        self.cloud = _CloudMirror(None)
+        if not enabled:
+            return
+        job = os.path.basename(str(workdir).rstrip("/")) or "fot_jax"
+        self.cloud = _CloudMirror(cloud_recorder(job, log) if cloud is None else cloud, log)
+        self.local = not paths.is_url(workdir)
+        if not self.local and self.cloud.recorder is None:
             raise GoodputError(f"train.goodput appends to {FILE}, which an object store ({workdir}) cannot "
-                               "do; "
-                               "give a local workdir or leave train.goodput off")
-        if enabled:
+                               "do, and no Cloud Logging recorder is available; give a local workdir or "
+                               "leave train.goodput off")
+        if self.local:
             os.makedirs(workdir, exist_ok=True)
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:
             return
-        row = {"event": name, "time": time.time(), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        now = time.time()
+        self.cloud.event(name, now, fields)
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": name, "time": now, **fields}) + "\n")
 
 
 def read(workdir: str) -> list[dict]:

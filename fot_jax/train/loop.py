@@ -219,7 +219,8 @@ class Trainer:
         """checkpoints: None -> `fot_jax.checkpoint.Checkpoints` in workdir; False -> none; or any
         object with restore/save/close."""
         init_start = time.perf_counter()
-        self.goodput = goodput_lib.Recorder(workdir, bool(cfg.train.goodput) and jax.process_index() == 0)
+        self.goodput = goodput_lib.Recorder(workdir, bool(cfg.train.goodput) and jax.process_index() == 0,
+                                            log=metrics_lib.log)
         self.goodput.event("job_start", pid=os.getpid(), processes=jax.process_count())
         config_lib.validate(cfg)
         if jax.process_count() > 1:
