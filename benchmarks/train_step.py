@@ -4,6 +4,9 @@ peak memory of crossbatch attention as r grows (compiled memory analysis).
     python benchmarks/train_step.py            # full run (a few minutes on 2 cores)
     python benchmarks/train_step.py --quick    # smaller, for a smoke test
     python benchmarks/train_step.py --backend reference,xla   # each attention backend, same run
+    python benchmarks/train_step.py --config configs/smollm2_memory.py --batch 4 --steps 3 \
+        --skip-memory-table            # a config's own model, data shape, range and trainable layers
+                                       # (random parameters; train.init_from is not read)
 """
 from __future__ import annotations
 
@@ -50,13 +53,24 @@ def bench_config(args, backend="auto"):
     return c
 
 
+def file_config(args, backend="auto"):
+    """The model, window, crossbatch range and trainable layers of a config file (its first
+    stage's range when it has stages), with `--batch` rows, random parameters."""
+    cfg = config_lib.load_config(args.config, ["--config.train.init_from=", "--config.stages=[]",
+                                               f"--config.data.batch_size={args.batch}",
+                                               f"--config.model.attention_backend={backend}"])
+    args.range, args.seq_len = cfg.crossbatch.range, cfg.data.seq_len
+    args.layers, args.width = cfg.model.num_layers, cfg.model.hidden_size
+    return cfg
+
+
 def step_speed(args, backend="auto"):
-    cfg = bench_config(args, backend)
+    cfg = file_config(args, backend) if args.config else bench_config(args, backend)
     trainer = Trainer(cfg, "/tmp/fot_bench", devices=jax.devices()[:1], quiet=True)
-    B, T = cfg.data.batch_size, cfg.data.seq_len
+    B, T, V = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(0, 32000, (B, T)).astype(np.int32),
-             "targets": rng.integers(0, 32000, (B, T)).astype(np.int32),
+    batch = {"inputs": rng.integers(0, V, (B, T)).astype(np.int32),
+             "targets": rng.integers(0, V, (B, T)).astype(np.int32),
              "loss_mask": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32)}
     with mesh_lib.use_mesh(trainer.mesh):
         fn = trainer.train_step_fn(args.range)
@@ -72,7 +86,8 @@ def step_speed(args, backend="auto"):
             times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     tokens = B * T
-    flops = metrics_lib.model_flops_per_token(cfg.model, T, args.range) * tokens
+    flops = metrics_lib.model_flops_per_token(cfg.model, T, args.range,
+                                              trainable=tuple(cfg.train.trainable)) * tokens
     return trainer.num_params, step, tokens / step, flops / step
 
 
@@ -113,6 +128,7 @@ def main():
     p.add_argument("--skip-memory-table", action="store_true")
     p.add_argument("--scan-layers", type=int, default=1, help="1: scanned layer runs (default), 0: unrolled")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--config", help="a config file's model instead of --layers/--width (see the module doc)")
     args = p.parse_args()
     if args.quick:
         args.layers, args.width, args.seq_len, args.batch, args.steps = 2, 128, 128, 4, 2
