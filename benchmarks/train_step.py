@@ -56,7 +56,10 @@ def bench_config(args, backend="auto"):
 def file_config(args, backend="auto"):
     """The model, window, crossbatch range and trainable layers of a config file (its first
     stage's range when it has stages), with `--batch` rows, random parameters."""
+    # the batches are random ids: any tokenizer passes validation (the shipped one stands in for
+    # the pretrained model's, which train.init_from would supply)
     cfg = config_lib.load_config(args.config, ["--config.train.init_from=", "--config.stages=[]",
+                                               "--config.data.tokenizer=open_llama_v2",
                                                f"--config.data.batch_size={args.batch}",
                                                f"--config.model.attention_backend={backend}"])
     args.range, args.seq_len = cfg.crossbatch.range, cfg.data.seq_len
