@@ -1,6 +1,6 @@
 """The evaluations of a trained workdir, as a table: `EVAL_TASKS[name]` reads a model and writes
 its tables (Markdown + JSON) and plots into an output folder. `fot-jax eval --task NAME` and
-`run_eval` are the two ways in; docs/guide.md lists what each task measures."""
+`run_eval` are the two ways in; docs/guides/real_text.md and evaluation.md say what each task measures."""
 from __future__ import annotations
 
 import dataclasses
