@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.infer.runtime import MemoryRuntime, MemorySettings
 from fot_jax.model import llama
@@ -38,7 +39,7 @@ def make_model(args):
     m.mem_layers = [int(i) for i in args.mem_layers.split(",")]
     c.data.seq_len = args.window
     c.data.doc_length = 2 * args.window
-    config_lib.validate(c)
+    checks.validate(c)
     return c, llama.create(m, seed=0)
 
 

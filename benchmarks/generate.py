@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import save_params
 from fot_jax.convert import api
@@ -61,7 +62,7 @@ def make_config(args, mem_layers):
     m.mem_layers = mem_layers
     c.data.seq_len = args.window
     c.data.doc_length = 2 * args.window
-    config_lib.validate(c)
+    checks.validate(c)
     return c
 
 

@@ -21,8 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from fot_jax import checks, paths
 from fot_jax import config as config_lib
-from fot_jax import paths
 from fot_jax.config import config_diff
 from fot_jax.errors import FotError
 from fot_jax.model.llama import abstract_model
@@ -237,7 +237,7 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
         )
     try:
         stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        cfg = config_lib.from_dict(stored, overrides)
+        cfg = checks.from_dict(stored, overrides)
         graphdef, abstract_params = abstract_model(cfg)
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params = _restore_params(manager, step, jax.tree.map(

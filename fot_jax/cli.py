@@ -26,11 +26,11 @@ def _join(args):
 
 
 def cmd_train(args, overrides):
-    from fot_jax import config as config_lib
+    from fot_jax import checks
     from fot_jax.parallel.distributed import exit_on_failed_collective
     from fot_jax.train.loop import train
     writable_dir(args.workdir)
-    cfg = config_lib.load_config(args.config, overrides)
+    cfg = checks.load_config(args.config, overrides)
     _join(args)
     summary = exit_on_failed_collective(train, cfg, args.workdir)
     if summary.get("preempted"):

@@ -1,8 +1,11 @@
-"""Configuration schema, defaults, validation and command-line overrides.
+"""Configuration schema, defaults, validation and command-line overrides: the bottom of the
+package (it imports nothing from it but the error types).
 
 Every config file in `configs/` starts from `base_config()` and changes fields; the schema is
 locked, so a misspelt field is an error (with the closest known names) in a config file and on the
-command line alike. `validate(cfg)` runs before anything is compiled.
+command line alike. `validate(cfg)` checks every field's own range and the stages;
+`fot_jax.checks` adds, one floor up, what depends on the data task and the attention kernels, and
+is what entry points load configs through.
 """
 from __future__ import annotations
 
@@ -15,12 +18,9 @@ import os
 import re
 from typing import Any, Iterable
 
-import jax
 import ml_collections
 
-from fot_jax.data.tasks import TASKS
 from fot_jax.errors import ConfigError
-from fot_jax.model import kernels
 
 __all__ = ["ConfigError"]   # defined in fot_jax.errors, raised from here
 
@@ -312,11 +312,9 @@ def load_module(path: str):
     return module
 
 
-def load_config(
-    path: str, overrides: Iterable[str] = (), platform: str | None = None
-) -> ml_collections.ConfigDict:
-    """Loads a config file (a Python file with `get_config()`), applies overrides, validates (for
-    `platform`'s attention backends; default: this process's)."""
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads a config file (a Python file with `get_config()`), applies overrides, validates the
+    schema (`fot_jax.checks.load_config` also checks the task and the attention backend)."""
     try:
         cfg = load_module(path).get_config()
     except AttributeError as e:
@@ -332,15 +330,14 @@ def load_config(
             node = node[part]
     cfg.lock()
     apply_overrides(cfg, overrides)
-    validate(cfg, platform)
+    validate(cfg)
     return cfg
 
 
-def from_dict(
-    stored: dict, overrides: Iterable[str] = (), platform: str | None = None
-) -> ml_collections.ConfigDict:
+def from_dict(stored: dict, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """A config stored as a dict (a checkpoint's `config` item) on top of today's schema: fields the
-    schema has gained since keep their defaults; a field it does not know is an error."""
+    schema has gained since keep their defaults; a field it does not know is an error
+    (`fot_jax.checks.from_dict` also checks the task and the attention backend)."""
     cfg = base_config()
     stored = _upgrade_stored(stored)
 
@@ -357,7 +354,7 @@ def from_dict(
     fill(cfg, stored, "")
     cfg.lock()
     apply_overrides(cfg, overrides)
-    validate(cfg, platform)
+    validate(cfg)
     return cfg
 
 
@@ -384,17 +381,6 @@ def _upgrade_stored(stored: dict) -> dict:
     elif stages:
         stages.append(dict(name="task"))
     return {**stored, "data": data, "crossbatch": x, "stages": stages}
-
-
-def check_platform(cfg, platform: str | None = None) -> None:
-    """The attention backend runs on `platform` (default: this process's; starts JAX's backend,
-    so in a multi-host run only after `jax.distributed.initialize`)."""
-    _check_attention(cfg, platform or jax.default_backend())
-
-
-def _check_attention(cfg, platform: str | None) -> None:
-    for field, message in kernels.check(cfg.model, cfg.data.seq_len, platform):
-        raise ConfigError(f"config field '{field}': {message}")
 
 
 def head_dim(m) -> int:
@@ -562,20 +548,12 @@ def _validate_mesh(cfg) -> None:
         _check(p[name] >= 1, f"mesh.{name}", f"must be >= 1, got {p[name]}")
 
 
-def _validate_task(cfg) -> None:
-    """The data task's own fields, by the task's module."""
-    if cfg.data.task not in TASKS:
-        raise ConfigError(f"config field 'data.task': unknown task '{cfg.data.task}' ({', '.join(TASKS)})")
-    TASKS[cfg.data.task].validate(cfg)
-
-
-def validate(cfg, platform: str | None = None) -> None:
-    """Raises ConfigError naming the field for anything that cannot run (on `platform`: tpu, gpu,
-    cpu, when given; `check_platform` checks the running one once JAX's backend may start)."""
+def validate(cfg) -> None:
+    """Raises ConfigError naming the field for any value outside its range, and for stages that do
+    not fit (each stage's config checked the same way). The data task's fields and the attention
+    backend are checked one floor up (`fot_jax.checks.validate`)."""
     for check in (_validate_model, _validate_memory, _validate_batch, _validate_train, _validate_mesh):
         check(cfg)
-    _check_attention(cfg, platform)
-    _validate_task(cfg)
     build_stages(cfg)
 
 
@@ -611,7 +589,7 @@ class Stage:
         return float(self.cfg.train.temperature_lr_scale)
 
 
-def _stage_error(i, name, message) -> ConfigError:
+def stage_error(i, name, message) -> ConfigError:
     return ConfigError(f"config field 'stages[{i}]' ({name!r}): {message}")
 
 
@@ -635,19 +613,19 @@ def _stage_overrides(cfg, i, name, spec) -> ml_collections.ConfigDict:
             continue
         if section not in STAGE_FIELDS or not isinstance(values, dict):
             known = ", ".join(list(STAGE_KEYS) + list(STAGE_FIELDS))
-            raise _stage_error(i, name, f"unknown key '{section}' (a stage has {known})")
+            raise stage_error(i, name, f"unknown key '{section}' (a stage has {known})")
         for field, value in values.items():
             path = f"{section}.{field}"
             if field not in STAGE_FIELDS[section]:
                 what = "unknown field" if field not in cfg[section] else "a field a stage cannot change"
                 close = difflib.get_close_matches(field, STAGE_FIELDS[section], n=2, cutoff=0.5)
                 hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else ""
-                raise _stage_error(i, name, f"'{path}' is {what} (a stage may set {section}."
+                raise stage_error(i, name, f"'{path}' is {what} (a stage may set {section}."
                                    f"{{{', '.join(STAGE_FIELDS[section])}}}){hint}")
             try:
                 out[section][field] = _coerce(value, cfg[section][field], f"'{path}'")
             except ConfigError as e:
-                raise _stage_error(i, name, str(e)) from None
+                raise stage_error(i, name, str(e)) from None
     d, base = out.data, cfg.data
     given = spec.get("data", {})
     if "doc_length" in given:   # the window and the query region keep their share of a document
@@ -674,22 +652,22 @@ def build_stages(cfg) -> list[Stage]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"config field 'stages[{i}]': every stage needs a 'name' (a non-empty string)")
         if name in names:
-            raise _stage_error(i, name, "the name repeats; stage names must be unique")
+            raise stage_error(i, name, "the name repeats; stage names must be unique")
         names.add(name)
         until = spec.get("until_step")
         acc = spec.get("until_accuracy", 0.0)
         last = i == len(specs) - 1
         if until is None and not acc and not last:
-            raise _stage_error(i, name, "needs until_step or until_accuracy (only the last stage may "
+            raise stage_error(i, name, "needs until_step or until_accuracy (only the last stage may "
                                "run to train.steps)")
         if until is not None and (not isinstance(until, int) or isinstance(until, bool)):
-            raise _stage_error(i, name, f"until_step must be an integer, got {until!r}")
+            raise stage_error(i, name, f"until_step must be an integer, got {until!r}")
         if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0 <= acc <= 1:
-            raise _stage_error(i, name, f"until_accuracy must lie in [0, 1], got {acc!r}")
+            raise stage_error(i, name, f"until_accuracy must lie in [0, 1], got {acc!r}")
         explicit = until is not None
         until = until if explicit else cfg.train.steps
         if (explicit or last) and (until <= previous_end or until > cfg.train.steps):
-            raise _stage_error(
+            raise stage_error(
                 i, name, f"until_step={until} is out of order: stages must end at increasing steps, after "
                 f"the previous stage's {previous_end} and at most train.steps={cfg.train.steps} (fewer "
                 "steps: shorten the stages, or train without them with --config.stages=[])")
@@ -697,7 +675,7 @@ def build_stages(cfg) -> list[Stage]:
         try:
             validate(stage_cfg)
         except ConfigError as e:
-            raise _stage_error(i, name, f"gives an invalid config: {e}") from None
+            raise stage_error(i, name, f"gives an invalid config: {e}") from None
         streams = stage_cfg.data.batch_size // stage_cfg.crossbatch.k_packing
         # documents the stage needs, when its length is known (no accuracy stage before or in it)
         known = not acc and all(not s.until_accuracy for s in out)

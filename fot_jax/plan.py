@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.model import kernels
 from fot_jax.parallel import mesh as mesh_lib
@@ -145,7 +146,7 @@ def make_plan(cfg, devices=None, platform: str = "tpu") -> Plan:
     """Compiles the train step of `cfg` on `devices` (default: all) with abstract inputs, with the
     attention backend the config would use on `platform` (`auto` on tpu: splash, compiled here in
     Pallas interpret mode, whose buffers are the kernel's blocks as on the chip)."""
-    cfg = config_lib.from_dict(cfg.to_dict(), platform=platform)   # a copy, checked for `platform`
+    cfg = checks.from_dict(cfg.to_dict(), platform=platform)   # a copy, checked for `platform`
     # the stage with the largest crossbatch attention: (r + 1) contexts of rows x T tokens
     cfg = max((s.cfg for s in config_lib.build_stages(cfg)),
               key=lambda c: ((c.crossbatch.range + 1) * c.data.batch_size * c.data.seq_len,
@@ -262,7 +263,7 @@ def plan_command(config_path: str, overrides=(), *, mesh: str | None = None, dev
     """`fot-jax plan`: prints the plan of a config on a simulated mesh (and writes it as JSON to
     `json_path`); exit status 1 when it does not fit in `device_memory` GiB. Must run before JAX
     starts its backends in this process (it sets the number of simulated CPU devices)."""
-    cfg = config_lib.load_config(config_path, overrides, platform=platform)
+    cfg = checks.load_config(config_path, overrides, platform=platform)
     if mesh:
         for axis, size in parse_mesh(mesh).items():
             cfg.mesh[axis] = size

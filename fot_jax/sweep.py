@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 
 
@@ -63,7 +64,7 @@ def sweep_points(path: str) -> list[dict]:
     # Every point must be a valid config before any of them runs.
     for point in points:
         try:
-            config_lib.load_config(path, override_args(point["overrides"]))
+            checks.load_config(path, override_args(point["overrides"]))
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(f"sweep point {point['name']!r}: {e}") from None
     return points

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_crossbatch import _inputs, kernel_options, reference_attention, reference_mask
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention
@@ -139,10 +140,10 @@ def test_bad_backend_settings_are_config_errors(override, platform, field, words
         cfg.model.attention_backend = "splash"
     if "head_dim" in override:
         cfg.model.attention_backend = "cudnn"
-    config_lib.validate(cfg)  # valid before the override (no platform: nothing platform-bound checked)
+    checks.validate(cfg)  # valid before the override (no platform: nothing platform-bound checked)
     config_lib.apply_overrides(cfg, ["--config." + override])
     with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(cfg, platform)
+        checks.validate(cfg, platform)
     assert f"'{field}'" in str(err.value) and words in str(err.value), str(err.value)
 
 

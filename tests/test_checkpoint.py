@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fot_jax import config as config_lib
+from fot_jax import checks
 from fot_jax.checkpoint import CheckpointError, Checkpoints, load_model
 from fot_jax.train.loop import Trainer
 
@@ -21,7 +21,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 def tiny(*overrides):
     # one eval range and batch: these tests are about checkpoints, and each eval program costs a compile
-    return config_lib.load_config(
+    return checks.load_config(
         TINY, ["--config.crossbatch.eval_ranges=[1]", "--config.train.eval_batches=1", *overrides]
     )
 
@@ -178,7 +178,7 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as in the test process
 from fot_jax import config as config_lib
 from fot_jax.train.loop import Trainer
-cfg = config_lib.load_config(sys.argv[1], ["--config.crossbatch.eval_ranges=[1]",
+cfg = checks.load_config(sys.argv[1], ["--config.crossbatch.eval_ranges=[1]",
                              "--config.train.eval_batches=1"] + sys.argv[3:])
 summary = Trainer(cfg, sys.argv[2], quiet=True).run()
 print("SUMMARY", summary.get("steps"), summary.get("preempted"), flush=True)

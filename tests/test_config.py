@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,13 +13,13 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def load(*overrides):
-    return config_lib.load_config(TINY, list(overrides))
+    return checks.load_config(TINY, list(overrides))
 
 
 def test_all_shipped_configs_validate():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         if name.endswith(".py"):
-            cfg = config_lib.load_config(os.path.join(ROOT, "configs", name))
+            cfg = checks.load_config(os.path.join(ROOT, "configs", name))
             assert cfg.model.num_layers > 0
 
 
@@ -140,7 +141,7 @@ def test_earlier_schemas_curriculum_becomes_stages():
     stored["data"]["curriculum"] = "10:2:1:1,20:0:4:4:32:16"
     stored["crossbatch"].update(switch_range=3, switch_accuracy=0.9)
     stored["train"]["steps"] = 40
-    cfg = config_lib.from_dict(stored)
+    cfg = checks.from_dict(stored)
     got = [(s.name, s.until_step, s.until_accuracy, s.cfg.data.key_length, s.cfg.data.doc_length,
             s.cfg.data.batch_size, s.cfg.crossbatch.range) for s in config_lib.build_stages(cfg)]
     assert got == [("curriculum_0", 10, 0.0, 1, 128, 8, 1), ("curriculum_1", 20, 0.0, 4, 32, 16, 1),

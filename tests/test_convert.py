@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import load_model, save_params
 from fot_jax.convert import api
@@ -117,7 +118,7 @@ def test_export_of_a_trained_memory_model_is_longllama_format(tmp_path):
     m.mem_layers, m.mem_positionals, m.last_context_length, m.rope_theta = [1, 2], "as_first", 32, 1e6
     cfg.data.seq_len = 64
     cfg.memory.logn_base = 4096
-    config_lib.validate(cfg)
+    checks.validate(cfg)
     model = llama.create(m, seed=5)
     save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
     out = tmp_path / "export"
@@ -231,7 +232,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_qk_norm_model_export_needs_extensions(tmp_path):
-    cfg = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+    cfg = checks.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
                                  ["--config.model.qk_norm=memory"])
     model = llama.create(cfg.model, seed=0)
     save_params(str(tmp_path / "run"), cfg, nnx.state(model, nnx.Param))
@@ -249,10 +250,10 @@ def test_qk_norm_model_export_needs_extensions(tmp_path):
 def test_fine_tune_from_an_import(tmp_path, data_dir):
     """`fot-jax train --config.train.init_from=<import>` starts from the imported parameters."""
     from fot_jax.train.loop import Trainer
-    base = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    base = checks.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
     model = llama.create(base.model, seed=11)
     save_params(str(tmp_path / "imp"), base, nnx.state(model, nnx.Param))
-    cfg = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+    cfg = checks.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
                                  ["--config.train.steps=1", f"--config.train.init_from={tmp_path / 'imp'}",
                                   "--config.train.learning_rate=1e-30"])
     tr = Trainer(cfg, str(tmp_path / "ft"), quiet=True)
@@ -261,7 +262,7 @@ def test_fine_tune_from_an_import(tmp_path, data_dir):
     got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tr.state["params"]))]
     for x, y in zip(jax_leaves(model), got):
         np.testing.assert_array_equal(x, y)  # a learning rate of 1e-30 leaves float32 weights as they were
-    bad = config_lib.load_config(
+    bad = checks.load_config(
         os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
         ["--config.model.num_layers=3", f"--config.train.init_from={tmp_path / 'imp'}"],
     )
@@ -280,10 +281,10 @@ def test_fine_tune_adds_fot_memory_to_a_pretrained_model(tmp_path, data_dir):
     from fot_jax.checkpoint import CheckpointError
     from fot_jax.train.loop import Trainer
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-    base = config_lib.load_config(tiny, ["--config.model.mem_layers=[]"])
+    base = checks.load_config(tiny, ["--config.model.mem_layers=[]"])
     model = llama.create(base.model, seed=11)
     save_params(str(tmp_path / "imp"), base, nnx.state(model, nnx.Param))
-    cfg = config_lib.load_config(
+    cfg = checks.load_config(
         tiny,
         [
             "--config.train.steps=1",
@@ -311,7 +312,7 @@ def test_fine_tune_adds_fot_memory_to_a_pretrained_model(tmp_path, data_dir):
         np.testing.assert_allclose(got[name], 5.0, rtol=1e-6, err_msg=name)
     log = "\n".join(lines)
     assert "model.mem_layers: [] -> [1]" in log and "new parameters" in log, log
-    wide = config_lib.load_config(tiny, [f"--config.train.init_from={tmp_path / 'imp'}",
+    wide = checks.load_config(tiny, [f"--config.train.init_from={tmp_path / 'imp'}",
                                          "--config.model.mem_layers=[1]", "--config.model.num_kv_heads=1"])
     with pytest.raises(CheckpointError, match="model.num_kv_heads"):
         Trainer(wide, str(tmp_path / "ft3"), quiet=True).run()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fot_jax import cli
+from fot_jax import checks, cli
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import save_params
 from fot_jax.data.text import builtin_tokenizer_path
@@ -32,7 +32,7 @@ def _setup():
     m.mem_dtype, m.init_std = "float32", 0.5
     c.data.seq_len, c.data.doc_length, c.data.query_length = 16, 64, 16
     c.memory.capacity, c.memory.search = 256, "dense"
-    config_lib.validate(c)
+    checks.validate(c)
     return c, llama.create(c.model, seed=1), load_tokenizer(builtin_tokenizer_path("open_llama_v2"))
 
 
@@ -240,7 +240,7 @@ def test_ruler_tasks_run_offline_per_length(tmp_path, monkeypatch):
     m.max_position_embeddings, m.last_context_length, m.mem_layers = 256, 128, [1]
     c.data.seq_len, c.data.doc_length, c.data.query_length = 256, 512, 256
     c.memory.capacity = 8192
-    config_lib.validate(c)
+    checks.validate(c)
     tok = load_tokenizer(str(tmp_path / "tok"))
     lm = harness.FotJaxLM(model=llama.create(m, seed=1), cfg=c, tokenizer=tok, max_gen_toks=8)
     table = harness.run(None, ["niah_single_1", "ruler_vt"], str(tmp_path / "out"), limit=2, lm=lm,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import save_params
 from fot_jax.convert import api
@@ -36,7 +37,7 @@ def _cfg(heads=4, kv=2, tie=False, search="exact", top_k=5, capacity=64, **model
         m[k] = v
     c.data.seq_len = WINDOW
     c.memory.search, c.memory.top_k, c.memory.capacity = search, top_k, capacity
-    config_lib.validate(c)
+    checks.validate(c)
     return c
 
 
@@ -307,10 +308,10 @@ def test_window_beyond_the_imported_context_is_a_config_error(tmp_path, data_dir
         "--config.data.seq_len=32",
         "--config.train.steps=1",
     ]
-    wide = config_lib.load_config(tiny, over)
+    wide = checks.load_config(tiny, over)
     with pytest.raises(config_lib.ConfigError, match="model.max_position_embeddings"):
         Trainer(wide, str(tmp_path / "ft"), quiet=True)
-    on_purpose = config_lib.load_config(tiny, over + ["--config.model.trained_context=32"])
+    on_purpose = checks.load_config(tiny, over + ["--config.model.trained_context=32"])
     Trainer(on_purpose, str(tmp_path / "ft2"), quiet=True)
 
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from fot_jax import checks, local_checkpoint
 from fot_jax import config as config_lib
-from fot_jax import local_checkpoint
 from fot_jax.parallel.local_pod import run_pod
 from fot_jax.train.loop import Trainer
 
@@ -29,7 +29,7 @@ def _losses(workdir, every=False):
 
 
 def _cfg(data_dir, steps, *extra):
-    return config_lib.load_config(TINY, COMMON + [f"--config.train.steps={steps}",
+    return checks.load_config(TINY, COMMON + [f"--config.train.steps={steps}",
                                                   f"--config.data.data_dir={data_dir}", *extra])
 
 
@@ -101,7 +101,7 @@ def test_local_checkpoint_settings_and_disks_are_checked_before_step_0(tmp_path,
          "train.local_checkpoint_minutes"),
     ]:
         with pytest.raises(config_lib.ConfigError, match=field):
-            config_lib.validate(_cfg(data_dir, 4, *extra))
+            checks.validate(_cfg(data_dir, 4, *extra))
     # a directory that cannot be created (a file is in the way)
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.parallel import mesh as mesh_lib
 
@@ -52,4 +53,4 @@ def test_slice_counts_that_do_not_match_are_errors():
     cfg = config_lib.base_config()
     cfg.mesh.dcn_fsdp = 0
     with pytest.raises(config_lib.ConfigError, match="mesh.dcn_fsdp"):
-        config_lib.validate(cfg)
+        checks.validate(cfg)

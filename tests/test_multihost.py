@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fot_jax import config as config_lib
+from fot_jax import checks
 from fot_jax.parallel.local_pod import free_port, run_pod
 from fot_jax.train.loop import Trainer
 
@@ -39,7 +39,7 @@ def _losses(workdir):
 
 
 def _in_process(workdir, steps, data_dir):
-    cfg = config_lib.load_config(TINY, COMMON + [f"--config.train.steps={steps}",
+    cfg = checks.load_config(TINY, COMMON + [f"--config.train.steps={steps}",
                                                  f"--config.data.data_dir={data_dir}"])
     Trainer(cfg, workdir, quiet=True).run()
     return _losses(workdir)

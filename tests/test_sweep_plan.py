@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fot_jax import cli
+from fot_jax import checks, cli
 from fot_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def test_plan_matches_the_arithmetic_on_a_32_device_fsdp_mesh(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "attention backend: splash" in res.stdout      # the plan is for TPU: auto means splash there
     n = plan["num_params"]
-    cfg = config_lib.load_config(
+    cfg = checks.load_config(
         os.path.join(ROOT, "configs/longllama_3b.py"),
         ["--config.model.num_layers=2", "--config.model.mem_layers=[1]"],
     )

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.data import text
 from fot_jax.data.pipeline import DocBatcher
@@ -28,7 +29,7 @@ def _cfg(data_dir, task, source="", **data):
     c.data.data_dir = data_dir
     for k, v in data.items():
         c.data[k] = v
-    config_lib.validate(c)
+    checks.validate(c)
     return c
 
 
@@ -151,7 +152,7 @@ def test_tokenizer_from_a_directory_or_the_fine_tuned_checkpoint(tmp_path):
                             tokenizer=str(tmp_path / "imp")))
     c = _cfg(str(tmp_path / "c"), "text_files", str(root), held_out_percent=0)
     c.data.tokenizer, c.train.init_from = "", str(tmp_path / "imp")
-    config_lib.validate(c)
+    checks.validate(c)
     by_init = _all_docs(c)
     assert want.keys() == by_dir.keys() == by_init.keys() and want
     for name in want:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import save_params
 from fot_jax.convert import api
@@ -53,7 +54,7 @@ def test_torch_runtime_equals_fot_jax_ingest(tmp_path, case):
     store_dtype, logn_base = (list(rest) + ["float32", 0][len(rest):])[:2]
     c = _cfg(**overrides)
     c.memory.logn_base = logn_base
-    config_lib.validate(c)
+    checks.validate(c)
     model = llama.create(c.model, seed=3)
     save_params(str(tmp_path / "run"), c, nnx.state(model, nnx.Param))
     extensions = c.model.qk_norm != "none" or c.model.mem_attention == "gated"

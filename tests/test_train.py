@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.train import loop
@@ -17,7 +18,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def tiny(*overrides):
-    return config_lib.load_config(TINY, list(overrides))
+    return checks.load_config(TINY, list(overrides))
 
 
 def _batch(cfg, seed=0):

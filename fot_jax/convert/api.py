@@ -10,6 +10,7 @@ import tempfile
 
 import numpy as np
 
+from fot_jax import checks
 from fot_jax import config as config_lib
 from fot_jax.checkpoint import load_model, save_params
 from fot_jax.convert import hf
@@ -63,7 +64,7 @@ def model_config_from_hf(hf_config: dict, overrides=()):
         # top-k is an explicit choice (--config.memory.search=exact)
         cfg.memory.search = "dense"
     cfg.name = "imported"
-    cfg = config_lib.from_dict(json.loads(cfg.to_json()), overrides)
+    cfg = checks.from_dict(json.loads(cfg.to_json()), overrides)
     return cfg
 
 
@@ -89,7 +90,7 @@ def import_model(source: str, out: str, overrides=(), dtype: str = "float32", ov
     hf_config, tensors, tok_files, gguf_meta = read_source(source)
     cfg = model_config_from_hf(hf_config, overrides)
     cfg.model.param_dtype = dtype
-    config_lib.validate(cfg)
+    checks.validate(cfg)
     np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}[dtype]
     params = hf.from_hf_state_dict(tensors, cfg.model, dtype=np.float32)
     params = jax.tree.map(lambda x: np.asarray(x).astype(np_dtype), params)

@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fot_jax import config as config_lib
 from fot_jax.parallel import mesh as mesh_lib
 
 BACKENDS = ("auto", "reference", "xla", "splash", "cudnn")
@@ -341,7 +342,7 @@ def check(m, seq_len: int, platform: str | None = None) -> list[tuple[str, str]]
         elif backend == "splash" and seq_len > size and seq_len % size:
             problems.append((f"model.{field}", f"{size} does not divide the sequence length {seq_len} "
                              f"(data.seq_len); use a divisor of it, or a block >= {seq_len}"))
-    d = m.head_dim or m.hidden_size // m.num_heads
+    d = config_lib.head_dim(m)
     if backend == "cudnn" and (d % 8 or d > CUDNN_MAX_HEAD_DIM):
         problems.append(("model.head_dim", f"cuDNN flash attention needs a head dim that is a multiple of 8 "
                          f"and at most {CUDNN_MAX_HEAD_DIM}, got {d}; backends that take it: reference, xla"))

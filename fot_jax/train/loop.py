@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fot_jax import checks, paths
 from fot_jax import config as config_lib
-from fot_jax import paths
 from fot_jax.checkpoint import Checkpoints, load_params
 from fot_jax.data.sources import describe as describe_data
 from fot_jax.data.sources import make_batcher
@@ -211,7 +211,7 @@ def adopt_init(cfg, init_from: str):
     if not cfg.model.trained_context:
         init_model = stored_config(init_from).get("model", {})
         d["model"]["trained_context"] = int(init_model.get("trained_context", 0))
-    return config_lib.from_dict(d)
+    return checks.from_dict(d)
 
 
 class Trainer:
@@ -222,10 +222,10 @@ class Trainer:
         self.goodput = goodput_lib.Recorder(workdir, bool(cfg.train.goodput) and jax.process_index() == 0,
                                             log=metrics_lib.log)
         self.goodput.event("job_start", pid=os.getpid(), processes=jax.process_count())
-        config_lib.validate(cfg)
+        checks.validate(cfg)
         if jax.process_count() > 1:
             distributed.check_agreement(cfg)
-        config_lib.check_platform(cfg)
+        checks.check_platform(cfg)
         if cfg.train.init_from:       # a model file or a package's: imported into the workdir once
             from fot_jax.convert.api import resolve_init_from
             resolved = resolve_init_from(cfg.train.init_from, workdir, log=metrics_lib.log)
