@@ -176,7 +176,7 @@ def test_keep_best_by_eval_accuracy(tmp_path, data_dir):
 KILL_SCRIPT = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as in the test process
-from fot_jax import config as config_lib
+from fot_jax import checks
 from fot_jax.train.loop import Trainer
 cfg = checks.load_config(sys.argv[1], ["--config.crossbatch.eval_ranges=[1]",
                              "--config.train.eval_batches=1"] + sys.argv[3:])
