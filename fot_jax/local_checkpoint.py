@@ -166,7 +166,7 @@ class LocalCheckpoints:
                  keep: int = LOCAL_KEEP):
         self.directory = run_directory(base, workdir)
         self.run_id = run_id(workdir)
-        self.base, self.every, self.minutes = base, int(every), float(minutes)
+        self.every, self.minutes = int(every), float(minutes)
         self.topology = topology(mesh)
         self.workdir = workdir
         check_room(self.directory, 0)
