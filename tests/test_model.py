@@ -140,3 +140,24 @@ def test_memory_layer_positional_modes_and_qk_norm(mode):
                 out[b, t, h] = (p[:, None] * np.array(vals)).sum(0)
     expected = np.einsum("bthd,hde->bte", out, wo)
     np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_building_a_model_never_asks_the_platform(monkeypatch):
+    """Construction reads the config only (`auto` backends and scan unrolling are decided when the
+    model is traced), so a model can be built before JAX's backend may start (multi-host) and
+    for another platform's plan."""
+    from fot_jax.model import kernels
+    asked = []
+    real = kernels.platform_of
+    monkeypatch.setattr(kernels, "platform_of", lambda platform=None: asked.append(platform) or real(platform))
+    m = config_lib.base_config().model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 64, 3
+    m.num_heads = m.num_kv_heads = 2
+    m.mem_layers = [1]
+    assert m.attention_backend == "auto" and m.scan_unroll == 0
+    model = llama.create(m)
+    nnx.eval_shape(lambda: llama.create(m))
+    assert asked == []
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    logits = model(tokens)
+    assert logits.shape == (2, 8, config_lib.padded_vocab(m)) and asked        # decided when traced

@@ -69,14 +69,15 @@ class KernelOptions:
         return self.backend != "reference"
 
 
+def options(name: str, block_q: int, block_kv: int, platform: str | None = None) -> KernelOptions:
+    """The options of backend `name` (`auto` resolved for `platform`, default: the running one)."""
+    backend = resolve(name, platform)
+    return KernelOptions(backend=backend, block_q=int(block_q), block_kv=int(block_kv),
+                         interpret=backend == "splash" and platform_of(platform) != "tpu")
+
+
 def options_from_config(m, platform: str | None = None) -> KernelOptions:
-    backend = resolve(m.attention_backend, platform)
-    return KernelOptions(
-        backend=backend,
-        block_q=int(m.attention_block_q),
-        block_kv=int(m.attention_block_kv),
-        interpret=backend == "splash" and platform_of(platform) != "tpu",
-    )
+    return options(m.attention_backend, m.attention_block_q, m.attention_block_kv, platform)
 
 
 # -- masks of a crossbatch step, as kernel segment ids ------------------------------------------

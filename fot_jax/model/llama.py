@@ -93,7 +93,9 @@ class Attention(nnx.Module):
             # Memorizing-Transformer gate logits, one per head (inference; sigmoid(0) = an even mix).
             self.mem_gate = nnx.Param(jnp.zeros((h,), pd), logical_axes=("heads",))
         self.use_rope = not (self.is_memory and m.mem_positionals == "none")
-        self.kernel = kernels.options_from_config(m)
+        # the backend as configured (`auto` is resolved when the layer is traced, not here: building a
+        # model never starts JAX's backend)
+        self.attention = (str(m.attention_backend), int(m.attention_block_q), int(m.attention_block_kv))
         self.head_dim = d
         self.dtype = jnp.dtype(m.dtype)
 
@@ -128,7 +130,7 @@ class Attention(nnx.Module):
             doc = crossbatch.doc_mask if crossbatch is not None else False
             spec = CrossbatchSpec(range_max=0, doc_mask=doc)
         out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids,
-                                   kernel=self.kernel)
+                                   kernel=kernels.options(*self.attention))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return _dense(out, self.o_proj[...].astype(self.dtype))
 
@@ -214,9 +216,6 @@ class Llama(nnx.Module):
         self.vocab_size = m.vocab_size
         self.dtype = jnp.dtype(m.dtype)
         self.remat = m.remat
-        # Layers a scan runs per loop trip: 1 on accelerators (the program stays one layer deep);
-        # on CPU every layer, since XLA:CPU runs a rolled layer loop about 10% slower.
-        self.scan_unroll = m.scan_unroll or (1 if kernels.platform_of() != "cpu" else m.num_layers)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None,
                  crossbatch: CrossbatchSpec | None = None, crossbatch_range=None):
@@ -329,7 +328,11 @@ class Llama(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, stacked, unroll=min(self.scan_unroll, len(layers)))
+        # Layers a scan runs per loop trip (`model.scan_unroll`; 0: 1 on accelerators, where the
+        # program stays one layer deep, and every layer on CPU, where XLA runs a rolled loop ~10%
+        # slower), decided when traced
+        unroll = self.config.scan_unroll or (1 if kernels.platform_of() != "cpu" else len(layers))
+        x, _ = jax.lax.scan(body, x, stacked, unroll=min(unroll, len(layers)))
         return x
 
 
