@@ -56,18 +56,23 @@ class RuntimeState:
     doc_id: jax.Array      # [B] int32
 
 
+_DEFAULTS = config_lib.base_config()      # the schema's defaults are the only ones
+
+
 @dataclasses.dataclass(frozen=True)
 class MemorySettings:
-    top_k: int = 32
-    capacity: int = 65536
-    mode: str = "single_doc"
-    overflow: str = "fifo"
-    search: str = "exact"
-    recall_target: float = 0.95
-    chunk: int = 0
-    dtype: str = "bfloat16"
-    last_context_length: int = 1024
-    logn_base: int = 0
+    """The `memory` section (and the model's inference fields) as the runtime reads them; built
+    from a config by `from_config`, its defaults are the schema's."""
+    top_k: int = _DEFAULTS.memory.top_k
+    capacity: int = _DEFAULTS.memory.capacity
+    mode: str = _DEFAULTS.memory.mode
+    overflow: str = _DEFAULTS.memory.overflow
+    search: str = _DEFAULTS.memory.search
+    recall_target: float = _DEFAULTS.memory.recall_target
+    chunk: int = _DEFAULTS.memory.chunk
+    dtype: str = _DEFAULTS.model.mem_dtype
+    last_context_length: int = _DEFAULTS.model.last_context_length
+    logn_base: int = _DEFAULTS.memory.logn_base
 
     @classmethod
     def from_config(cls, cfg):
