@@ -24,6 +24,10 @@ REMAT_POLICIES = {
 }
 assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)
 
+# the logit of the vocabulary's padding rows: no probability, and finite (a softmax or a loss over
+# it never sees inf - inf); masked attention scores use attention.NEG_INF
+PADDED_VOCAB_LOGIT = -1e9
+
 
 def _param(rngs, shape, axes, std, dtype):
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
@@ -196,7 +200,7 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
     """Decoder-only LM. `__call__(tokens [B,T]) -> logits [B,T,V_padded]` (float32); logits of the
-    padding rows of the vocabulary are -1e9 so that they take no probability."""
+    padding rows of the vocabulary are PADDED_VOCAB_LOGIT so that they take no probability."""
 
     def __init__(self, m, rngs: nnx.Rngs):
         pd = jnp.dtype(m.param_dtype)
@@ -241,8 +245,8 @@ class Llama(nnx.Module):
         [B,T,Hkv,D] of the new tokens as a cache stores them. With `keys_through_layer` L, the pass
         stops once layer L's keys and values are known (what memory stores depends on nothing
         above) and logits is None. memory_scale [B,T]: multiplies the memory layers' queries
-        (`memory.logn_base`). Logits [B,T,V_padded] (float32) otherwise, -1e9 on the vocabulary's
-        padding rows.
+        (`memory.logn_base`). Logits [B,T,V_padded] (float32) otherwise, PADDED_VOCAB_LOGIT on the
+        vocabulary's padding rows.
         """
         m = self.config
         b, t = tokens.shape
@@ -266,7 +270,7 @@ class Llama(nnx.Module):
         )
         logits = constrain(_dense(x, head, jnp.float32), ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
-        return kv, jnp.where(vocab_ids < self.vocab_size, logits, -1e9)
+        return kv, jnp.where(vocab_ids < self.vocab_size, logits, PADDED_VOCAB_LOGIT)
 
     def _training_layers(self, x, cos, sin, segment_ids, crossbatch, r):
         def run_layer(layer, x, cos, sin, segment_ids, r):
