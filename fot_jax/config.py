@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import enum
 import importlib.util
 import math
 import os
@@ -25,16 +26,84 @@ from fot_jax.errors import ConfigError
 __all__ = ["ConfigError"]   # defined in fot_jax.errors, raised from here
 
 
-POSITIONAL_MODES = ("as_first", "none")
-QK_NORM_MODES = ("none", "memory", "all")
-MEM_ATTENTION = ("joint", "gated")
-MEMORY_MODES = ("single_doc", "multi_doc")
-OVERFLOW_POLICIES = ("fifo", "strict")
-SEARCH_MODES = ("exact", "approx", "dense")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-CROSSBATCH_IMPLEMENTATIONS = ("dense", "blockwise")
-DTYPES = ("float32", "bfloat16", "float16")
+class Mode(str, enum.Enum):
+    """The values a mode field takes. A member equals its string, so config fields stay strings
+    (what ml_collections, JSON and the command line carry) and compare with either."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class PositionalMode(Mode):       # model.mem_positionals: keys of other contexts in memory layers
+    AS_FIRST = "as_first"         # rotated as if at position 0 (LongLLaMA)
+    NONE = "none"                 # no rotary embedding in memory layers (the paper's small models)
+
+
+class QkNorm(Mode):               # model.qk_norm
+    NONE = "none"
+    MEMORY = "memory"
+    ALL = "all"
+
+
+class MemAttention(Mode):         # model.mem_attention
+    JOINT = "joint"               # memory and local keys in one softmax (FoT)
+    GATED = "gated"               # separate softmaxes mixed by a learned gate (Memorizing Transformer)
+
+
+class MemoryMode(Mode):           # memory.mode
+    SINGLE_DOC = "single_doc"
+    MULTI_DOC = "multi_doc"
+
+
+class Overflow(Mode):             # memory.overflow
+    FIFO = "fifo"
+    STRICT = "strict"
+
+
+class Search(Mode):               # memory.search
+    EXACT = "exact"
+    APPROX = "approx"
+    DENSE = "dense"
+
+
+class Remat(Mode):                # model.remat
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+    DOTS_NO_BATCH = "dots_no_batch"
+
+
+class Schedule(Mode):             # train.schedule
+    COSINE = "cosine"
+    INVERSE_SQRT = "inverse_sqrt"
+    CONSTANT = "constant"
+
+
+class CrossbatchImplementation(Mode):    # crossbatch.implementation
+    DENSE = "dense"
+    BLOCKWISE = "blockwise"
+
+
+class DType(Mode):                # model.dtype, param_dtype, mem_dtype
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+POSITIONAL_MODES = PositionalMode.values()
+QK_NORM_MODES = QkNorm.values()
+MEM_ATTENTION = MemAttention.values()
+MEMORY_MODES = MemoryMode.values()
+OVERFLOW_POLICIES = Overflow.values()
+SEARCH_MODES = Search.values()
+REMAT_POLICIES = Remat.values()
+SCHEDULES = Schedule.values()
+CROSSBATCH_IMPLEMENTATIONS = CrossbatchImplementation.values()
+DTYPES = DType.values()
 
 
 def _model_fields() -> ml_collections.ConfigDict:

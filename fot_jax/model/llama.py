@@ -11,18 +11,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fot_jax import config as config_lib
+from fot_jax.config import MemAttention, PositionalMode, QkNorm, Remat
 from fot_jax.model import kernels
 from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention, memory_attention
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 from fot_jax.parallel.mesh import constrain
 
-# the jax policy of each `config.REMAT_POLICIES` name but "none"
+# the jax policy of each `config.Remat` but NONE
 REMAT_POLICIES = {
-    "full": None,  # save nothing
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    Remat.FULL: None,  # save nothing
+    Remat.DOTS: jax.checkpoint_policies.dots_saveable,
+    Remat.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)
+assert set(REMAT_POLICIES) | {Remat.NONE} == set(Remat)
 
 # the logit of the vocabulary's padding rows: no probability, and finite (a softmax or a loss over
 # it never sees inf - inf); masked attention scores use attention.NEG_INF
@@ -89,14 +90,14 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), m.init_std, pd)
         self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), m.init_std, pd)
         self.is_memory = layer_index in list(m.mem_layers)
-        self.qk_norm = m.qk_norm == "all" or (m.qk_norm == "memory" and self.is_memory)
+        self.qk_norm = m.qk_norm == QkNorm.ALL or (m.qk_norm == QkNorm.MEMORY and self.is_memory)
         if self.qk_norm:
             self.qk_temperature = nnx.Param(jnp.full((h,), m.qk_temperature_init, pd),
                                             logical_axes=("heads",))
-        if self.is_memory and m.mem_attention == "gated":
+        if self.is_memory and m.mem_attention == MemAttention.GATED:
             # Memorizing-Transformer gate logits, one per head (inference; sigmoid(0) = an even mix).
             self.mem_gate = nnx.Param(jnp.zeros((h,), pd), logical_axes=("heads",))
-        self.use_rope = not (self.is_memory and m.mem_positionals == "none")
+        self.use_rope = not (self.is_memory and m.mem_positionals == PositionalMode.NONE)
         # the backend as configured (`auto` is resolved when the layer is traced, not here: building a
         # model never starts JAX's backend)
         self.attention = (str(m.attention_backend), int(m.attention_block_q), int(m.attention_block_kv))
@@ -276,7 +277,7 @@ class Llama(nnx.Module):
         def run_layer(layer, x, cos, sin, segment_ids, r):
             return layer(x, cos, sin, segment_ids, crossbatch, r)
 
-        if self.remat != "none":
+        if self.remat != Remat.NONE:
             run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
         for start, end in layer_runs(self.config):
             if self.config.scan_layers and end - start > 1:
@@ -330,7 +331,7 @@ class Llama(nnx.Module):
         def body(x, state):
             return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, crossbatch, r), None
 
-        if self.remat != "none":
+        if self.remat != Remat.NONE:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         # Layers a scan runs per loop trip (`model.scan_unroll`; 0: 1 on accelerators, where the
         # program stays one layer deep, and every layer on CPU, where XLA runs a rolled loop ~10%
