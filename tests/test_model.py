@@ -149,7 +149,8 @@ def test_building_a_model_never_asks_the_platform(monkeypatch):
     from fot_jax.model import kernels
     asked = []
     real = kernels.platform_of
-    monkeypatch.setattr(kernels, "platform_of", lambda platform=None: asked.append(platform) or real(platform))
+    monkeypatch.setattr(kernels, "platform_of",
+                        lambda platform=None: asked.append(platform) or real(platform))
     m = config_lib.base_config().model
     m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 64, 3
     m.num_heads = m.num_kv_heads = 2
