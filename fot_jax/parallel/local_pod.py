@@ -159,7 +159,11 @@ def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, s
             break
         if first_failure is None and any(c not in (None, 0) for c in codes):
             first_failure = time.monotonic()
-            failed_first.append(next(i for i, c in enumerate(codes) if c not in (None, 0)))
+            # the cause, when several are seen at once: a process this supervisor killed, else one a
+            # signal ended, else the first (the others exit on noticing it: code 3 or an abort)
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            cause = [i for i in failed if i in killed] or [i for i in failed if codes[i] < 0] or failed
+            failed_first.append(cause[0])
         if (first_failure is not None and time.monotonic() - first_failure > grace) or \
                 (stopped_at is not None and time.monotonic() - stopped_at > grace) or \
                 (timeout is not None and now > timeout):
