@@ -131,13 +131,12 @@ class Checkpoints:
         got = self.local.restore(target, newer_than=self.manager.latest_step())
         if got is None:
             return None
-        state, data_state, step = got
-        _check_model_config({"model": self.local.model_config(step)}, self.cfg,
-                            f"{self.local.directory}/{step}")
+        state, record, step = got
+        _check_model_config({"model": record.get("model", {})}, self.cfg, f"{self.local.directory}/{step}")
         if jax.process_index() == 0:
             print(f"resuming from the local checkpoint at step {step} ({self.local.directory}; newest "
                   f"persistent step: {self.manager.latest_step()})", flush=True)
-        return state, data_state, step
+        return state, record.get("data") or None, step
 
     def restore(self, abstract_state, shardings, step=None):
         """(state, data_state) of the latest complete step (or `step`, or train.resume_step), placed

@@ -223,10 +223,6 @@ class LocalCheckpoints:
     def _meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def model_config(self, step: int) -> dict:
-        """The model config a local step was written with."""
-        return self._meta(step).get("model", {})
-
     def usable_steps(self) -> list[int]:
         """This host's complete local steps written by this run on this topology, newest first; an
         unreadable one is skipped with a warning."""
@@ -269,8 +265,9 @@ class LocalCheckpoints:
         return common
 
     def restore(self, abstract_state, newer_than: int | None, log=_log):
-        """(state, data_state, step) from the newest local step every host holds and reads, when it
-        is newer than `newer_than` (the newest persistent step); else None."""
+        """(state, record, step) from the newest local step every host holds and reads, when it is
+        newer than `newer_than` (the newest persistent step); else None. `record`: what the save
+        wrote beside the shards (`data`, `model`, `topology`, ...)."""
         for step in self.common_steps(log):
             if newer_than is not None and step <= newer_than:
                 return None
@@ -288,7 +285,7 @@ class LocalCheckpoints:
                 state = None
             ok = _allgather(np.array([state is not None], np.int32))[:, 0]
             if ok.all():
-                return state, meta.get("data") or None, step
+                return state, meta, step
             log(f"warning: local checkpoint step {step} is unreadable on process(es) "
                 f"{[i for i, v in enumerate(ok) if not v]}; trying an older step")
         return None

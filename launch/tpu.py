@@ -145,14 +145,18 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     args = p.parse_args(argv)
     args.command = command
-    cmds = ACTIONS[args.action](args)
+    return run_commands(ACTIONS[args.action](args), args.dry_run, "launch/tpu.py")
+
+
+def run_commands(cmds: list[list[str]], dry_run: bool, prog: str) -> int:
+    """Prints each command (`+ ...`) and runs it unless `dry_run`; stops at the first that fails."""
     for cmd in cmds:
         print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        if args.dry_run:
+        if dry_run:
             continue
         rc = subprocess.call(cmd)
         if rc != 0:
-            print(f"launch/tpu.py: command failed with exit code {rc}", file=sys.stderr)
+            print(f"{prog}: command failed with exit code {rc}", file=sys.stderr)
             return rc
     return 0
 

@@ -29,8 +29,9 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
+
+from tpu import run_commands  # launch/tpu.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKERFILE = "launch/Dockerfile"
@@ -208,16 +209,7 @@ def main(argv=None) -> int:
     args.command = command
     if args.action in ("create", "list", "delete") and not args.cluster:
         p.error(f"{args.action} needs --cluster")
-    cmds = ACTIONS[args.action](args)
-    for cmd in cmds:
-        print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        if args.dry_run:
-            continue
-        rc = subprocess.call(cmd)
-        if rc != 0:
-            print(f"launch/xpk.py: command failed with exit code {rc}", file=sys.stderr)
-            return rc
-    return 0
+    return run_commands(ACTIONS[args.action](args), args.dry_run, "launch/xpk.py")
 
 
 if __name__ == "__main__":
