@@ -376,7 +376,7 @@ def main():
     rows = jax_rows(model, args, prompt, capacity)
     graphdef, params = nnx.split(plain)
     windows = jnp.asarray(prompt[: args.length // args.window * args.window].reshape(-1, args.window))
-    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[:, -1])
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits[:, -1])
     jax.block_until_ready(forward(params, windows))
     t_ingest, _ = best_of(lambda: jax.block_until_ready(forward(params, windows)), args.repeats)
     rt = MemoryRuntime(plain, 1, MemorySettings(capacity=capacity, last_context_length=args.last))

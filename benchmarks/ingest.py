@@ -55,7 +55,7 @@ def main():
     capacity = max(lengths)
     rng = np.random.default_rng(0)
     graphdef, params = nnx.split(model)
-    plain = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    plain = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t).logits)
 
     warmed = set()
 

@@ -60,7 +60,7 @@ def _logits_hf(model, tokens):
 
 
 def _logits_fot(model, m, tokens):
-    return np.asarray(model(jnp.asarray(tokens)))[..., : m.vocab_size]
+    return np.asarray(model(jnp.asarray(tokens)).logits)[..., : m.vocab_size]
 
 
 CASES = [

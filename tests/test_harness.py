@@ -54,7 +54,7 @@ def test_loglikelihood_equals_direct_computation_short_and_long_contexts():
     got = lm.loglikelihood([_Req(*short), _Req(*long)])
     # short: the plain model's forward over the same tokens, NumPy log-softmax
     ctx, cont = lm._encode_pair(*short)
-    logits = np.asarray(model(np.asarray([ctx + cont], np.int32)))[0, :, :32000]
+    logits = np.asarray(model(np.asarray([ctx + cont], np.int32)).logits)[0, :, :32000]
     lp = _log_softmax(logits[len(ctx) - 1: -1])[np.arange(len(cont)), cont]
     np.testing.assert_allclose(got[0][0], lp.sum(), rtol=1e-5, atol=1e-5)
     assert got[0][1] == bool((logits[len(ctx) - 1: -1].argmax(-1) == cont).all())

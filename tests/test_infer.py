@@ -297,7 +297,7 @@ def test_sharded_runtime_equals_unsharded():
                                                     last_context_length=8, chunk=8), mesh=mesh_)
         outs.append(rt.ingest(docs, return_logits=True)[1])
         if mesh_ is not None:
-            assert rt.state.stores[0].keys.sharding.spec[2] == "memory"
+            assert rt.state.memory.stores[0].keys.sharding.spec[2] == "memory"
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -339,7 +339,7 @@ def test_reset_of_one_row_and_empty_memory():
     _, logits = MemoryRuntime(
         model, 2, MemorySettings(top_k=4, capacity=64, dtype="float32", last_context_length=8)
     ).ingest(short, return_logits=True)
-    plain = np.asarray(model(jnp.asarray(np.stack(short))))[:, :, :50]
+    plain = np.asarray(model(jnp.asarray(np.stack(short))).logits)[:, :, :50]
     assert np.isfinite(np.stack(logits)).all()
     np.testing.assert_allclose(np.stack(logits), plain, atol=1e-4)
 
@@ -383,7 +383,7 @@ def test_grouped_windows_equal_window_by_window(monkeypatch, sharded):
         monkeypatch.setattr(runtime_lib, "INGEST_GROUP", group)
         rt = MemoryRuntime(model, 2, settings, mesh=mesh)
         last = rt.ingest(docs)
-        out.append((last, jax.device_get(rt.state.stores[0]), rt._group_fn._cache_size()))
+        out.append((last, jax.device_get(rt.state.memory.stores[0]), rt._group_fn._cache_size()))
     (la, sa, ga), (lb, sb, _) = out
     assert ga >= 1                                   # the grouped path ran
     np.testing.assert_array_equal(np.asarray(sa.positions), np.asarray(sb.positions))

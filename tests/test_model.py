@@ -54,7 +54,7 @@ def test_logits_match_transformers(num_heads, num_kv_heads, tie, theta):
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 64))
     with torch.no_grad():
         expected = ref(torch.tensor(tokens)).logits.numpy()
-    got = np.asarray(model(jnp.asarray(tokens)))
+    got = np.asarray(model(jnp.asarray(tokens)).logits)
     assert got.shape[-1] == config_lib.padded_vocab(m) == 256
     np.testing.assert_allclose(got[..., : m.vocab_size], expected, atol=1e-4, rtol=0)
     assert np.all(got[..., m.vocab_size:] <= -1e8)  # padded vocabulary rows take no probability
@@ -106,10 +106,11 @@ def test_memory_layer_positional_modes_and_qk_norm(mode):
     attn = model.layers[0].self_attn
     B, T, E = 4, 6, m.hidden_size
     x = np.random.default_rng(2).normal(size=(B, T, E)).astype(np.float32)
-    from fot_jax.model.attention import CrossbatchSpec
+    from fot_jax.model.attention import Crossbatch, CrossbatchSpec
     spec = CrossbatchSpec(range_max=1, k_packing=2, stepping=True)
     cos, sin = rope_cos_sin(jnp.arange(T), 16, m.rope_theta)
-    got = np.asarray(attn(jnp.asarray(x), cos, sin, None, spec, None))
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    got = np.asarray(attn(jnp.asarray(x), positions, crossbatch=Crossbatch(spec))[0])
 
     wq, wk, wv, wo = (np.asarray(getattr(attn, n)[...]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     temp = np.asarray(attn.qk_temperature[...])
@@ -160,5 +161,5 @@ def test_building_a_model_never_asks_the_platform(monkeypatch):
     nnx.eval_shape(lambda: llama.create(m))
     assert asked == []
     tokens = jnp.zeros((2, 8), jnp.int32)
-    logits = model(tokens)
+    logits = model(tokens).logits
     assert logits.shape == (2, 8, config_lib.padded_vocab(m)) and asked        # decided when traced

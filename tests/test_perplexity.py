@@ -43,7 +43,7 @@ def test_memory_zero_is_a_plain_forward_pass_and_every_size_scores_the_same_toke
     for d in docs[:2]:
         end = len(d)
         x = d[end - 9: end - 1]
-        logits = np.asarray(model(jnp.asarray(x[None])), np.float64)[0, :, :50]
+        logits = np.asarray(model(jnp.asarray(x[None])).logits, np.float64)[0, :, :50]
         nll.append(_log_softmax_nll(logits, d[end - 8: end]))
     np.testing.assert_allclose(rows[0]["perplexity"], np.exp(np.mean(np.concatenate(nll))), rtol=1e-5)
     assert all(np.isfinite(r["perplexity"]) for r in rows)

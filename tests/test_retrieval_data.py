@@ -185,8 +185,8 @@ def test_distractor_chains_interleave_and_only_the_asked_chain_answers():
         body, question = body.rsplit("\n\n", 1)
         value_of = {}
         for m in first.finditer(body):
-            g = m.groups()
-            name, value = (g[0], g[1]) if g[0] else (g[2], g[3]) if g[2] else (g[5], g[4]) if g[4] else (g[6], g[7])
+            g = m.groups()     # (name, value) but "Assign {v} to {x}" (value, name)
+            name, value = (g[5], g[4]) if g[4] else [x for x in g if x]
             value_of[name] = value
         order, parent = list(value_of), {}
         for m in nxt.finditer(body):

@@ -72,7 +72,7 @@ def _dot_count(num_layers, scan):
     spec = CrossbatchSpec(range_max=1, k_packing=2, stepping=True)
 
     def loss(params, tokens):
-        return nnx.merge(graphdef, params)(tokens, crossbatch=spec).sum()
+        return nnx.merge(graphdef, params)(tokens, crossbatch=spec).logits.sum()
     text = jax.jit(jax.grad(loss)).lower(params, tokens).as_text()
     return len(re.findall(r"stablehlo\.dot_general", text))
 

@@ -479,7 +479,8 @@ def spec_from_config(cfg, num_train: int, corpora: str) -> Spec:
     d = cfg.data
     return Spec(doc_length=int(d.doc_length), facts=int(d.facts_per_doc), questions=int(d.questions_per_doc),
                 plain_share=float(d.plain_share), dense_share=float(d.dense_share),
-                chain_share=float(d.chain_share), chains=int(d.chains_per_doc), near_miss=float(d.near_miss), haystack=d.haystack,
+                chain_share=float(d.chain_share), chains=int(d.chains_per_doc), near_miss=float(d.near_miss),
+                haystack=d.haystack,
                 seed=int(d.seed), num_train=int(num_train), num_eval=int(d.num_eval_docs), corpora=corpora)
 
 

@@ -297,7 +297,7 @@ def peak_rss_gib() -> float:
 @nnx.jit
 def _plain_forward(model, tokens):
     """The model without memory on one window (compiled once, reused across memory sizes)."""
-    return model(tokens)
+    return model(tokens).logits
 
 
 def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, split: str = "test",
@@ -316,19 +316,25 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
 
     @jax.jit
     def context_kv(tokens):
-        kv, _ = model.forward(tokens, positions[: tokens.shape[0]], inference=True, keys_through_layer=layer)
-        return kv[layer]
+        cache = model(tokens, positions[: tokens.shape[0]], keys_through_layer=layer).cache[layer]
+        return cache.k, cache.v
     mem_k, _ = context_kv(defs)                                    # [need, T, Hkv, D] un-rotated
     loc_k, _ = context_kv(queries)
     captured = {}
 
-    def capture(qm):
-        captured["q"] = qm
-        b, hkv, n, d = qm.shape
-        return (jnp.full((b, hkv, n), -jnp.inf), jnp.zeros((b, hkv, n)), jnp.zeros((b, hkv, n, d)))
-    fns = [None] * m.num_layers
-    fns[layer] = capture
-    model.forward(queries, positions[:num_docs], inference=True, memory_fns=fns)
+    class Capture:
+        """Stands in for the layer's memory view: records the queries it is read with."""
+        scale = None
+
+        def read(self, qm):
+            captured["q"] = qm
+            b, hkv, n, d = qm.shape
+            return (jnp.full((b, hkv, n), -jnp.inf), jnp.zeros((b, hkv, n)), jnp.zeros((b, hkv, n, d)))
+
+    class CaptureMemory:
+        def views(self, positions, num_layers):
+            return [Capture() if i == layer else None for i in range(num_layers)]
+    model(queries, positions[:num_docs], memory=CaptureMemory())
     q = np.asarray(captured["q"], np.float64)                      # [B, Hkv, G*T, D] as the layer uses it
     attn = model.layers[layer].self_attn
     lk = np.asarray(loc_k, np.float64)

@@ -36,8 +36,9 @@ from flax import nnx
 
 from fot_jax import config as config_lib
 from fot_jax.errors import FotError
-from fot_jax.memory import knn
 from fot_jax.memory import store as store_lib
+from fot_jax.memory.view import Lookup, Memory
+from fot_jax.model.cache import Cache
 
 
 class MemoryRuntimeError(FotError, ValueError):
@@ -47,11 +48,8 @@ class MemoryRuntimeError(FotError, ValueError):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RuntimeState:
-    stores: tuple          # one MemoryStore per memory layer
-    cache_k: tuple         # per layer [B, W, Hkv, D]: the local cache's keys, rotated at their positions
-                           # (raw in memory layers: their cache moves to memory)
-    cache_v: tuple
-    cache_len: jax.Array   # [B] int32
+    memory: Memory         # one store per memory layer
+    cache: Cache           # the local cache, [B, W, Hkv, D] per layer, and each row's length
     doc_pos: jax.Array     # [B] int32 tokens of the current document seen so far
     doc_id: jax.Array      # [B] int32
 
@@ -170,8 +168,6 @@ class MemoryRuntime:
         self.kv_heads, self.head_dim = m.num_kv_heads, config_lib.head_dim(m)
         self.tail = min(settings.last_context_length, self.window)
         self.state = self._empty_state()
-        self.cache_len = np.zeros(batch, np.int64)    # host mirror (no device sync to plan steps)
-        self.doc_pos = np.zeros(batch, np.int64)
         self._window_fn = jax.jit(self._window_step, donate_argnums=1, static_argnums=4)
         self._extend_fn = jax.jit(self._extend_step, donate_argnums=1, static_argnums=4)
         self._flush_fn = jax.jit(self._flush_step, donate_argnums=0)
@@ -182,51 +178,29 @@ class MemoryRuntime:
 
     # -- state --------------------------------------------------------------------------------
     def _empty_state(self) -> RuntimeState:
-        s, b = self.settings, self.batch
-        stores = tuple(store_lib.create(b, self.kv_heads, s.capacity, self.head_dim, s.dtype, mesh=self.mesh,
-                                        memory_axis=self.memory_axis) for _ in self.mem_layers)
-        dt = jnp.dtype(self.model_config.dtype)
-        shape = (b, self.window, self.kv_heads, self.head_dim)
-        n = self.model_config.num_layers
+        s, b, m = self.settings, self.batch, self.model_config
+        lookup = Lookup(top_k=s.top_k, search=s.search, chunk=s.chunk, recall_target=s.recall_target,
+                        logn_base=s.logn_base, mesh=self.mesh, memory_axis=self.memory_axis)
+        memory = Memory.create(self.mem_layers, lookup, b, self.kv_heads, s.capacity, self.head_dim, s.dtype)
         if self.mesh is None:
-            stores = jax.device_put(stores, self._home)
+            memory = jax.device_put(memory, self._home)
         # distinct buffers (the state is donated), committed like the parameters
-        fresh = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self._home)
-        counters = jax.device_put({k: np.zeros(b, np.int32) for k in ("cache_len", "doc_pos", "doc_id")},
-                                  self._home)
-        return RuntimeState(stores=stores, cache_k=tuple(fresh() for _ in range(n)),
-                            cache_v=tuple(fresh() for _ in range(n)), **counters)
+        cache = Cache.empty(m.num_layers, b, self.window, self.kv_heads, self.head_dim, jnp.dtype(m.dtype),
+                            sharding=self._home)
+        counters = jax.device_put({k: np.zeros(b, np.int32) for k in ("doc_pos", "doc_id")}, self._home)
+        return RuntimeState(memory=memory, cache=cache, **counters)
+
+    @property
+    def cache_len(self) -> np.ndarray:
+        """[B] tokens in each row's local cache (read from the device)."""
+        return np.asarray(self.state.cache.length).astype(np.int64)
+
+    @property
+    def doc_pos(self) -> np.ndarray:
+        """[B] tokens of each row's current document read so far (read from the device)."""
+        return np.asarray(self.state.doc_pos).astype(np.int64)
 
     # -- jitted steps -------------------------------------------------------------------------
-    def _memory_fns(self, stores):
-        s = self.settings
-        fns = [None] * self.model_config.num_layers
-        for j, layer in enumerate(self.mem_layers):
-            st = stores[j]
-            fns[layer] = functools.partial(
-                knn.lookup, keys=st.keys, values=st.values, valid=st.valid, top_k=s.top_k, chunk=s.chunk,
-                search=s.search, recall_target=s.recall_target, mesh=self.mesh, memory_axis=self.memory_axis,
-                dtype=st.dtype)
-        return fns
-
-    def _memory_scale(self, stores, local_keys):
-        """[B,T] multipliers of the memory layers' queries: max(1, ln n / ln logn_base), n the keys
-        each query sees (the row's memory entries and local_keys [B,T], its causal local keys);
-        None when log-n scaling is off."""
-        base = self.settings.logn_base
-        if not base or not self.mem_layers:
-            return None
-        entries = jnp.minimum(stores[0].written, self.settings.capacity)
-        n = (entries[:, None] + local_keys).astype(jnp.float32)
-        return jnp.maximum(1.0, jnp.log(n) / jnp.log(float(base)))
-
-    def _write_memory(self, stores, new_kv, positions, doc_ids, mask):
-        out = []
-        for j, (k, v) in enumerate(new_kv):  # aligned with self.mem_layers
-            out.append(store_lib.write(stores[j], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), positions,
-                                       doc_ids, mask, mesh=self.mesh, memory_axis=self.memory_axis))
-        return tuple(out)
-
     def _window_step(self, params, state: RuntimeState, tokens, n_valid, return_logits: bool):
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
@@ -236,22 +210,14 @@ class MemoryRuntime:
         if not return_logits and not self.mem_layers:  # nothing of this window is ever seen again
             return dataclasses.replace(state, doc_pos=state.doc_pos + n_valid), None
         last = None if return_logits else max(self.mem_layers)
-        new_kv, logits = model.forward(
-            tokens,
-            positions,
-            inference=True,
-            memory_fns=self._memory_fns(state.stores),
-            keys_through_layer=last,
-            memory_scale=self._memory_scale(state.stores, positions + 1),
-        )
+        out = model(tokens, positions, memory=state.memory, keys_through_layer=last)
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
         doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))
-        stores = self._write_memory(
-            state.stores, [new_kv[l] for l in self.mem_layers], doc_positions, doc_ids, mask
-        )
-        state = dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
-        return state, (logits if return_logits else None)
+        memory = state.memory.write([(out.cache[l].k, out.cache[l].v) for l in self.mem_layers],
+                                    doc_positions, doc_ids, mask)
+        state = dataclasses.replace(state, memory=memory, doc_pos=state.doc_pos + n_valid)
+        return state, (out.logits if return_logits else None)
 
     def _group_step(self, params, state: RuntimeState, tokens, n_valid):
         """Windows [B, G*W] -> memory, G windows at once (one memory layer: each window's keys and
@@ -266,16 +232,16 @@ class MemoryRuntime:
             split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.memory_axis))
             windows = jax.lax.with_sharding_constraint(windows, split)
             positions = jax.lax.with_sharding_constraint(positions, split)
-        new_kv, _ = model.forward(windows, positions, inference=True, keys_through_layer=layer)
-        k, v = (x.reshape(b, gt, *x.shape[2:]) for x in new_kv[layer])
+        kv = model(windows, positions, keys_through_layer=layer).cache[layer]
+        k, v = (x.reshape(b, gt, *x.shape[2:]) for x in (kv.k, kv.v))
         offsets = jnp.arange(gt, dtype=jnp.int32)[None, :]
-        stores = self._write_memory(state.stores, [(k, v)], state.doc_pos[:, None] + offsets,
+        memory = state.memory.write([(k, v)], state.doc_pos[:, None] + offsets,
                                     jnp.broadcast_to(state.doc_id[:, None], (b, gt)),
                                     offsets < n_valid[:, None])
-        return dataclasses.replace(state, stores=stores, doc_pos=state.doc_pos + n_valid)
+        return dataclasses.replace(state, memory=memory, doc_pos=state.doc_pos + n_valid)
 
     def _rewind_step(self, state: RuntimeState, drop):
-        return dataclasses.replace(state, cache_len=state.cache_len - drop, doc_pos=state.doc_pos - drop)
+        return dataclasses.replace(state, cache=state.cache.rewound(drop), doc_pos=state.doc_pos - drop)
 
     def _cache_view(self, needed: int) -> int:
         """The cache prefix a step reads when its rows hold at most `needed` tokens after it: the
@@ -289,43 +255,20 @@ class MemoryRuntime:
         """Appends tokens [B,T] (n_valid [B] of them real) to the caches; every row holds at most
         `view` tokens after it (the step reads only that prefix of the caches)."""
         model = nnx.merge(self.graphdef, params)
-        b, t = tokens.shape
-        offsets = jnp.arange(t, dtype=jnp.int32)
-        positions = state.cache_len[:, None] + offsets
-        new_cache, logits = model.forward(
-            tokens,
-            positions,
-            inference=True,
-            cache=list(zip(state.cache_k, state.cache_v)),
-            cache_slots=jnp.where(offsets[None, :] < n_valid[:, None], positions, self.window),  # W: dropped
-            cache_view=view,
-            memory_fns=self._memory_fns(state.stores),
-            memory_scale=self._memory_scale(state.stores, positions + 1),
-        )
-        state = dataclasses.replace(
-            state,
-            cache_k=tuple(k for k, _ in new_cache),
-            cache_v=tuple(v for _, v in new_cache),
-            cache_len=state.cache_len + n_valid,
-            doc_pos=state.doc_pos + n_valid,
-        )
-        return state, logits
+        valid = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :] < n_valid[:, None]
+        out = model(tokens, state.cache.positions(valid), cache=state.cache.reading(view),
+                    memory=state.memory)
+        state = dataclasses.replace(state, cache=out.cache.reading(0), doc_pos=state.doc_pos + n_valid)
+        return state, out.logits
 
     def _flush_step(self, state: RuntimeState, rows):
         """Moves the cache of the chosen rows [B] to memory and empties it."""
-        w = self.window
-        slots = jnp.arange(w, dtype=jnp.int32)[None, :]
-        mask = rows[:, None] & (slots < state.cache_len[:, None])
-        positions = state.doc_pos[:, None] - state.cache_len[:, None] + slots
-        doc_ids = jnp.broadcast_to(state.doc_id[:, None], mask.shape)
-        kv = [(state.cache_k[l], state.cache_v[l]) for l in self.mem_layers]
-        stores = self._write_memory(state.stores, kv, positions, doc_ids, mask)
-        return dataclasses.replace(state, stores=stores, cache_len=jnp.where(rows, 0, state.cache_len))
+        cache, memory = state.cache.move_to(state.memory, rows, state.doc_pos, state.doc_id)
+        return dataclasses.replace(state, cache=cache, memory=memory)
 
     def _reset_step(self, state: RuntimeState, rows, new_doc):
-        stores = tuple(store_lib.reset(s, rows) for s in state.stores)
         return dataclasses.replace(
-            state, stores=stores, cache_len=jnp.where(new_doc, 0, state.cache_len),
+            state, memory=state.memory.reset(rows), cache=state.cache.emptied(new_doc),
             doc_pos=jnp.where(new_doc, 0, state.doc_pos), doc_id=state.doc_id + new_doc.astype(jnp.int32))
 
     # -- host API -----------------------------------------------------------------------------
@@ -333,14 +276,11 @@ class MemoryRuntime:
         """Clears memory and cache of the chosen rows (all by default)."""
         rows = np.ones(self.batch, bool) if rows is None else np.asarray(rows, bool)
         self.state = self._reset_fn(self.state, jnp.asarray(rows), jnp.asarray(rows))
-        self.cache_len[rows] = 0
-        self.doc_pos[rows] = 0
 
     def _flush(self, rows):
         rows = np.asarray(rows, bool)
         if rows.any():
             self.state = self._flush_fn(self.state, jnp.asarray(rows))
-            self.cache_len[rows] = 0
 
     def _check_tokens(self, docs):
         if len(docs) != self.batch:
@@ -378,7 +318,6 @@ class MemoryRuntime:
             self._flush(self.cache_len > 0)
             rows = jnp.ones(self.batch, bool)
             self.state = self._reset_fn(self.state, jnp.zeros(self.batch, bool), rows)
-            self.doc_pos[:] = 0
         prefix = np.maximum(lengths - c, 0)
         tail_only = return_logits == "tail"
         window_logits = bool(return_logits) and not tail_only
@@ -391,7 +330,6 @@ class MemoryRuntime:
             tokens, n_valid = _slice_rows(docs, j * w, np.clip(prefix - j * w, 0, w), w)
             self.state, logits = self._window_fn(self.params, self.state, jnp.asarray(tokens),
                                                  jnp.asarray(n_valid, jnp.int32), window_logits)
-            self.doc_pos += n_valid
             if window_logits:
                 vocab_logits.append((np.asarray(logits)[:, :, :self.model_config.vocab_size], n_valid))
             if progress is not None:
@@ -419,7 +357,6 @@ class MemoryRuntime:
             tokens, n_valid = _slice_rows(docs, j * g * w, np.clip(prefix - j * g * w, 0, g * w), g * w)
             self.state = self._group_fn(self.params, self.state, jnp.asarray(tokens),
                                         jnp.asarray(n_valid, jnp.int32))
-            self.doc_pos += n_valid
             if progress is not None:
                 jax.block_until_ready(self.state)
                 progress((j + 1) * g, n_windows)
@@ -441,18 +378,16 @@ class MemoryRuntime:
         mark = np.asarray(mark, np.int64).reshape(-1)
         if mark.shape != (self.batch,):
             raise MemoryRuntimeError(f"a mark has one position per row ({self.batch}), got {mark.shape}")
-        cache_start = self.doc_pos - self.cache_len
-        bad = (mark < cache_start) | (mark > self.doc_pos)
+        doc_pos = self.doc_pos
+        cache_start = doc_pos - self.cache_len
+        bad = (mark < cache_start) | (mark > doc_pos)
         if bad.any():
             b = int(np.argmax(bad))
             raise MemoryRuntimeError(
                 f"row {b} cannot rewind to position {mark[b]}: its local cache holds positions "
-                f"{cache_start[b]}..{self.doc_pos[b]} (tokens moved to memory, or a new document, "
+                f"{cache_start[b]}..{doc_pos[b]} (tokens moved to memory, or a new document, "
                 "cannot be taken back)")
-        drop = self.doc_pos - mark
-        self.state = self._rewind_fn(self.state, jnp.asarray(drop, jnp.int32))
-        self.cache_len -= drop
-        self.doc_pos -= drop
+        self.state = self._rewind_fn(self.state, jnp.asarray(doc_pos - mark, jnp.int32))
 
     def _extend_all(self, pieces, keep_logits):
         """Extends each row's cache with its tokens, in pieces of at most `tail` tokens, moving a
@@ -483,8 +418,6 @@ class MemoryRuntime:
                     last[b] = logits[b, n_valid[b] - 1 if keep_logits else 0]
                     if keep_logits:
                         collected[b].append(logits[b, :n_valid[b]])
-            self.cache_len += n_valid
-            self.doc_pos += n_valid
             done += n_valid
         return last, [
             np.concatenate(c, 0) if c else np.zeros((0, last.shape[1]), np.float32) for c in collected
@@ -513,7 +446,7 @@ class MemoryRuntime:
         vocab = self.model_config.vocab_size
 
         def must_flush(state, finished):
-            return (state.cache_len >= self.window) & ~finished
+            return (state.cache.length >= self.window) & ~finished
 
         def step(c):
             i, state, logits, key, finished, out = c
@@ -586,10 +519,8 @@ class MemoryRuntime:
             produced += steps
             if steps < n or bool(np.asarray(finished).all()):
                 break
-            cache_len = np.asarray(self.state.cache_len)
+            cache_len = self.cache_len
             block = min(2 * block, DECODE_BLOCK)
-        self.cache_len = np.asarray(self.state.cache_len).astype(np.int64)
-        self.doc_pos = np.asarray(self.state.doc_pos).astype(np.int64)
         return [np.array(o, np.int32) for o in out]
 
 

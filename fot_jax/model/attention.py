@@ -38,6 +38,22 @@ class CrossbatchSpec:
     implementation: str = "dense"
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Crossbatch:
+    """A training call's attention context: the static layout, the range used (a scalar, possibly
+    traced; None: spec.range_max) and the rows' document ids [B,T] (None: one document a row).
+    Memory layers attend across rows by `spec`; the other layers within their row."""
+    spec: CrossbatchSpec = dataclasses.field(metadata=dict(static=True))
+    r: jax.Array | int | None = None
+    segment_ids: jax.Array | None = None
+
+    def for_layer(self, is_memory: bool) -> Crossbatch:
+        if is_memory:
+            return self
+        return Crossbatch(CrossbatchSpec(range_max=0, doc_mask=self.spec.doc_mask), self.r, self.segment_ids)
+
+
 def visible_context_count(batch: int, r, k_packing: int, stepping: bool):
     """[B] int32: contexts each row sees, itself included (docs/architecture.md, "Crossbatch
     semantics"; the one definition, used by the attention kernels and the tests' reference). Stepping needs

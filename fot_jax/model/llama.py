@@ -13,7 +13,8 @@ from flax import nnx
 from fot_jax import config as config_lib
 from fot_jax.config import MemAttention, PositionalMode, QkNorm, Remat
 from fot_jax.model import kernels
-from fot_jax.model.attention import CrossbatchSpec, crossbatch_attention, memory_attention
+from fot_jax.model.attention import Crossbatch, CrossbatchSpec, crossbatch_attention, memory_attention
+from fot_jax.model.cache import Cache, LayerCache, Output
 from fot_jax.model.rope import apply_rope, rope_cos_sin
 from fot_jax.parallel.mesh import constrain
 
@@ -102,6 +103,7 @@ class Attention(nnx.Module):
         # model never starts JAX's backend)
         self.attention = (str(m.attention_backend), int(m.attention_block_q), int(m.attention_block_kv))
         self.head_dim = d
+        self.rope_theta = m.rope_theta
         self.dtype = jnp.dtype(m.dtype)
 
     def project(self, x, cos, sin):
@@ -127,61 +129,65 @@ class Attention(nnx.Module):
         k_other = k
         return q, k_own, k_other, v
 
-    def __call__(self, x, cos, sin, segment_ids, crossbatch: CrossbatchSpec | None, r):
-        q, k_own, k_other, v = self.project(x, cos, sin)
-        if crossbatch is not None and self.is_memory:
-            spec = crossbatch
-        else:
-            doc = crossbatch.doc_mask if crossbatch is not None else False
-            spec = CrossbatchSpec(range_max=0, doc_mask=doc)
-        out = crossbatch_attention(q, k_own, k_other, v, spec=spec, r=r, segment_ids=segment_ids,
-                                   kernel=kernels.options(*self.attention))
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return _dense(out, self.o_proj[...].astype(self.dtype))
+    def __call__(self, x, positions, *, cache: LayerCache | None = None, memory=None,
+                 crossbatch: Crossbatch | None = None, rope=None):
+        """x [B,T,E] at positions [B,T] -> (out [B,T,E], cache).
 
+        Without a cache the tokens attend causally within their row, through the configured
+        attention backend; `crossbatch` (training) adds the document mask and, in a memory layer,
+        the earlier rows of the batch. The returned cache is the new tokens' (k, v) as a cache
+        stores them. With a cache (a LayerCache read through `view` slots), the new keys and values
+        are written first at their positions (>= capacity: dropped), then the queries read the
+        cache's first `view` slots, slot j visible to a query at position p when j <= p; the
+        returned cache is the updated one. Reading after writing keeps a decode loop from copying
+        the cache it carries (a buffer read and then updated in one step is copied).
 
-    def infer(self, x, cos, sin, cache, cache_cos, cache_sin, mask, memory_fn, q_scale=None, write=None):
-        """Inference: x [B,T,E] new tokens; memory_fn(q [B,Hkv,G*T,D]) -> partial sums or None;
-        q_scale [B,T]: memory layers' queries (so the logits of memory and local keys alike) are
-        multiplied by it (`memory.logn_base`). Keys are kept as the cache stores them: un-rotated in
-        memory layers (what memory stores; rotated here with cache_cos/sin at use), rotated at their
-        positions in the others.
-
-        Without a cache: mask causal [B,T,T]; returns (out [B,T,E], (k, v)) of the new tokens.
-        With a cache (k, v) [B,S,Hkv,D] (slot j holds position j) and `write` (rows, slots [B,T];
-        a slot >= S drops its token): the new keys and values are written first, then the queries
-        read the cache's first V slots (V = cache_cos's length) under mask [B,T,V];
-        returns (out, (k, v)) the updated cache. Reading after writing keeps a decode loop from
-        copying the cache it carries (a buffer read and then updated in one step is copied)."""
+        `memory` (a memory layer's MemoryView, or None): the queries, multiplied by its log-n scale,
+        also read their top-k memory entries in the same softmax (or, with a gate, mixed by it).
+        `rope` (cos, sin) of `positions` when the caller has them (one table for every layer)."""
+        if crossbatch is not None and (cache is not None or memory is not None):
+            raise ValueError("a call with crossbatch (training) takes no cache or memory")
+        cos, sin = rope if rope is not None else rope_cos_sin(positions, self.head_dim, self.rope_theta)
         q, k_own, k_raw, v = self.project(x, cos, sin)
-        if self.is_memory and q_scale is not None:
-            q = q * q_scale[:, :, None, None].astype(q.dtype)
         # A memory layer caches un-rotated keys (its cache moves to memory, where `as_first` wants
         # them un-rotated) and rotates them at use; other layers cache rotated keys (slot j holds
         # position j either way), which saves rotating the whole cache every generated token.
         k_cache = k_raw if self.is_memory else k_own
+        if memory is not None and not self.is_memory:
+            memory = None
+        if cache is None and memory is None:
+            cb = crossbatch or Crossbatch(CrossbatchSpec(range_max=0))
+            cb = cb.for_layer(self.is_memory)
+            out = crossbatch_attention(q, k_own, k_raw, v, spec=cb.spec, r=cb.r, segment_ids=cb.segment_ids,
+                                       kernel=kernels.options(*self.attention))
+            out = constrain(out, ("batch", "length", "heads", "head_dim"))
+            return _dense(out, self.o_proj[...].astype(self.dtype)), LayerCache(k_cache, v)
+        if memory is not None and memory.scale is not None:
+            q = q * memory.scale[:, :, None, None].astype(q.dtype)
         if cache is not None:
-            rows, slots = write
-            ck = cache[0].at[rows, slots].set(k_cache.astype(cache[0].dtype), mode="drop")
-            cv = cache[1].at[rows, slots].set(v.astype(cache[1].dtype), mode="drop")
-            view = cache_cos.shape[0]
-            rk = ck[:, :view]
-            rk = apply_rope(rk, cache_cos, cache_sin) if (self.use_rope and self.is_memory) else rk
-            keys, vals = rk.astype(k_own.dtype), cv[:, :view]
-            kept = (ck, cv)
+            cache = cache.write(k_cache, v, positions)
+            keys, vals = cache.read(view := cache.view_slots)
+            if self.use_rope and self.is_memory:
+                ccos, csin = rope_cos_sin(jnp.arange(view), self.head_dim, self.rope_theta)
+                keys = apply_rope(keys, ccos, csin)
+            keys = keys.astype(k_own.dtype)
+            mask = jnp.arange(view)[None, None, :] <= positions[:, :, None]
+            new_cache = cache
         else:
             keys, vals = k_own, v
-            kept = (k_cache, v)
-        memory = gate = None
-        if self.is_memory and memory_fn is not None:
+            t = x.shape[1]
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (x.shape[0], t, t))
+            new_cache = LayerCache(k_cache, v)
+        partial = gate = None
+        if memory is not None:
             b, t, h, d = q.shape
             hkv = k_raw.shape[2]
             qm = jnp.transpose(q.reshape(b, t, hkv, h // hkv, d), (0, 2, 3, 1, 4)).reshape(b, hkv, -1, d)
-            memory = memory_fn(qm)
+            partial = memory.read(qm)
             if hasattr(self, "mem_gate"):
                 gate = self.mem_gate[...]
-        out = memory_attention(q, keys, vals, mask, memory, gate)
-        return _dense(out, self.o_proj[...].astype(self.dtype)), kept
+        out = memory_attention(q, keys, vals, mask, partial, gate)
+        return _dense(out, self.o_proj[...].astype(self.dtype)), new_cache
 
 
 class DecoderLayer(nnx.Module):
@@ -192,16 +198,20 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
         self.mlp = MLP(m, rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, crossbatch, r):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, crossbatch, r)
-        h = constrain(h, ("batch", "length", "embed"))
+    def __call__(self, x, positions, *, cache: LayerCache | None = None, memory=None,
+                 crossbatch: Crossbatch | None = None, rope=None):
+        """x [B,T,E] -> (out [B,T,E], cache): see `Attention.__call__`."""
+        attn, new_cache = self.self_attn(self.input_layernorm(x), positions, cache=cache, memory=memory,
+                                         crossbatch=crossbatch, rope=rope)
+        h = constrain(x + attn, ("batch", "length", "embed"))
         out = h + self.mlp(self.post_attention_layernorm(h))
-        return constrain(out, ("batch", "length", "embed"))
+        return constrain(out, ("batch", "length", "embed")), new_cache
 
 
 class Llama(nnx.Module):
-    """Decoder-only LM. `__call__(tokens [B,T]) -> logits [B,T,V_padded]` (float32); logits of the
-    padding rows of the vocabulary are PADDED_VOCAB_LOGIT so that they take no probability."""
+    """Decoder-only LM: `model(tokens, ...) -> Output(logits [B,T,V_padded] float32, cache)`;
+    logits of the padding rows of the vocabulary are PADDED_VOCAB_LOGIT so that they take no
+    probability."""
 
     def __init__(self, m, rngs: nnx.Rngs):
         pd = jnp.dtype(m.param_dtype)
@@ -222,47 +232,49 @@ class Llama(nnx.Module):
         self.dtype = jnp.dtype(m.dtype)
         self.remat = m.remat
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None,
-                 crossbatch: CrossbatchSpec | None = None, crossbatch_range=None):
-        """Training forward: logits [B,T,V_padded] (float32)."""
-        return self.forward(tokens, positions, segment_ids=segment_ids, crossbatch=crossbatch,
-                            crossbatch_range=crossbatch_range)[1]
+    def __call__(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
+                 crossbatch_range=None, cache: Cache | None = None, memory=None,
+                 keys_through_layer: int | None = None) -> Output:
+        """The decoder, for training and for inference.
 
-    def forward(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
-                crossbatch_range=None, inference: bool = False, cache=None, cache_slots=None,
-                cache_view: int | None = None, memory_fns=None, keys_through_layer: int | None = None,
-                memory_scale=None):
-        """The decoder, for training and for inference: `(kv, logits)`.
-
-        tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (`inference=False`): each
-        layer attends within its row (document mask: segment_ids [B,T]) and memory layers across the
-        batch (`crossbatch`, range `crossbatch_range`); layer runs are scanned; kv is None.
-        Inference: cache per layer (k, v) [B,S,Hkv,D] or None, slot j holding position j (keys
-        un-rotated in memory layers, rotated in the others); cache_slots [B,T]: where each new token
-        is written (>= S: dropped), which is its position; a new token at position p then sees the
-        cache slots up to p (cache_view: only the first cache_view slots are read, none beyond them
-        may be needed); memory_fns per layer q [B,Hkv,G*T,D] -> memory partial sums (memory layers)
-        or None. kv holds per layer the updated cache (k, v), or, without a cache, the (k, v)
-        [B,T,Hkv,D] of the new tokens as a cache stores them. With `keys_through_layer` L, the pass
-        stops once layer L's keys and values are known (what memory stores depends on nothing
-        above) and logits is None. memory_scale [B,T]: multiplies the memory layers' queries
-        (`memory.logn_base`). Logits [B,T,V_padded] (float32) otherwise, PADDED_VOCAB_LOGIT on the
-        vocabulary's padding rows.
+        tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (no cache, no memory):
+        each layer attends within its row (document mask: segment_ids [B,T]) and memory layers
+        across the batch (`crossbatch`, range `crossbatch_range`); layer runs are scanned; the
+        output's cache is None. Inference: `cache` (a Cache, its layers read through their `view`
+        slots) takes the new tokens at their positions (a position >= its capacity drops a token:
+        padding) and comes back updated and advanced; without one, the output's cache is a tuple
+        of LayerCaches of the new tokens. `memory` (a `fot_jax.memory.view.Memory`): memory layers
+        also read their stores. With `keys_through_layer` L, the pass stops once layer L's keys and
+        values are known (what memory stores depends on nothing above) and logits is None.
         """
         m = self.config
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rope_cos_sin(positions, config_lib.head_dim(m), m.rope_theta)
+        rope = rope_cos_sin(positions, config_lib.head_dim(m), m.rope_theta)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        if inference:
-            x, kv = self._inference_layers(x, positions, cos, sin, cache, cache_slots, cache_view, memory_fns,
-                                           keys_through_layer, memory_scale)
-            if x is None:
-                return kv, None
-        else:
-            x, kv = self._training_layers(x, cos, sin, segment_ids, crossbatch, crossbatch_range), None
+        if cache is None and memory is None and keys_through_layer is None:
+            spec = crossbatch if crossbatch is not None else CrossbatchSpec(range_max=0)
+            x = self._training_layers(x, positions, rope, Crossbatch(spec, crossbatch_range, segment_ids))
+            return Output(self._head(x), None)
+        views = memory.views(positions, m.num_layers) if memory is not None else [None] * m.num_layers
+        new = []
+        for i, layer in enumerate(self.layers):
+            if keys_through_layer is not None and i == keys_through_layer:
+                _, _, k_raw, v = layer.self_attn.project(layer.input_layernorm(x), *rope)
+                new.append(LayerCache(k_raw, v))
+                return Output(None, tuple(new))
+            x, layer_cache = layer(x, positions, cache=None if cache is None else cache.layers[i],
+                                   memory=views[i], rope=rope)
+            new.append(layer_cache)
+        if cache is not None:
+            written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
+            return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
+        return Output(self._head(x), tuple(new))
+
+    def _head(self, x):
+        m = self.config
         x = self.norm(x)
         head = (
             self.embed_tokens[...].astype(self.dtype).T
@@ -271,53 +283,23 @@ class Llama(nnx.Module):
         )
         logits = constrain(_dense(x, head, jnp.float32), ("batch", "length", "vocab"))
         vocab_ids = jnp.arange(logits.shape[-1])
-        return kv, jnp.where(vocab_ids < self.vocab_size, logits, PADDED_VOCAB_LOGIT)
+        return jnp.where(vocab_ids < self.vocab_size, logits, PADDED_VOCAB_LOGIT)
 
-    def _training_layers(self, x, cos, sin, segment_ids, crossbatch, r):
-        def run_layer(layer, x, cos, sin, segment_ids, r):
-            return layer(x, cos, sin, segment_ids, crossbatch, r)
+    def _training_layers(self, x, positions, rope, crossbatch):
+        def run_layer(layer, x, positions, rope, crossbatch):
+            return layer(x, positions, crossbatch=crossbatch, rope=rope)[0]
 
         if self.remat != Remat.NONE:
             run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
         for start, end in layer_runs(self.config):
             if self.config.scan_layers and end - start > 1:
-                x = self._scan(self.layers[start:end], x, cos, sin, segment_ids, crossbatch, r)
+                x = self._scan(self.layers[start:end], x, positions, rope, crossbatch)
             else:
                 for layer in self.layers[start:end]:
-                    x = run_layer(layer, x, cos, sin, segment_ids, r)
+                    x = run_layer(layer, x, positions, rope, crossbatch)
         return x
 
-    def _inference_layers(self, x, positions, cos, sin, cache, cache_slots, cache_view, memory_fns,
-                          keys_through_layer, memory_scale=None):
-        m = self.config
-        b, t = x.shape[:2]
-        write = None
-        if cache is not None and cache[0] is not None:
-            view = cache_view or cache[0][0].shape[1]
-            cache_cos, cache_sin = rope_cos_sin(jnp.arange(view), config_lib.head_dim(m), m.rope_theta)
-            mask = jnp.arange(view)[None, None, :] <= positions[:, :, None]
-            write = (jnp.broadcast_to(jnp.arange(b)[:, None], (b, t)), cache_slots)
-        else:
-            cache_cos = cache_sin = None
-            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            h_in = layer.input_layernorm(x)
-            if keys_through_layer is not None and i == keys_through_layer:
-                _, _, k_raw, v = layer.self_attn.project(h_in, cos, sin)
-                new_kv.append((k_raw, v))
-                return None, new_kv
-            layer_cache = None if cache is None else cache[i]
-            fn = None if memory_fns is None else memory_fns[i]
-            attn, kept = layer.self_attn.infer(
-                h_in, cos, sin, layer_cache, cache_cos, cache_sin, mask, fn, memory_scale, write
-            )
-            h = x + attn
-            x = h + layer.mlp(layer.post_attention_layernorm(h))
-            new_kv.append(kept)
-        return x, new_kv
-
-    def _scan(self, layers, x, cos, sin, segment_ids, crossbatch, r):
+    def _scan(self, layers, x, positions, rope, crossbatch):
         """Layers of one structure as one `lax.scan` over their parameters stacked along a leading
         `layers` axis (the body is traced once, whatever the depth; remat applies inside it)."""
         graphdef, _ = nnx.split(layers[0])
@@ -329,7 +311,7 @@ class Llama(nnx.Module):
         stacked = jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
         def body(x, state):
-            return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, crossbatch, r), None
+            return nnx.merge(graphdef, state)(x, positions, crossbatch=crossbatch, rope=rope)[0], None
 
         if self.remat != Remat.NONE:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

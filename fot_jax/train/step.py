@@ -24,7 +24,7 @@ def cross_entropy(logits, targets, mask):
 def forward_sums(graphdef, params, batch, spec: CrossbatchSpec, r):
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], segment_ids=batch["segment_ids"], crossbatch=spec,
-                   crossbatch_range=r)
+                   crossbatch_range=r).logits
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
