@@ -53,13 +53,13 @@ def test_scanned_equals_unrolled(mem_layers, remat, qk_norm, unroll):
     spec = CrossbatchSpec(range_max=1, k_packing=2, stepping=True, doc_mask=True)
 
     def loss(graphdef, params):
-        logits = nnx.merge(graphdef, params)(tokens, segment_ids=segments, crossbatch=spec)
+        logits = nnx.merge(graphdef, params)(tokens, segment_ids=segments, crossbatch=spec).logits
         return jnp.sum(jax.nn.log_softmax(logits)[..., :64] * jnp.cos(jnp.arange(64)))
     ls, gscan = jax.value_and_grad(loss, argnums=1)(gs, ps)
     lu, gunr = jax.value_and_grad(loss, argnums=1)(gu, pu)
     np.testing.assert_allclose(ls, lu, rtol=1e-6)
-    logits_s = scanned(tokens, segment_ids=segments, crossbatch=spec)
-    logits_u = unrolled(tokens, segment_ids=segments, crossbatch=spec)
+    logits_s = scanned(tokens, segment_ids=segments, crossbatch=spec).logits
+    logits_u = unrolled(tokens, segment_ids=segments, crossbatch=spec).logits
     np.testing.assert_allclose(logits_s, logits_u, atol=1e-5)
     for a, b in zip(jax.tree.leaves(gscan), jax.tree.leaves(gunr)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
