@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -25,6 +26,7 @@ from fot_jax import checks, paths
 from fot_jax import config as config_lib
 from fot_jax.config import config_diff
 from fot_jax.errors import FotError
+from fot_jax.model import layout
 from fot_jax.model.llama import abstract_model
 
 
@@ -222,7 +224,9 @@ def _restore_params(manager, step, abstract_params):
 def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     """(cfg, model) from the latest (or a chosen, or the best) checkpoint of a training workdir;
     parameters are restored replicated on the default device. `overrides` are `--config.a.b=v`
-    strings applied to the stored config (inference settings such as `memory.top_k`)."""
+    strings applied to the stored config (inference settings such as `memory.top_k`, or memory
+    layers for the base model: the stored layers are then restacked into the new runs).
+    Checkpoints whose layers are stored one by one (the layout before runs were stacked) load too."""
     directory = paths.join(workdir, "best" if best else "checkpoints")
     if not paths.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir!r} (expected {directory}); train first "
@@ -239,9 +243,10 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
         cfg = checks.from_dict(stored, overrides)
         graphdef, abstract_params = abstract_model(cfg)
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = _restore_params(manager, step, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params))
-    except config_lib.ConfigError:
+        shardings = jax.tree.map(lambda _: sharding, abstract_params)
+        params = _restore_into(manager, directory, step, stored, abstract_params, shardings,
+                               f"{directory}/{step}")[0]
+    except (config_lib.ConfigError, CheckpointError):
         raise
     except Exception as err:  # noqa: BLE001
         raise _restore_error(step, directory, err) from err
@@ -256,20 +261,78 @@ def _leaves_by_path(tree) -> dict:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _init_targets(stored: dict, run_leaves: dict, run_shardings: dict, where: str):
-    """The checkpoint's own parameter tree (it differs from the run's when the fine-tune adds
-    parameters), each leaf placed and typed like the run's parameter of the same name."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_model(config_lib.from_dict(stored))[1])
-    targets = []
-    for path, leaf in flat:
-        name = jax.tree_util.keystr(path)
-        if name not in run_leaves or tuple(run_leaves[name].shape) != tuple(leaf.shape):
+def _stored_per_layer(directory: str, step) -> bool:
+    """Whether a step's parameters are stored one layer at a time (`params.layers.{i}`)."""
+    from etils import epath
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(paths.join(directory, str(step), "state")))
+        tree = getattr(meta, "tree", meta)
+        return "layers" in tree["params"]
+    except Exception:  # noqa: BLE001 (no metadata: the layout this code writes)
+        return False
+
+
+def _restore_into(manager, directory, step, stored: dict, abstract_params, shardings, where: str,
+                  fresh_ok: bool = False):
+    """A step's parameters laid out, typed and placed as `abstract_params` / `shardings` (a State of
+    the run's model). Returns (params, names of the run's parameters the checkpoint lacks).
+
+    When the checkpoint's layout is the run's (same paths and shapes), the arrays are restored
+    straight onto the shardings. Otherwise (another run split, other memory layers, the per-layer
+    layout of older checkpoints) they are read to host memory, regrouped by their per-layer names
+    (`fot_jax.model.layout`) into the run's stacks, and placed shard by shard. A run parameter that
+    the checkpoint lacks is taken from `abstract_params` when `fresh_ok` and it holds arrays (a
+    fresh initialisation); a checkpoint parameter the run has no place for, or one of another
+    shape, is an error that names it."""
+    per_layer = _stored_per_layer(directory, step)
+    stored_abstract = abstract_model(config_lib.from_dict(stored))[1]
+    run_leaves = _leaves_by_path(abstract_params)
+    if not per_layer:
+        mine = {k: tuple(v.shape) for k, v in _leaves_by_path(stored_abstract).items()}
+        if mine == {k: tuple(v.shape) for k, v in run_leaves.items()}:
+            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_params, shardings)
+            return _restore_params(manager, step, target), []
+    # the checkpoint's own tree (per layer, or stacked as its config says), read as numpy
+    pure = nnx.to_pure_dict(stored_abstract)
+    tree = layout.str_keys(layout.per_layer(pure) if per_layer else pure)   # as Orbax names them
+    target = jax.tree.map(lambda x: {"value": x}, tree)
+    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    args = jax.tree.map(lambda a: {"value": a}, args, is_leaf=lambda a: isinstance(a, ocp.RestoreArgs))
+    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {"params": target}, restore_args={"params": args}, partial_restore=True)))["state"]["params"]
+    got = jax.tree.map(lambda d: d["value"], got, is_leaf=lambda d: isinstance(d, dict) and "value" in d)
+    flat = layout.flatten(layout.per_layer(got))
+    names = layout.layer_names(abstract_params)
+    placed, added, shard_list = [], [], jax.tree.leaves(shardings)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        key = layout.dotted(path)
+        have = [n in flat for n in names[key]]
+        if not any(have) and fresh_ok and hasattr(leaf, "addressable_shards"):
+            placed.append(leaf)
+            added.append(key)
+            continue
+        if not all(have):
+            missing = [n for n, h in zip(names[key], have) if not h]
+            raise CheckpointError(f"{where}: the checkpoint has no parameter {missing[0]} (needed for "
+                                  f"{key}); " + ("pass initialised parameters" if fresh_ok else
+                                                 "the config adds parameters that only training makes"))
+        parts = [flat.pop(n) for n in names[key]]
+        value = np.stack(parts) if key.startswith("stacks.") else parts[0]
+        if tuple(value.shape) != tuple(leaf.shape):
             raise CheckpointError(
-                f"{where}: parameter {name} {tuple(leaf.shape)} has no counterpart of that shape in "
-                "the run's model; fine-tuning can add FoT memory settings but not change the "
+                f"{where}: parameter {names[key][0]} {tuple(parts[0].shape)} has no counterpart of that "
+                "shape in the run's model; fine-tuning can add FoT memory settings but not change the "
                 "pretrained architecture")
-        targets.append(jax.ShapeDtypeStruct(leaf.shape, run_leaves[name].dtype, sharding=run_shardings[name]))
-    return treedef, targets
+        value = value.astype(leaf.dtype)
+        placed.append(jax.make_array_from_callback(value.shape, shard_list[len(placed)],
+                                                   lambda idx, v=value: v[idx]))
+    if flat:
+        raise CheckpointError(f"{where}: checkpoint parameters {sorted(flat)[:4]} have no counterpart in the "
+                              "run's model; fine-tuning can add FoT memory settings but not change the "
+                              "pretrained architecture")
+    treedef = jax.tree_util.tree_structure(abstract_params)
+    return jax.tree_util.tree_unflatten(treedef, placed), added
 
 
 def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=None):
@@ -277,7 +340,8 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
     fine-tuning (`train.init_from`). Model fields outside FINETUNE_MODEL_FIELDS must agree
     (differences are listed). Parameters that the run's config adds (memory-layer gates, q/k
     temperatures) come from `abstract_params` when it holds arrays (a fresh initialisation);
-    every pretrained parameter must exist in the run with the same shape."""
+    every pretrained parameter must exist in the run with the same shape. The layers are
+    regrouped into the run's stacks when the two split them differently."""
     directory = paths.join(workdir, "checkpoints")
     if not paths.isdir(directory):
         raise CheckpointError(f"train.init_from: no checkpoints in {workdir!r} (expected {directory}); "
@@ -299,27 +363,19 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
             for k, v in config_diff(stored.get("model", {}), json.loads(cfg.to_json())["model"]).items()
             if k in FINETUNE_MODEL_FIELDS
         }
-        run_leaves = _leaves_by_path(abstract_params)
-        treedef, targets = _init_targets(stored, run_leaves, _leaves_by_path(shardings), where)
         try:
-            params = _restore_params(manager, step, jax.tree_util.tree_unflatten(treedef, targets))
+            params, added = _restore_into(manager, directory, step, stored, abstract_params, shardings,
+                                          where, fresh_ok=True)
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, directory, err) from err
     finally:
         manager.close()
-    restored = _leaves_by_path(params)
-    added = sorted(set(run_leaves) - set(restored))
-    fresh = [n for n in added if not hasattr(run_leaves[n], "addressable_shards")]
-    if fresh:
-        raise CheckpointError(f"{where}: the run adds parameters {fresh} that need an initialisation; "
-                              "pass initialised parameters")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
-    merged = jax.tree_util.tree_unflatten(
-        treedef, [restored.get(jax.tree_util.keystr(path), leaf) for path, leaf in flat])
     if changed and log is not None:
         log("fine-tuning changes " + "; ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             + (f"; new parameters (initialised): {', '.join(added)}" if added else ""))
-    return merged
+    return params
 
 
 def save_params(workdir: str, cfg, params, step: int = 0):

@@ -132,8 +132,8 @@ def _model_fields() -> ml_collections.ConfigDict:
     m.qk_norm = "none"  # none | memory | all: L2-normalised q, k, learnable per-head temperature
     m.qk_temperature_init = 8.0       # qk_norm: initial temperature (logit scale) of every head
     m.remat = "none"  # none | full | dots | dots_no_batch
-    m.scan_layers = True              # training: runs of identical layers under jax.lax.scan
-    m.scan_unroll = 0  # layers per scan loop trip; 0: 1 on TPU/GPU, all on CPU (XLA:CPU runs loops slower)
+    m.scan_layers = True              # runs of identical layers (stored stacked) under jax.lax.scan
+    m.scan_unroll = 0  # layers per scan loop trip; 0: 1 on TPU/GPU and in inference, all in CPU training
     m.attention_backend = (
         "auto"  # auto (splash on TPU, cudnn on GPU, reference on CPU) | reference | xla | splash | cudnn
     )

@@ -27,7 +27,7 @@ import numpy as np
 
 from fot_jax import checks
 from fot_jax import config as config_lib
-from fot_jax.model import kernels
+from fot_jax.model import kernels, layout
 from fot_jax.parallel import mesh as mesh_lib
 from fot_jax.parallel import simulate_host_devices
 from fot_jax.train import metrics as metrics_lib
@@ -100,11 +100,6 @@ def _bytes_per_device(x, sharding) -> int:
     return int(np.prod(sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def _path(p) -> str:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p]
-    return ".".join(names[:-1] if names and names[-1] == "value" else names)
-
-
 def check_mesh_divides(cfg, mesh) -> None:
     """Every model dimension that the logical rules shard divides over its mesh axes; otherwise
     those parameters would silently stay whole on every chip. The error names both."""
@@ -134,11 +129,11 @@ def _param_rows(abstract_params, mesh):
     for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         spec = x.sharding.spec
         large = multi and all(s is None for s in spec) and x.size >= REPLICATED_WARN_ELEMENTS
-        rows.append(ParamRow(_path(p), tuple(x.shape), str(x.dtype), str(tuple(spec)),
+        rows.append(ParamRow(layout.dotted(p), tuple(x.shape), str(x.dtype), str(tuple(spec)),
                              _bytes_per_device(x, x.sharding), large))
         if large:
-            warnings.append(f"parameter {_path(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) is "
-                            f"replicated on all {mesh.size} devices (no mesh axis divides it)")
+            warnings.append(f"parameter {layout.dotted(p)} {tuple(x.shape)} ({x.size / 1e6:.1f}M elements) "
+                            f"is replicated on all {mesh.size} devices (no mesh axis divides it)")
     return rows, warnings
 
 

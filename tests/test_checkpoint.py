@@ -71,8 +71,8 @@ def test_restore_onto_another_mesh(tmp_path, data_dir):
     dst = Trainer(tiny("--config.train.steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=4",
                        "--config.mesh.tensor=2"), wd, quiet=True)
     state, data = dst.checkpoints.restore(dst.state, dst.state_shardings)
-    q = state["params"]["layers"][0]["self_attn"]["q_proj"][...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = state["params"]["stacks"][0]["layer"]["self_attn"]["q_proj"][...]     # [layers, E, H, D]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert q.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
     for x, y in zip(saved, _host(state)):
         np.testing.assert_array_equal(x, y)
@@ -253,3 +253,28 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, data_dir):
     ck = Checkpoints(wd, tiny(*over))
     assert ck.manager.latest_step() == int(steps)
     ck.close()
+
+
+def test_checkpoint_with_layers_stored_one_by_one_loads_into_stacked_runs(tmp_path):
+    """tests/data/per_layer_checkpoint was written by the code that stored each layer on its own
+    (`params.layers.{i}`, commit 2d764f0: 4 layers, memory layer 2 with q/k normalisation,
+    layers 2-3 trainable), with the logits that code gave for fixed tokens. It loads into the
+    stacked runs of today's model, split as its config says or as an override says, with the
+    same logits; a config that needs parameters the checkpoint lacks names the first of them."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "per_layer_checkpoint")
+    work = tmp_path / "old"
+    shutil.copytree(src, work)
+    expected = np.load(work / "logits.npy")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 12)), jnp.int32)
+    _, model = load_model(str(work))
+    assert model.run_counts == (2, 1, 1)         # layers 0-1 (frozen), 2 (memory), 3
+    np.testing.assert_allclose(np.asarray(model(tokens).logits[..., :200]), expected, atol=1e-5)
+    _, model = load_model(str(work), overrides=["--config.train.trainable=['^layers\\\\.1\\\\.']"])
+    assert model.run_counts == (1, 1, 1, 1)
+    np.testing.assert_allclose(np.asarray(model(tokens).logits[..., :200]), expected, atol=1e-5)
+    with pytest.raises(CheckpointError, match=r"no parameter layers\.1\.self_attn\.qk_temperature"):
+        load_model(str(work), overrides=["--config.model.mem_layers=[1,2]"])

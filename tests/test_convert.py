@@ -300,10 +300,13 @@ def test_fine_tune_adds_fot_memory_to_a_pretrained_model(tmp_path, data_dir):
     tr = Trainer(cfg, str(tmp_path / "ft"), quiet=True)
     tr.log = lambda msg, *a, **k: lines.append(str(msg))
     tr.run()
-    pre = {jax.tree_util.keystr(p): np.asarray(x)
-           for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
-    got = {jax.tree_util.keystr(p): np.asarray(x)
-           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tr.state["params"]))[0]}
+    from fot_jax.model import layout
+
+    def by_layer(params):       # per-layer names: the two models stack their runs differently
+        flat = layout.flatten(layout.per_layer(nnx.to_pure_dict(params)))
+        return {k: np.asarray(x) for k, x in flat.items()}
+    pre = by_layer(nnx.state(model, nnx.Param))
+    got = by_layer(jax.device_get(tr.state["params"]))
     added = sorted(set(got) - set(pre))
     assert added and all("qk_temperature" in n for n in added), added
     for name, x in pre.items():

@@ -9,7 +9,7 @@ from jax.sharding import AxisType
 
 from fot_jax import config as config_lib
 from fot_jax.infer.runtime import MemoryRuntime, MemoryRuntimeError, MemorySettings
-from fot_jax.model import llama
+from fot_jax.model import layout, llama
 
 
 def _cfg(**model):
@@ -45,9 +45,9 @@ class Reference:
     """One document, processed exactly as docs/architecture.md ("Long inputs with memory") states."""
 
     def __init__(self, model, m, top_k, capacity, last_context, logn_base=0):
-        self.p = jax.tree.map(
-            lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        )
+        # per-layer names (`layers.{i}`), as the NumPy walk reads them
+        pure = layout.per_layer(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        self.p = jax.tree.map(lambda x: np.asarray(x, np.float64), pure)
         self.m, self.top_k, self.capacity, self.c = m, top_k, capacity, last_context
         self.logn_base = logn_base
         self.w = m.max_position_embeddings

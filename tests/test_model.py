@@ -172,7 +172,6 @@ def test_one_layer_call_serves_training_cache_and_memory(mem_positionals):
     (looked up, nothing found). Then a cache filled in two calls (10 tokens, then 6) gives the last
     6 tokens' logits of the whole pass, holds the keys the cache-less call returns, and counts 16."""
     from fot_jax.memory.view import Lookup, Memory
-    from fot_jax.model.cache import Cache
 
     m = _model_config(4, 2, False)
     m.mem_layers = [1]
@@ -183,7 +182,7 @@ def test_one_layer_call_serves_training_cache_and_memory(mem_positionals):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     train = model(tokens)
     assert train.cache is None
-    empty = Cache.empty(m.num_layers, b, m.max_position_embeddings, hkv, d, jnp.float32)
+    empty = model.empty_cache(b, m.max_position_embeddings, jnp.float32)
     cached = model(tokens, empty.positions(jnp.ones((b, t), bool)), cache=empty.reading(32))
     memory = Memory.create([1], Lookup(top_k=4), b, hkv, 128, d, "float32")
     fresh = model(tokens, positions, memory=memory)
@@ -191,8 +190,8 @@ def test_one_layer_call_serves_training_cache_and_memory(mem_positionals):
     np.testing.assert_allclose(fresh.logits, train.logits, atol=2e-5)
     np.testing.assert_array_equal(cached.cache.length, [t, t])
     for layer, new in enumerate(fresh.cache):       # a cache stores what the cache-less call returns
-        np.testing.assert_allclose(cached.cache.layers[layer].k[:, :t], new.k, atol=1e-6)
-        np.testing.assert_allclose(cached.cache.layers[layer].v[:, :t], new.v, atol=1e-6)
+        np.testing.assert_allclose(cached.cache.layer(layer).k[:, :t], new.k, atol=1e-6)
+        np.testing.assert_allclose(cached.cache.layer(layer).v[:, :t], new.v, atol=1e-6)
     # two calls: 10 tokens, then 6 (row 1 pads its second call after 4 tokens: dropped, not counted)
     first = model(tokens[:, :10], empty.positions(jnp.ones((b, 10), bool)), cache=empty.reading(16))
     valid = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2])
@@ -200,4 +199,4 @@ def test_one_layer_call_serves_training_cache_and_memory(mem_positionals):
     np.testing.assert_array_equal(second.cache.length, [16, 14])
     np.testing.assert_allclose(second.logits[0], train.logits[0, 10:], atol=2e-5)
     np.testing.assert_allclose(second.logits[1, :4], train.logits[1, 10:14], atol=2e-5)
-    assert not np.any(np.asarray(second.cache.layers[0].k[1, 14:]))     # padding never written
+    assert not np.any(np.asarray(second.cache.layer(0).k[1, 14:]))     # padding never written

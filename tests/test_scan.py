@@ -42,7 +42,7 @@ def test_scanned_equals_unrolled(mem_layers, remat, qk_norm, unroll):
     m_scan = _model_config(7, mem_layers, remat, qk_norm=qk_norm, scan_unroll=unroll)
     m_unrolled = _model_config(7, mem_layers, remat, qk_norm=qk_norm, scan_layers=False)
     scanned, unrolled = llama.create(m_scan, seed=3), llama.create(m_unrolled, seed=3)
-    # Same parameters, same layout: the scan stacks them at run time only.
+    # Same parameters, same layout: scanning changes how the stacked runs execute, not how they are stored.
     gs, ps = nnx.split(scanned)
     gu, pu = nnx.split(unrolled)
     assert jax.tree.structure(ps) == jax.tree.structure(pu)
@@ -61,8 +61,11 @@ def test_scanned_equals_unrolled(mem_layers, remat, qk_norm, unroll):
     logits_s = scanned(tokens, segment_ids=segments, crossbatch=spec).logits
     logits_u = unrolled(tokens, segment_ids=segments, crossbatch=spec).logits
     np.testing.assert_allclose(logits_s, logits_u, atol=1e-5)
+    # float32 gradients of two differently fused programs sum in other orders (with jax 0.10.2 up to
+    # 3e-5 apart in the embedding's rows, at magnitude 1); tolerances scale with each leaf's largest
+    # entry: a wrong gradient is off by far more
     for a, b in zip(jax.tree.leaves(gscan), jax.tree.leaves(gunr)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())), rtol=1e-4)
 
 
 def _dot_count(num_layers, scan):

@@ -49,14 +49,15 @@ def test_state_is_sharded_by_logical_axes(tmp_path):
     cfg = tiny("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     tr = Trainer(cfg, str(tmp_path), quiet=True)
     params = tr.state["params"]
-    q = params["layers"][0]["self_attn"]["q_proj"][...]     # [embed, heads, head_dim]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = params["stacks"][0]["layer"]["self_attn"]["q_proj"][...]     # [layers, embed, heads, head_dim]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     emb = params["embed_tokens"][...]                        # [vocab, embed]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    mu = tr.state["opt_state"][1][0].mu["layers"][0]["mlp"]["up_proj"][...]
-    assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    mu = tr.state["opt_state"][1][0].mu["stacks"][0]["layer"]["mlp"]["up_proj"][...]
+    assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     # each device holds a quarter of the up projection: sharded at creation, never whole
     assert mu.addressable_shards[0].data.shape == (
+        mu.shape[0],
         cfg.model.hidden_size // 2,
         cfg.model.intermediate_size // 2,
     )
@@ -277,11 +278,12 @@ def test_trainable_subset_freezes_the_rest_with_the_full_models_gradients(tmp_pa
     _, pf = _run_steps(full, [batch], 1)
     _, pp = _run_steps(part, [batch], 1)
     moments = part.state["opt_state"]
-    from fot_jax.train.optim import param_path
+    from fot_jax.model.layout import dotted, layer_names
     changed = 0
     flat = jax.tree_util.tree_flatten_with_path(pp)[0]
+    names = layer_names(pp)                         # a stored (stacked) parameter's per-layer names
     for (path, x), y, z in zip(flat, jax.tree.leaves(pf), jax.tree.leaves(p0)):
-        name = param_path(path)
+        name = names[dotted(path)][0]
         if name.startswith("layers.1.self_attn"):
             changed += 1
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)      # the full model's update

@@ -16,6 +16,7 @@ from fot_jax.checkpoint import load_model, save_params
 from fot_jax.convert import hf
 from fot_jax.convert.gguf import read_gguf
 from fot_jax.convert.hf import ConversionError
+from fot_jax.model import layout
 from fot_jax.model.llama import abstract_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -144,7 +145,7 @@ def _as_state(cfg, pure: dict):
     from flax import nnx
 
     _, state = abstract_model(cfg)
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, layout.stacked(pure, layout.run_counts(state)))
     return state
 
 

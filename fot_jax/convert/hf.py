@@ -15,7 +15,8 @@ import numpy as np
 
 from fot_jax import config as config_lib
 from fot_jax.errors import FotError
-from fot_jax.model import llama
+from fot_jax.model import layout, llama
+from fot_jax.model.layout import flatten
 
 
 class ConversionError(FotError, ValueError):
@@ -100,18 +101,6 @@ NAME_MAP = (
 EXTENSION_KEYS = ("qk_temperature", "mem_gate")
 
 
-def flatten(tree, prefix=""):
-    """Nested dict (nnx.to_pure_dict) -> {'a.b.c': array}."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 def unflatten(flat: dict) -> dict:
     """{'layers.0.mlp.up_proj': x} -> nested dict with integer keys for layer indices (nnx pure dict)."""
     out: dict = {}
@@ -136,16 +125,16 @@ def uses_extensions(m) -> bool:
 
 
 def to_hf_state_dict(params: dict, m, fot_extensions: bool = False) -> dict[str, np.ndarray]:
-    """Pure-dict fot_jax params -> HF LLaMA state dict (numpy, unpadded vocab). A model that uses
-    query/key normalisation or the memory gate has no stock-LLaMA equivalent: it is refused unless
-    `fot_extensions` (then the extra tensors are written under their fot_jax names)."""
+    """Pure-dict fot_jax params (either layout) -> HF LLaMA state dict (numpy, unpadded vocab). A
+    model that uses query/key normalisation or the memory gate has no stock-LLaMA equivalent: it is
+    refused unless `fot_extensions` (then the extra tensors are written under their fot_jax names)."""
     if uses_extensions(m) and not fot_extensions:
         raise ConversionError(
             f"this model uses fot_jax extensions (model.qk_norm='{m.qk_norm}', model.mem_attention="
             f"'{m.mem_attention}') that stock LLaMA / LongLLaMA code would silently ignore, giving "
             "wrong outputs; export with fot_extensions=True (--fot-extensions) for the fot_jax "
             "PyTorch runtime, or train with qk_norm='none' and mem_attention='joint'")
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    flat = {k: np.asarray(v) for k, v in flatten(layout.per_layer(params)).items()}
     out = {}
     for key, dst, to_hf, _ in _entries(m):
         if key not in flat:
@@ -159,12 +148,14 @@ def to_hf_state_dict(params: dict, m, fot_extensions: bool = False) -> dict[str,
 
 
 def from_hf_state_dict(tensors, m, dtype=np.float32) -> dict:
-    """HF LLaMA state dict (name -> array; a dict or a lazy mapping) -> pure-dict fot_jax params,
-    shapes checked against the config (a mismatch names the tensor). Extra HF buffers such as
-    `rotary_emb.inv_freq` are ignored; any other unknown tensor is an error."""
+    """HF LLaMA state dict (name -> array; a dict or a lazy mapping) -> pure-dict fot_jax params in
+    the per-layer layout (`fot_jax.model.layout`), shapes checked against the config (a mismatch
+    names the tensor). Extra HF buffers such as `rotary_emb.inv_freq` are ignored; any other
+    unknown tensor is an error."""
     from flax import nnx
 
-    expected = flatten(nnx.to_pure_dict(nnx.eval_shape(lambda: nnx.state(llama.create(m, 0), nnx.Param))))
+    expected = flatten(layout.per_layer(nnx.to_pure_dict(
+        nnx.eval_shape(lambda: nnx.state(llama.create(m, 0), nnx.Param)))))
     names = set(tensors.keys())
     flat = {}
     for key, src, _, from_hf in _entries(m):

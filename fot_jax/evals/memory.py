@@ -316,7 +316,7 @@ def distraction(cfg, model, ds=(1, 2, 4, 8, 16, 32, 64), num_docs: int = 8, spli
 
     @jax.jit
     def context_kv(tokens):
-        cache = model(tokens, positions[: tokens.shape[0]], keys_through_layer=layer).cache[layer]
+        cache = model(tokens, positions[: tokens.shape[0]], keys_through_layer=layer).cache.layer(layer)
         return cache.k, cache.v
     mem_k, _ = context_kv(defs)                                    # [need, T, Hkv, D] un-rotated
     loc_k, _ = context_kv(queries)

@@ -159,6 +159,7 @@ class MemoryRuntime:
                          limit, host_memory_bytes(),
                          what=f"{batch} row(s) x {settings.capacity:,} tokens of memory: ")
         self.graphdef, self.params = nnx.split(model, nnx.Param)
+        self.run_counts = model.run_counts
         # Everything the steps take is committed to one placement (parameters replicated over the
         # mesh that holds the stores, or the first device): a program's inputs then always match its
         # outputs, and no call compiles a second program for differently placed inputs.
@@ -185,7 +186,7 @@ class MemoryRuntime:
         if self.mesh is None:
             memory = jax.device_put(memory, self._home)
         # distinct buffers (the state is donated), committed like the parameters
-        cache = Cache.empty(m.num_layers, b, self.window, self.kv_heads, self.head_dim, jnp.dtype(m.dtype),
+        cache = Cache.empty(self.run_counts, b, self.window, self.kv_heads, self.head_dim, jnp.dtype(m.dtype),
                             sharding=self._home)
         counters = jax.device_put({k: np.zeros(b, np.int32) for k in ("doc_pos", "doc_id")}, self._home)
         return RuntimeState(memory=memory, cache=cache, **counters)
@@ -214,7 +215,7 @@ class MemoryRuntime:
         mask = positions < n_valid[:, None]
         doc_positions = state.doc_pos[:, None] + positions
         doc_ids = jnp.broadcast_to(state.doc_id[:, None], (b, t))
-        memory = state.memory.write([(out.cache[l].k, out.cache[l].v) for l in self.mem_layers],
+        memory = state.memory.write([(c.k, c.v) for c in map(out.cache.layer, self.mem_layers)],
                                     doc_positions, doc_ids, mask)
         state = dataclasses.replace(state, memory=memory, doc_pos=state.doc_pos + n_valid)
         return state, (out.logits if return_logits else None)
@@ -232,7 +233,7 @@ class MemoryRuntime:
             split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.memory_axis))
             windows = jax.lax.with_sharding_constraint(windows, split)
             positions = jax.lax.with_sharding_constraint(positions, split)
-        kv = model(windows, positions, keys_through_layer=layer).cache[layer]
+        kv = model(windows, positions, keys_through_layer=layer).cache.layer(layer)
         k, v = (x.reshape(b, gt, *x.shape[2:]) for x in (kv.k, kv.v))
         offsets = jnp.arange(gt, dtype=jnp.int32)[None, :]
         memory = state.memory.write([(k, v)], state.doc_pos[:, None] + offsets,

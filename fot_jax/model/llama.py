@@ -6,13 +6,15 @@ the HF LLaMA layout so that conversion is a rename plus reshape.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fot_jax import config as config_lib
 from fot_jax.config import MemAttention, PositionalMode, QkNorm, Remat
-from fot_jax.model import kernels
+from fot_jax.model import kernels, layout
 from fot_jax.model.attention import Crossbatch, CrossbatchSpec, crossbatch_attention, memory_attention
 from fot_jax.model.cache import Cache, LayerCache, Output
 from fot_jax.model.rope import apply_rope, rope_cos_sin
@@ -208,17 +210,53 @@ class DecoderLayer(nnx.Module):
         return constrain(out, ("batch", "length", "embed")), new_cache
 
 
+def _restacked(variable, value, axes):
+    return variable.replace(value, **{**variable.get_metadata(), "logical_axes": tuple(axes)})
+
+
+class LayerStack(nnx.Module):
+    """A run of `count` decoder layers of one structure, from layer `start`: one DecoderLayer whose
+    parameters carry a leading `layers` axis. Training and inference scan it (the body is traced
+    once, whatever the depth); `at(j)` is layer start + j as a module of its own."""
+
+    def __init__(self, m, start: int, count: int, rngs):
+        layers = [DecoderLayer(m, start + j, rngs) for j in range(count)]
+        graphdef, _ = nnx.split(layers[0])
+        states = [nnx.split(layer)[1] for layer in layers]
+
+        def stack(*vs):
+            return _restacked(vs[0], jnp.stack([v[...] for v in vs]), ("layers",) + tuple(vs[0].logical_axes))
+        self.layer = nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_variable))
+        self.start, self.count = start, count
+
+    def parts(self):
+        """(graphdef, state) of the stacked layer: the state's arrays are [count, ...]."""
+        return nnx.split(self.layer)
+
+    def at(self, j: int) -> DecoderLayer:
+        """Layer start + j (its parameters are slices of the stacked ones)."""
+        graphdef, state = self.parts()
+        return nnx.merge(graphdef, jax.tree.map(
+            lambda v: _restacked(v, v[...][j], tuple(v.logical_axes)[1:]), state, is_leaf=_is_variable))
+
+
+def _is_variable(v):
+    return isinstance(v, nnx.Variable)
+
+
 class Llama(nnx.Module):
     """Decoder-only LM: `model(tokens, ...) -> Output(logits [B,T,V_padded] float32, cache)`;
     logits of the padding rows of the vocabulary are PADDED_VOCAB_LOGIT so that they take no
-    probability."""
+    probability. Layers are stored in `stacks`, one LayerStack per run of one structure
+    (`layer_runs`); `split_at` adds run boundaries (where `train.trainable` changes, so that a
+    parameter is either trained or frozen as a whole)."""
 
-    def __init__(self, m, rngs: nnx.Rngs):
+    def __init__(self, m, rngs: nnx.Rngs, split_at=()):
         pd = jnp.dtype(m.param_dtype)
         self.config = m
         vp = config_lib.padded_vocab(m)
         self.embed_tokens = _param(rngs, (vp, m.hidden_size), ("vocab", "embed"), m.init_std, pd)
-        self.layers = nnx.List([DecoderLayer(m, i, rngs) for i in range(m.num_layers)])
+        self.stacks = nnx.List([LayerStack(m, a, b - a, rngs) for a, b in layer_runs(m, split_at)])
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, pd)
         if not m.tie_embeddings:
             self.lm_head = _param(rngs, (m.hidden_size, vp), ("embed", "vocab"), m.init_std, pd)
@@ -232,6 +270,23 @@ class Llama(nnx.Module):
         self.dtype = jnp.dtype(m.dtype)
         self.remat = m.remat
 
+    @property
+    def run_counts(self) -> tuple:
+        """Layers per stored run, in order (the layout of `Cache.empty`)."""
+        return tuple(s.count for s in self.stacks)
+
+    @property
+    def layers(self) -> list:
+        """Every layer as a module of its own (slices of the stacked parameters: for reading, e.g.
+        by evaluations that look inside a layer; writing to them changes nothing)."""
+        return [s.at(j) for s in self.stacks for j in range(s.count)]
+
+    def empty_cache(self, batch: int, capacity: int | None = None, dtype=None, sharding=None) -> Cache:
+        """A zero local cache for `batch` rows of `capacity` slots (default: the window)."""
+        m = self.config
+        return Cache.empty(self.run_counts, batch, capacity or m.max_position_embeddings, m.num_kv_heads,
+                           config_lib.head_dim(m), dtype or self.dtype, sharding)
+
     def __call__(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
                  crossbatch_range=None, cache: Cache | None = None, memory=None,
                  keys_through_layer: int | None = None) -> Output:
@@ -239,13 +294,15 @@ class Llama(nnx.Module):
 
         tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (no cache, no memory):
         each layer attends within its row (document mask: segment_ids [B,T]) and memory layers
-        across the batch (`crossbatch`, range `crossbatch_range`); layer runs are scanned; the
-        output's cache is None. Inference: `cache` (a Cache, its layers read through their `view`
-        slots) takes the new tokens at their positions (a position >= its capacity drops a token:
-        padding) and comes back updated and advanced; without one, the output's cache is a tuple
-        of LayerCaches of the new tokens. `memory` (a `fot_jax.memory.view.Memory`): memory layers
-        also read their stores. With `keys_through_layer` L, the pass stops once layer L's keys and
-        values are known (what memory stores depends on nothing above) and logits is None.
+        across the batch (`crossbatch`, range `crossbatch_range`); the output's cache is None.
+        Inference: `cache` (a Cache laid out as `empty_cache` makes it, its layers read through
+        their `view` slots) takes the new tokens at their positions (a position >= its capacity
+        drops a token: padding) and comes back updated and advanced; without one, the output's
+        cache holds the new tokens' keys and values. `memory` (a `fot_jax.memory.view.Memory`):
+        memory layers also read their stores. With `keys_through_layer` L, the pass stops once
+        layer L's keys and values are known (what memory stores depends on nothing above) and
+        logits is None. Runs of two or more layers are scanned (`model.scan_layers`) in every
+        use; a run whose layers read memory runs layer by layer (each reads its own store).
         """
         m = self.config
         b, t = tokens.shape
@@ -258,20 +315,39 @@ class Llama(nnx.Module):
             spec = crossbatch if crossbatch is not None else CrossbatchSpec(range_max=0)
             x = self._training_layers(x, positions, rope, Crossbatch(spec, crossbatch_range, segment_ids))
             return Output(self._head(x), None)
+        if cache is not None and cache.counts != self.run_counts:
+            raise ValueError(f"a cache of runs {cache.counts} does not fit a model of runs {self.run_counts} "
+                             "(make it with model.empty_cache)")
         views = memory.views(positions, m.num_layers) if memory is not None else [None] * m.num_layers
         new = []
-        for i, layer in enumerate(self.layers):
-            if keys_through_layer is not None and i == keys_through_layer:
-                _, _, k_raw, v = layer.self_attn.project(layer.input_layernorm(x), *rope)
-                new.append(LayerCache(k_raw, v))
-                return Output(None, tuple(new))
-            x, layer_cache = layer(x, positions, cache=None if cache is None else cache.layers[i],
-                                   memory=views[i], rope=rope)
-            new.append(layer_cache)
+        for s, stack in enumerate(self.stacks):
+            run_cache = None if cache is None else cache.layers[s]
+            here = range(stack.start, stack.start + stack.count)
+            stop = keys_through_layer in here
+            reads_memory = any(views[i] is not None for i in here)
+            if m.scan_layers and stack.count > 1 and not stop and not reads_memory:
+                x, run_cache = self._scan_inference(stack, x, positions, rope, run_cache)
+                new.append(run_cache)
+                continue
+            outs = []
+            for j in range(stack.count):
+                layer = stack.at(j)
+                if here[j] == keys_through_layer:
+                    _, _, k_raw, v = layer.self_attn.project(layer.input_layernorm(x), *rope)
+                    outs.append(LayerCache(k_raw, v))
+                    new.append(_stack_caches(outs))
+                    return Output(None, Cache(tuple(new), None))
+                layer_cache = None if run_cache is None else dataclasses.replace(run_cache, index=j)
+                x, layer_cache = layer(x, positions, cache=layer_cache, memory=views[here[j]], rope=rope)
+                if run_cache is None:
+                    outs.append(layer_cache)
+                else:
+                    run_cache = dataclasses.replace(layer_cache, index=None)
+            new.append(_stack_caches(outs) if run_cache is None else run_cache)
         if cache is not None:
             written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
             return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
-        return Output(self._head(x), tuple(new))
+        return Output(self._head(x), Cache(tuple(new), None))
 
     def _head(self, x):
         m = self.config
@@ -291,56 +367,85 @@ class Llama(nnx.Module):
 
         if self.remat != Remat.NONE:
             run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
-        for start, end in layer_runs(self.config):
-            if self.config.scan_layers and end - start > 1:
-                x = self._scan(self.layers[start:end], x, positions, rope, crossbatch)
+        for stack in self.stacks:
+            if self.config.scan_layers and stack.count > 1:
+                x = self._scan(stack, x, positions, rope, crossbatch)
             else:
-                for layer in self.layers[start:end]:
-                    x = run_layer(layer, x, positions, rope, crossbatch)
+                for j in range(stack.count):
+                    x = run_layer(stack.at(j), x, positions, rope, crossbatch)
         return x
 
-    def _scan(self, layers, x, positions, rope, crossbatch):
-        """Layers of one structure as one `lax.scan` over their parameters stacked along a leading
-        `layers` axis (the body is traced once, whatever the depth; remat applies inside it)."""
-        graphdef, _ = nnx.split(layers[0])
-        states = [nnx.split(layer)[1] for layer in layers]
+    def _unroll(self, count: int, training: bool) -> int:
+        """Layers a scan runs per loop trip: `model.scan_unroll`, or when 0, decided when traced:
+        1 on accelerators (the program stays one layer deep) and in CPU inference (compile time
+        stays flat in depth); every layer in CPU training, where XLA runs a rolled loop ~10% slower."""
+        unroll = self.config.scan_unroll or (count if training and kernels.platform_of() == "cpu" else 1)
+        return min(unroll, count)
 
-        def stack(*vs):
-            value = jnp.stack([v[...] for v in vs])
-            return vs[0].replace(constrain(value, ("layers",) + tuple(vs[0].logical_axes)))
-        stacked = jax.tree.map(stack, *states, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    def _scan(self, stack, x, positions, rope, crossbatch):
+        """Training: one `lax.scan` over the run's stacked parameters (remat inside the body)."""
+        graphdef, state = stack.parts()
 
-        def body(x, state):
-            return nnx.merge(graphdef, state)(x, positions, crossbatch=crossbatch, rope=rope)[0], None
+        def body(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, positions, crossbatch=crossbatch, rope=rope)[0], None
 
         if self.remat != Remat.NONE:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        # Layers a scan runs per loop trip (`model.scan_unroll`; 0: 1 on accelerators, where the
-        # program stays one layer deep, and every layer on CPU, where XLA runs a rolled loop ~10%
-        # slower), decided when traced
-        unroll = self.config.scan_unroll or (1 if kernels.platform_of() != "cpu" else len(layers))
-        x, _ = jax.lax.scan(body, x, stacked, unroll=min(unroll, len(layers)))
+        x, _ = jax.lax.scan(body, x, state, unroll=self._unroll(stack.count, True))
         return x
 
+    def _scan_inference(self, stack, x, positions, rope, run_cache):
+        """Inference: one `lax.scan` over the run's layers. With a cache, the run's stacked cache is
+        carried and each trip writes and reads its layer's slots in place; without one, each trip
+        emits its layer's new keys and values (stacked by the scan)."""
+        graphdef, state = stack.parts()
+        indices = jnp.arange(stack.count, dtype=jnp.int32)
+        unroll = self._unroll(stack.count, False)
+        if run_cache is None:
+            def fresh(x, layer_state):
+                return nnx.merge(graphdef, layer_state)(x, positions, rope=rope)
+            return jax.lax.scan(fresh, x, state, unroll=unroll)
 
-def layer_runs(m) -> list[tuple[int, int]]:
+        def cached(carry, xs):
+            x, k, v = carry
+            layer_state, j = xs
+            lc = LayerCache(k, v, run_cache.view, j)
+            x, lc = nnx.merge(graphdef, layer_state)(x, positions, cache=lc, rope=rope)
+            return (x, lc.k, lc.v), None
+        (x, k, v), _ = jax.lax.scan(cached, (x, run_cache.k, run_cache.v), (state, indices), unroll=unroll)
+        return x, LayerCache(k, v, run_cache.view)
+
+
+def _stack_caches(caches) -> LayerCache:
+    """Per-layer caches of new tokens -> one stacked LayerCache."""
+    return LayerCache(jnp.stack([c.k for c in caches]), jnp.stack([c.v for c in caches]))
+
+
+def layer_runs(m, split_at=()) -> list[tuple[int, int]]:
     """[start, end) runs of consecutive layers with one structure (memory layers and the others
-    differ); with `model.scan_layers` a run of two or more is one scan."""
+    differ), also split before each layer in `split_at`; each run is stored stacked and, with
+    `model.scan_layers`, a run of two or more is one scan."""
     runs = []
     for i in range(m.num_layers):
         memory = i in list(m.mem_layers)
-        if runs and runs[-1][2] == memory:
+        if runs and runs[-1][2] == memory and i not in split_at:
             runs[-1][1] = i + 1
         else:
             runs.append([i, i + 1, memory])
     return [(a, b) for a, b, _ in runs]
 
 
-def create(m, seed: int = 0) -> Llama:
-    return Llama(m, nnx.Rngs(params=seed))
+def create(m, seed: int = 0, split_at=()) -> Llama:
+    return Llama(m, nnx.Rngs(params=seed), split_at)
+
+
+def from_config(cfg) -> Llama:
+    """The model of a run's config: `cfg.model`, initialised from `cfg.train.seed`, its runs split
+    where `cfg.train.trainable` changes."""
+    return create(cfg.model, cfg.train.seed, layout.trainable_splits(cfg.model, list(cfg.train.trainable)))
 
 
 def abstract_model(cfg):
-    """(graphdef, abstract params) of `cfg.model` without allocating anything."""
-    model = nnx.eval_shape(lambda: create(cfg.model, cfg.train.seed))
+    """(graphdef, abstract params) of `from_config(cfg)` without allocating anything."""
+    model = nnx.eval_shape(lambda: from_config(cfg))
     return nnx.split(model, nnx.Param)

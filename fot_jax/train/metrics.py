@@ -12,11 +12,7 @@ import jax.numpy as jnp
 
 from fot_jax import config as config_lib
 from fot_jax import paths
-
-# parameters of a decoder layer `layers.{i}.<name>` (what `train.trainable` patterns see)
-LAYER_PARAMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj",
-                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.qk_temperature",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from fot_jax.model.layout import LAYER_PARAMS
 
 
 def model_flops_per_token(m, seq_len: int, r: int = 0, training: bool = True, trainable=()) -> float:

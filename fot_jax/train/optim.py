@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from fot_jax.errors import ConfigError
+from fot_jax.model import layout
 
 
 def make_schedule(t):
@@ -36,23 +37,33 @@ def decay_mask(params):
 
 
 def param_path(path) -> str:
-    """A parameter's dotted name, e.g. `layers.17.self_attn.q_proj` (what `train.trainable`
-    patterns match)."""
-    names = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
-    return ".".join(names[:-1] if names and names[-1] == "value" else names)   # a Variable's array
+    """A parameter's dotted name as stored, e.g. `stacks.2.layer.self_attn.q_proj`."""
+    return layout.dotted(path)
 
 
 def trainable_mask(params, patterns):
-    """True for the parameters whose dotted name matches one of `patterns` (`re.search`); every
-    parameter when `patterns` is empty."""
+    """True for the parameters whose per-layer names (`layers.{i}.<name>`, see
+    `fot_jax.model.layout`) match one of `patterns` (`re.search`); every parameter when `patterns`
+    is empty. A stacked parameter holds several layers: all of them must agree (the model splits
+    its runs where `train.trainable` changes)."""
     compiled = [re.compile(p) for p in patterns]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not compiled or any(c.search(param_path(path)) for c in compiled), params)
+    if not compiled:
+        return jax.tree.map(lambda _: True, params)
+    names = layout.layer_names(params)
+
+    def one(path, _):
+        hits = {any(c.search(n) for c in compiled) for n in names[layout.dotted(path)]}
+        if len(hits) > 1:
+            raise ConfigError(f"config field 'train.trainable' trains part of the stacked parameter "
+                              f"{layout.dotted(path)} ({names[layout.dotted(path)][0]} ...); build the "
+                              "model with runs split where train.trainable changes (llama.abstract_model)")
+        return hits.pop()
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def check_trainable(params, patterns) -> None:
     """Every `train.trainable` pattern names at least one parameter (a typo would freeze the model)."""
-    names = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    names = [n for group in layout.layer_names(params).values() for n in group]
     for pattern in patterns:
         if not any(re.search(pattern, n) for n in names):
             raise ConfigError(f"config field 'train.trainable': {pattern!r} matches no parameter "

@@ -41,7 +41,7 @@ def abstract_train_state(cfg, mesh, rules=DEFAULT_RULES):
     tx = make_optimizer(cfg.train)
 
     def init():
-        model = llama.create(cfg.model, cfg.train.seed)
+        model = llama.from_config(cfg)
         params = nnx.state(model, nnx.Param)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
