@@ -289,7 +289,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, positions=None, *, segment_ids=None, crossbatch: CrossbatchSpec | None = None,
                  crossbatch_range=None, cache: Cache | None = None, memory=None,
-                 keys_through_layer: int | None = None) -> Output:
+                 keys_through_layer: int | None = None, layers: list | None = None) -> Output:
         """The decoder, for training and for inference.
 
         tokens, positions [B,T] (RoPE positions; default 0..T-1). Training (no cache, no memory):
@@ -303,6 +303,11 @@ class Llama(nnx.Module):
         layer L's keys and values are known (what memory stores depends on nothing above) and
         logits is None. Runs of two or more layers are scanned (`model.scan_layers`) in every
         use; a run whose layers read memory runs layer by layer (each reads its own store).
+        `layers`: this model's `model.layers` (sliced once by a caller that decodes many tokens, the
+        runtime), with a cache of one run a layer (`Cache.empty((1,) * num_layers, ...)`): the call
+        runs layer by layer on them. A loop trip that slices a stacked parameter or writes one
+        layer of a stacked cache copies it (XLA:CPU), which costs a one-token decode step more
+        than its arithmetic.
         """
         m = self.config
         b, t = tokens.shape
@@ -315,6 +320,9 @@ class Llama(nnx.Module):
             spec = crossbatch if crossbatch is not None else CrossbatchSpec(range_max=0)
             x = self._training_layers(x, positions, rope, Crossbatch(spec, crossbatch_range, segment_ids))
             return Output(self._head(x), None)
+        views = memory.views(positions, m.num_layers) if memory is not None else [None] * m.num_layers
+        if layers is not None:
+            return self._by_layer(x, positions, rope, cache, views, layers)
         if cache is not None and cache.counts != self.run_counts:
             raise ValueError(f"a cache of runs {cache.counts} does not fit a model of runs {self.run_counts} "
                              "(make it with model.empty_cache)")
@@ -348,6 +356,24 @@ class Llama(nnx.Module):
             written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
             return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
         return Output(self._head(x), Cache(tuple(new), None))
+
+    def _by_layer(self, x, positions, rope, cache, views, layers):
+        """Inference layer by layer on pre-sliced `layers`, with a cache of one run a layer
+        (`Cache.split`)."""
+        m = self.config
+        if len(layers) != m.num_layers:
+            raise ValueError(f"layers: {len(layers)} modules for a model of {m.num_layers} layers "
+                             "(model.layers)")
+        if cache is None or cache.counts != (1,) * m.num_layers:
+            raise ValueError("layers= runs with a cache of one run a layer "
+                             f"(Cache.empty((1,) * num_layers, ...)), got {cache and cache.counts}")
+        new = []
+        for i, layer in enumerate(layers):
+            lc = dataclasses.replace(cache.layers[i], index=0)
+            x, lc = layer(x, positions, cache=lc, memory=views[i], rope=rope)
+            new.append(dataclasses.replace(lc, index=None))
+        written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
+        return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
 
     def _head(self, x):
         m = self.config
