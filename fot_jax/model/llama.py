@@ -322,6 +322,8 @@ class Llama(nnx.Module):
             return Output(self._head(x), None)
         views = memory.views(positions, m.num_layers) if memory is not None else [None] * m.num_layers
         if layers is not None:
+            if keys_through_layer is not None:
+                raise ValueError("layers= and keys_through_layer are not used together")
             return self._by_layer(x, positions, rope, cache, views, layers)
         if cache is not None and cache.counts != self.run_counts:
             raise ValueError(f"a cache of runs {cache.counts} does not fit a model of runs {self.run_counts} "
