@@ -200,3 +200,41 @@ def test_one_layer_call_serves_training_cache_and_memory(mem_positionals):
     np.testing.assert_allclose(second.logits[0], train.logits[0, 10:], atol=2e-5)
     np.testing.assert_allclose(second.logits[1, :4], train.logits[1, 10:14], atol=2e-5)
     assert not np.any(np.asarray(second.cache.layer(0).k[1, 14:]))     # padding never written
+
+
+def test_layer_by_layer_call_on_sliced_layers_equals_the_stacked_call():
+    """`layers=model.layers` with a cache of one run a layer (what the runtime decodes with) gives
+    the stacked call's logits and cache, with memory read; a cache of the stacked layout, too few
+    layers, or keys_through_layer alongside are errors."""
+    from fot_jax.memory.view import Lookup, Memory
+    from fot_jax.model.cache import Cache
+
+    m = _model_config(4, 2, False)
+    m.num_layers = 4
+    m.mem_layers = [2]
+    model = llama.create(m, seed=6)
+    assert model.run_counts == (2, 1, 1)
+    b, t, hkv, d = 2, 12, 2, 16
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, m.vocab_size, (b, t)), jnp.int32)
+    memory = Memory.create([2], Lookup(top_k=4), b, hkv, 64, d, "float32")
+    keys = jnp.asarray(np.random.default_rng(8).normal(size=(b, 20, hkv, d)), jnp.float32)
+    memory = memory.write([(keys, keys * 0.5)], jnp.broadcast_to(jnp.arange(20), (b, 20)),
+                          jnp.zeros((b, 20), jnp.int32), jnp.ones((b, 20), bool))
+    stacked = model.empty_cache(b, 32, jnp.float32)
+    per_layer = Cache.empty((1,) * m.num_layers, b, 32, hkv, d, jnp.float32)
+    valid = jnp.ones((b, t), bool)
+    want = model(tokens, stacked.positions(valid), cache=stacked.reading(16), memory=memory)
+    got = model(tokens, per_layer.positions(valid), cache=per_layer.reading(16), memory=memory,
+                layers=model.layers)
+    np.testing.assert_allclose(got.logits, want.logits, atol=2e-5)
+    np.testing.assert_array_equal(got.cache.length, want.cache.length)
+    assert got.cache.counts == (1, 1, 1, 1)
+    for i in range(m.num_layers):
+        np.testing.assert_allclose(got.cache.layer(i).k, want.cache.layer(i).k, atol=1e-6)
+        np.testing.assert_allclose(got.cache.layer(i).v, want.cache.layer(i).v, atol=1e-6)
+    with pytest.raises(ValueError, match="one run a layer"):
+        model(tokens, stacked.positions(valid), cache=stacked, layers=model.layers)
+    with pytest.raises(ValueError, match="3 modules for a model of 4 layers"):
+        model(tokens, per_layer.positions(valid), cache=per_layer, layers=model.layers[:3])
+    with pytest.raises(ValueError, match="keys_through_layer"):
+        model(tokens, cache=per_layer, layers=model.layers, keys_through_layer=2)
