@@ -355,13 +355,11 @@ class Llama(nnx.Module):
                     run_cache = dataclasses.replace(layer_cache, index=None)
             new.append(_stack_caches(outs) if run_cache is None else run_cache)
         if cache is not None:
-            written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
-            return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
+            return self._cached_output(x, positions, cache, new)
         return Output(self._head(x), Cache(tuple(new), None))
 
     def _by_layer(self, x, positions, rope, cache, views, layers):
-        """Inference layer by layer on pre-sliced `layers`, with a cache of one run a layer
-        (`Cache.split`)."""
+        """Inference layer by layer on pre-sliced `layers`, with a cache of one run a layer."""
         m = self.config
         if len(layers) != m.num_layers:
             raise ValueError(f"layers: {len(layers)} modules for a model of {m.num_layers} layers "
@@ -374,6 +372,10 @@ class Llama(nnx.Module):
             lc = dataclasses.replace(cache.layers[i], index=0)
             x, lc = layer(x, positions, cache=lc, memory=views[i], rope=rope)
             new.append(dataclasses.replace(lc, index=None))
+        return self._cached_output(x, positions, cache, new)
+
+    def _cached_output(self, x, positions, cache, new) -> Output:
+        """The logits and the cache of a call that wrote `new` (its LayerCaches) at `positions`."""
         written = jnp.sum(positions < cache.capacity, axis=1, dtype=jnp.int32)
         return Output(self._head(x), Cache(tuple(new), cache.length).advance(written))
 
