@@ -162,14 +162,38 @@ class Checkpoints:
             stored = self.stored_config(step)
         except Exception as err:  # noqa: BLE001 -- any failure to read is a corrupt checkpoint
             raise _restore_error(step, self.directory, err) from err
-        _check_model_config(stored, self.cfg, f"{self.directory}/{step}")
-        target = _abstract(abstract_state, shardings)
+        where = f"{self.directory}/{step}"
+        _check_model_config(stored, self.cfg, where)
+        tree = _stored_tree(self.directory, step)
         try:
+            if tree is not None and _shapes(tree) != _shapes(abstract_state):
+                return self._restore_regrouped(step, tree, abstract_state, shardings, where)
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(_abstract(abstract_state, shardings)),
+                data=ocp.args.JsonRestore()))
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise _restore_error(step, self.directory, err) from err
         return restored["state"], restored["data"]
+
+    def _restore_regrouped(self, step, tree, abstract_state, shardings, where):
+        """A train state stored in another layout of the same model (each layer on its own, as
+        checkpoints written before layers were stacked, or runs split elsewhere): every leaf,
+        parameters and optimizer moments alike, is read to host memory and regrouped into the
+        run's stacks by its per-layer name. Each process reads whole arrays: a one-time cost of
+        resuming such a checkpoint."""
+        reader = ocp.CheckpointManager(self.directory)   # PyTree-restore handler: the run saves Standard
+        try:
+            flat = layout.unstack_flat(_read_numpy(reader, step, tree))
+        finally:
+            reader.close()
+        state, _ = _place(flat, abstract_state, shardings, where, hint=_RESUME_HINT)
+        data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        if jax.process_index() == 0:
+            print(f"resuming {where}: its train state is stored in another layer layout; regrouped "
+                  "into this run's stacked layers", flush=True)
+        return state, data
 
     def save(self, step, state, data_state, force=False):
         if self.manager.latest_step() == step:
@@ -244,7 +268,7 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
         graphdef, abstract_params = abstract_model(cfg)
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: sharding, abstract_params)
-        params = _restore_into(manager, directory, step, stored, abstract_params, shardings,
+        params = _restore_into(manager, directory, step, abstract_params, shardings,
                                f"{directory}/{step}")[0]
     except (config_lib.ConfigError, CheckpointError):
         raise
@@ -256,56 +280,50 @@ def load_model(workdir: str, step=None, overrides=(), best: bool = False):
     return cfg, model
 
 
-def _leaves_by_path(tree) -> dict:
-    return {jax.tree_util.keystr(path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _stored_per_layer(directory: str, step) -> bool:
-    """Whether a step's parameters are stored one layer at a time (`params.layers.{i}`)."""
+def _stored_tree(directory: str, step):
+    """A step's `state` item as Orbax's metadata tree (nested dicts and lists whose leaves carry
+    shapes and dtypes); None when the checkpoint has no metadata."""
     from etils import epath
     try:
         meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(paths.join(directory, str(step), "state")))
-        tree = getattr(meta, "tree", meta)
-        return "layers" in tree["params"]
-    except Exception:  # noqa: BLE001 (no metadata: the layout this code writes)
-        return False
+    except Exception:  # noqa: BLE001 (no metadata: read as the layout this code writes)
+        return None
+    return getattr(meta, "tree", meta)
 
 
-def _restore_into(manager, directory, step, stored: dict, abstract_params, shardings, where: str,
-                  fresh_ok: bool = False):
-    """A step's parameters laid out, typed and placed as `abstract_params` / `shardings` (a State of
-    the run's model). Returns (params, names of the run's parameters the checkpoint lacks).
+def _shapes(tree) -> dict:
+    """{dotted name: shape} of a tree's array leaves (arrays, abstract arrays or Orbax metadata)."""
+    return {layout.dotted(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
 
-    When the checkpoint's layout is the run's (same paths and shapes), the arrays are restored
-    straight onto the shardings. Otherwise (another run split, other memory layers, the per-layer
-    layout of older checkpoints) they are read to host memory, regrouped by their per-layer names
-    (`fot_jax.model.layout`) into the run's stacks, and placed shard by shard. A run parameter that
-    the checkpoint lacks is taken from `abstract_params` when `fresh_ok` and it holds arrays (a
-    fresh initialisation); a checkpoint parameter the run has no place for, or one of another
-    shape, is an error that names it."""
-    per_layer = _stored_per_layer(directory, step)
-    stored_abstract = abstract_model(config_lib.from_dict(stored))[1]
-    run_leaves = _leaves_by_path(abstract_params)
-    if not per_layer:
-        mine = {k: tuple(v.shape) for k, v in _leaves_by_path(stored_abstract).items()}
-        if mine == {k: tuple(v.shape) for k, v in run_leaves.items()}:
-            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  abstract_params, shardings)
-            return _restore_params(manager, step, target), []
-    # the checkpoint's own tree (per layer, or stacked as its config says), read as numpy
-    pure = nnx.to_pure_dict(stored_abstract)
-    tree = layout.str_keys(layout.per_layer(pure) if per_layer else pure)   # as Orbax names them
-    target = jax.tree.map(lambda x: {"value": x}, tree)
-    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    args = jax.tree.map(lambda a: {"value": a}, args, is_leaf=lambda a: isinstance(a, ocp.RestoreArgs))
+
+def _read_numpy(manager, step, tree) -> dict:
+    """{dotted name: NumPy array} of the leaves of `tree` (a part of a step's metadata tree, such as
+    {"params": ...}), read to host memory whole, whatever the mesh that wrote them."""
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        {"params": target}, restore_args={"params": args}, partial_restore=True)))["state"]["params"]
-    got = jax.tree.map(lambda d: d["value"], got, is_leaf=lambda d: isinstance(d, dict) and "value" in d)
-    flat = layout.flatten(layout.per_layer(got))
-    names = layout.layer_names(abstract_params)
+        restore_args=args, partial_restore=True)))["state"]
+    return {layout.dotted(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(got)[0]}
+
+
+# what a checkpoint leaf without a place in the run, or of another shape, means for each caller
+_FINETUNE_HINT = ("fine-tuning can add FoT memory settings but not change the pretrained "
+                  "architecture")
+_RESUME_HINT = ("the run's config differs from the checkpoint's (train.trainable, say); resume with "
+                "the checkpoint's config, or start a new workdir")
+
+
+def _place(flat: dict, abstract, shardings, where: str, fresh_ok: bool = False, hint: str = _FINETUNE_HINT):
+    """The tree `abstract` (a train state or parameters in the stacked layout) filled from `flat`
+    ({per-layer dotted name: NumPy array}, `layout.unstack_flat`): each stacked leaf is the stack
+    of its layers' arrays, cast to the leaf's dtype and placed shard by shard on `shardings`.
+    Returns (tree, names of the leaves taken from `abstract` because `flat` lacks them: only when
+    `fresh_ok` and `abstract` holds arrays, a fresh initialisation). A leaf `flat` lacks otherwise,
+    one of another shape, or an entry of `flat` with no place is an error that names it."""
+    flat = dict(flat)
+    names = layout.layer_names(abstract)
     placed, added, shard_list = [], [], jax.tree.leaves(shardings)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         key = layout.dotted(path)
         have = [n in flat for n in names[key]]
         if not any(have) and fresh_ok and hasattr(leaf, "addressable_shards"):
@@ -316,23 +334,37 @@ def _restore_into(manager, directory, step, stored: dict, abstract_params, shard
             missing = [n for n, h in zip(names[key], have) if not h]
             raise CheckpointError(f"{where}: the checkpoint has no parameter {missing[0]} (needed for "
                                   f"{key}); " + ("pass initialised parameters" if fresh_ok else
-                                                 "the config adds parameters that only training makes"))
-        parts = [flat.pop(n) for n in names[key]]
-        value = np.stack(parts) if key.startswith("stacks.") else parts[0]
+                                                 "the config adds parameters that only training makes"
+                                                 if hint == _FINETUNE_HINT else hint))
+        parts = [np.asarray(flat.pop(n)) for n in names[key]]
+        value = np.stack(parts) if layout.is_stacked(key) else parts[0]
         if tuple(value.shape) != tuple(leaf.shape):
-            raise CheckpointError(
-                f"{where}: parameter {names[key][0]} {tuple(parts[0].shape)} has no counterpart of that "
-                "shape in the run's model; fine-tuning can add FoT memory settings but not change the "
-                "pretrained architecture")
+            raise CheckpointError(f"{where}: parameter {names[key][0]} {tuple(parts[0].shape)} has no "
+                                  f"counterpart of that shape in the run's model; {hint}")
         value = value.astype(leaf.dtype)
         placed.append(jax.make_array_from_callback(value.shape, shard_list[len(placed)],
                                                    lambda idx, v=value: v[idx]))
     if flat:
         raise CheckpointError(f"{where}: checkpoint parameters {sorted(flat)[:4]} have no counterpart in the "
-                              "run's model; fine-tuning can add FoT memory settings but not change the "
-                              "pretrained architecture")
-    treedef = jax.tree_util.tree_structure(abstract_params)
+                              f"run's model; {hint}")
+    treedef = jax.tree_util.tree_structure(abstract)
     return jax.tree_util.tree_unflatten(treedef, placed), added
+
+
+def _restore_into(manager, directory, step, abstract_params, shardings, where: str, fresh_ok: bool = False):
+    """A step's parameters laid out, typed and placed as `abstract_params` / `shardings` (a State of
+    the run's model). Returns (params, names of the run's parameters the checkpoint lacks).
+
+    When the checkpoint's layout is the run's (same paths and shapes), the arrays are restored
+    straight onto the shardings. Otherwise (another run split, other memory layers, the per-layer
+    layout of older checkpoints) they are read to host memory, regrouped by their per-layer names
+    (`fot_jax.model.layout`) into the run's stacks and placed shard by shard (`_place`)."""
+    tree = _stored_tree(directory, step)
+    if tree is None or _shapes(tree["params"]) == _shapes(abstract_params):
+        return _restore_params(manager, step, _abstract(abstract_params, shardings)), []
+    flat = layout.unstack_flat(_read_numpy(manager, step, {"params": tree["params"]}))
+    flat = {k.removeprefix("params."): v for k, v in flat.items()}
+    return _place(flat, abstract_params, shardings, where, fresh_ok=fresh_ok)
 
 
 def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=None):
@@ -364,7 +396,7 @@ def load_params(workdir: str, cfg, abstract_params, shardings, step=None, log=No
             if k in FINETUNE_MODEL_FIELDS
         }
         try:
-            params, added = _restore_into(manager, directory, step, stored, abstract_params, shardings,
+            params, added = _restore_into(manager, directory, step, abstract_params, shardings,
                                           where, fresh_ok=True)
         except CheckpointError:
             raise

@@ -278,3 +278,41 @@ def test_checkpoint_with_layers_stored_one_by_one_loads_into_stacked_runs(tmp_pa
     np.testing.assert_allclose(np.asarray(model(tokens).logits[..., :200]), expected, atol=1e-5)
     with pytest.raises(CheckpointError, match=r"no parameter layers\.1\.self_attn\.qk_temperature"):
         load_model(str(work), overrides=["--config.model.mem_layers=[1,2]"])
+
+
+def test_train_state_with_layers_stored_one_by_one_resumes_into_stacked_runs(tmp_path, data_dir):
+    """tests/data/per_layer_train_state: step 4 of a run of the code that stored each layer on its
+    own (commit 2d764f0: 4 layers, memory layer 2, layers 0-2 trained, so its optimizer moments
+    are per layer and masked), with the losses of steps 5-8 and the parameters at step 8 that the
+    same code gave when it went on. Today's trainer resumes it into stacked runs (parameters and
+    Adam moments regrouped) and trains steps 5-8 to the same losses and parameters. Resuming
+    with layers trained that the checkpoint's run froze names the missing optimizer state."""
+    import shutil
+
+    src = os.path.join(ROOT, "tests", "data", "per_layer_train_state")
+    expected = json.load(open(os.path.join(src, "expected.json")))
+    wd = tmp_path / "old"
+    shutil.copytree(os.path.join(src, "checkpoints"), wd / "checkpoints")
+    over = expected["overrides"]          # on the 8 test devices (the fixture ran on 1)
+    trainer = Trainer(checks.load_config(TINY, over), str(wd), quiet=True)
+    from fot_jax.model import layout
+    # layers 0-1 (trained), 2 (memory), 3 (frozen)
+    assert layout.run_counts(trainer.state["params"]) == (2, 1, 1)
+    out = trainer.run()
+    assert out["steps"] == 8
+    losses = dict(_train_losses(str(wd)))
+    assert sorted(losses) == [5, 6, 7, 8]
+    np.testing.assert_allclose([losses[s] for s in range(5, 9)],
+                               [expected["losses"][str(s)] for s in range(5, 9)], rtol=1e-5)
+    final = np.load(os.path.join(src, "params_step8.npz"))      # per-layer dotted names
+    mine = layout.unstack_flat({layout.dotted(p): np.asarray(x) for p, x in
+                                jax.tree_util.tree_flatten_with_path(jax.device_get(trainer.state["params"]))[0]})
+    assert sorted(mine) == sorted(final.files)
+    for name in final.files:
+        value = final[name]
+        np.testing.assert_allclose(mine[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    again = tmp_path / "again"
+    shutil.copytree(os.path.join(src, "checkpoints"), again / "checkpoints")
+    wider = [*over, "--config.train.trainable=['^layers\\\\.[0-3]\\\\.']"]
+    with pytest.raises(CheckpointError, match=r"no parameter opt_state\..*mu\.layers\.3\..*train\.trainable"):
+        Trainer(checks.load_config(TINY, wider), str(again), quiet=True).run()

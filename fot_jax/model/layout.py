@@ -39,48 +39,80 @@ def dotted(path) -> str:
     return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
-_STACKED = re.compile(r"^stacks\.(\d+)\.layer\.(.+)$")
+# a stacked leaf's dotted name: anything before it (an optimizer moment's path, say), the run, the
+# parameter within the layer
+_STACKED = re.compile(r"^((?:.+\.)?)stacks\.(\d+)\.layer\.(.+)$")
 
 
 def _leading(leaf) -> int:
     return int(leaf.shape[0])
 
 
-def _counts(tree) -> dict:
+def _named(tree):
+    return ((dotted(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _counts(named) -> dict:
+    """{run index: layers} from (dotted name, leaf) pairs."""
     counts = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        hit = _STACKED.match(dotted(path))
+    for name, leaf in named:
+        hit = _STACKED.match(name)
         if hit:
-            counts.setdefault(int(hit.group(1)), _leading(leaf))
+            counts.setdefault(int(hit.group(2)), _leading(leaf))
     return counts
+
+
+def _starts(counts: dict) -> dict:
+    starts, start = {}, 0
+    for s, n in sorted(counts.items()):
+        starts[s], start = start, start + n
+    return starts
 
 
 def run_counts(tree) -> tuple:
     """Layers per run of a parameter tree in the stacked layout."""
-    counts = _counts(tree)
+    counts = _counts(_named(tree))
     return tuple(counts[s] for s in sorted(counts))
 
 
 def stack_starts(tree) -> dict:
     """{run index: first layer} of a parameter tree in the stacked layout (read off its shapes)."""
-    starts, start = {}, 0
-    for s, n in sorted(_counts(tree).items()):
-        starts[s], start = start, start + n
-    return starts
+    return _starts(_counts(_named(tree)))
+
+
+def is_stacked(name: str) -> bool:
+    """Whether a dotted name is a stacked leaf (a run's parameter, or an optimizer moment of one)."""
+    return _STACKED.match(name) is not None
 
 
 def layer_names(tree) -> dict:
-    """{dotted path: the per-layer names it holds} for every leaf of a parameter tree: a stacked
-    leaf holds `layers.{i}.<name>` of each layer of its run, any other leaf its own name."""
+    """{dotted path: the per-layer names it holds} for every leaf of a tree in the stacked layout
+    (parameters, or a train state whose optimizer moments mirror them): a stacked leaf
+    `<prefix>stacks.{s}.layer.<name>` holds `<prefix>layers.{i}.<name>` of each layer of its run,
+    any other leaf its own name."""
     starts, out = stack_starts(tree), {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = dotted(path)
+    for name, leaf in _named(tree):
         hit = _STACKED.match(name)
         if hit:
-            first = starts[int(hit.group(1))]
-            out[name] = [f"layers.{first + j}.{hit.group(2)}" for j in range(_leading(leaf))]
+            prefix, first = hit.group(1), starts[int(hit.group(2))]
+            out[name] = [f"{prefix}layers.{first + j}.{hit.group(3)}" for j in range(_leading(leaf))]
         else:
             out[name] = [name]
+    return out
+
+
+def unstack_flat(flat: dict) -> dict:
+    """{dotted name: array} in either layout (a checkpoint's leaves, read as NumPy) -> the per-layer
+    layout: each stacked leaf becomes one leaf a layer, under the names `layer_names` gives."""
+    starts, out = _starts(_counts(flat.items())), {}
+    for name, leaf in flat.items():
+        hit = _STACKED.match(name)
+        if not hit:
+            out[name] = leaf
+            continue
+        prefix, first = hit.group(1), starts[int(hit.group(2))]
+        for j in range(_leading(leaf)):
+            out[f"{prefix}layers.{first + j}.{hit.group(3)}"] = leaf[j]
     return out
 
 
