@@ -226,7 +226,7 @@ STAGED = ("--config.train.steps=9", "--config.train.log_every=1", "--config.trai
 
 
 @pytest.mark.slow
-def test_stages_run_in_order_and_resume_exactly(tmp_path, data_dir):
+def test_stages_run_in_order_and_resume_exactly(tmp_path, data_dir, capsys):
     """Stages end at their step or training accuracy, each with its data, range and learning rate;
     a run stopped inside a stage resumes it (data position and accuracy window) bit for bit."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -245,9 +245,11 @@ def test_stages_run_in_order_and_resume_exactly(tmp_path, data_dir):
         assert r["learning_rate"] == pytest.approx(float(sched(r["step"] - 1)) * 0.5, rel=1e-6)
     first = Trainer(tiny(*STAGED), b, quiet=True)
     assert first.run(until=5)["steps"] == 5
-    second = Trainer(tiny(*STAGED), b, quiet=True)
+    capsys.readouterr()
+    second = Trainer(tiny(*STAGED), b)
     assert [(s["name"], s["end"]) for s in second.run()["stages"]] == [
         ("short", 3), ("until_acc", 6), ("wide", 9)]
+    assert "stage 2/3 'until_acc' from step 3, resumed at step 5:" in capsys.readouterr().out
     la = [r["loss"] for r in train]
     lb = [json.loads(line)["loss"] for line in open(os.path.join(b, "metrics.jsonl"))
           if json.loads(line)["split"] == "train"]

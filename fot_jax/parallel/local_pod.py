@@ -159,10 +159,12 @@ def _supervise(procs, pumps, start, grace, timeout, kill_after, kill_on, seen, s
             break
         if first_failure is None and any(c not in (None, 0) for c in codes):
             first_failure = time.monotonic()
-            # the cause, when several are seen at once: a process this supervisor killed, else one a
-            # signal ended, else the first (the others exit on noticing it: code 3 or an abort)
+            # the cause, when several are seen at once: a process this supervisor killed (even one
+            # not reaped yet: on a loaded machine a peer can notice its death and exit first), else
+            # one a signal ended, else the first (the others exit on noticing it: code 3 or an abort)
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            cause = [i for i in failed if i in killed] or [i for i in failed if codes[i] < 0] or failed
+            cause = ([i for i in sorted(killed) if codes[i] != 0] or [i for i in failed if codes[i] < 0]
+                     or failed)
             failed_first.append(cause[0])
         if (first_failure is not None and time.monotonic() - first_failure > grace) or \
                 (stopped_at is not None and time.monotonic() - stopped_at > grace) or \

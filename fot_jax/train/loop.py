@@ -466,20 +466,24 @@ class Trainer:
         rs.step_mark = time.perf_counter()
         self.stage_schedule = StageSchedule(self.stages)
         recorded = self.stage_schedule.resume(data_state, start)
-        self._log_stage(rs, self.stage_schedule.start, resumed=recorded or start > 0)
+        self._log_stage(rs, self.stage_schedule.start,
+                        resumed_at=start if recorded or start > 0 else None)
         return rs
 
     def _begin_stage(self, rs, stage, step):
         self.stage_schedule.begin(stage, step)
-        self._log_stage(rs, step, resumed=False)
+        self._log_stage(rs, step)
 
-    def _log_stage(self, rs, step, resumed):
+    def _log_stage(self, rs, step, resumed_at=None):
+        """One line on the stage being trained: where it began and, on a resumed run, the step
+        training goes on from."""
         stage = self.stage_schedule.current
         c = stage.cfg
         x = c.crossbatch
         r = f"r={x.range_min}..{x.range}" if x.sample_range else f"r={x.range}"
         self.log(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}' "
-                 f"{'resumed at' if resumed else 'from'} step {step}: {describe_data(c.data)}, {r}, "
+                 f"from step {step}" + (f", resumed at step {resumed_at}" if resumed_at is not None else "")
+                 + f": {describe_data(c.data)}, {r}, "
                  f"lr x{stage.lr_scale:g}, temperature lr x{stage.temperature_scale:g}, until step "
                  f"{stage.until_step}" + (f" or train accuracy {stage.until_accuracy:g}"
                                           if stage.until_accuracy else ""))
