@@ -90,15 +90,18 @@ def layer_names(tree) -> dict:
     (parameters, or a train state whose optimizer moments mirror them): a stacked leaf
     `<prefix>stacks.{s}.layer.<name>` holds `<prefix>layers.{i}.<name>` of each layer of its run,
     any other leaf its own name."""
-    starts, out = stack_starts(tree), {}
-    for name, leaf in _named(tree):
-        hit = _STACKED.match(name)
-        if hit:
-            prefix, first = hit.group(1), starts[int(hit.group(2))]
-            out[name] = [f"{prefix}layers.{first + j}.{hit.group(3)}" for j in range(_leading(leaf))]
-        else:
-            out[name] = [name]
-    return out
+    starts = stack_starts(tree)
+    return {name: _per_layer(name, leaf, starts) for name, leaf in _named(tree)}
+
+
+def _per_layer(name: str, leaf, starts: dict) -> list:
+    """The per-layer names a leaf holds: `<prefix>layers.{i}.<name>` of each layer of a stacked
+    leaf's run, else the leaf's own name."""
+    hit = _STACKED.match(name)
+    if not hit:
+        return [name]
+    prefix, first = hit.group(1), starts[int(hit.group(2))]
+    return [f"{prefix}layers.{first + j}.{hit.group(3)}" for j in range(_leading(leaf))]
 
 
 def unstack_flat(flat: dict) -> dict:
@@ -106,13 +109,11 @@ def unstack_flat(flat: dict) -> dict:
     layout: each stacked leaf becomes one leaf a layer, under the names `layer_names` gives."""
     starts, out = _starts(_counts(flat.items())), {}
     for name, leaf in flat.items():
-        hit = _STACKED.match(name)
-        if not hit:
+        names = _per_layer(name, leaf, starts)
+        if is_stacked(name):
+            out.update(zip(names, leaf))
+        else:
             out[name] = leaf
-            continue
-        prefix, first = hit.group(1), starts[int(hit.group(2))]
-        for j in range(_leading(leaf)):
-            out[f"{prefix}layers.{first + j}.{hit.group(3)}"] = leaf[j]
     return out
 
 
