@@ -249,6 +249,14 @@ def test_ruler_tasks_run_offline_per_length(tmp_path, monkeypatch):
     saved = json.load(open(tmp_path / "out" / "harness_niah_single_1_ruler_vt.json"))
     assert set(saved["ruler"]) == {"niah_single_1", "ruler_vt"}
     assert all(0 <= v <= 1 for r in saved["ruler"].values() for v in r.values())
+    kept = tmp_path / "out" / "harness_niah_single_1_ruler_vt_samples.jsonl"
+    rows = [json.loads(line) for line in open(kept)]
+    pairs = sorted((r["task"], r["length"]) for r in rows)
+    assert pairs == [("niah_single_1", 4096)] * 2 + [("ruler_vt", 4096)] * 2
+    for t in ("niah_single_1", "ruler_vt"):            # the kept answers carry the scores the table shows
+        mine = [r for r in rows if r["task"] == t]
+        assert all(r["target"] and isinstance(r["response"][0], str) and r["prompt_tail"] for r in mine)
+        assert np.mean([r["scores"]["4096"] for r in mine]) == pytest.approx(saved["ruler"][t]["4096"])
     with pytest.raises(harness.HarnessError, match="niah_single_2.*download"):
         harness.run(None, ["niah_single_2"], str(tmp_path / "out2"), lm=lm, lengths=[4096],
                     tokenizer_dir=str(tmp_path / "tok"))

@@ -236,15 +236,16 @@ def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include
         os.chdir(REPO_ROOT)                    # the task files' data paths are relative to it
         try:
             return lm_eval.simple_evaluate(model=lm, tasks=list(names), limit=limit, num_fewshot=num_fewshot,
-                                           task_manager=manager, log_samples=False)
+                                           task_manager=manager, log_samples=True)
         finally:
             os.chdir(cwd)
 
     os.makedirs(out_dir, exist_ok=True)
     name = "harness_" + "_".join(tasks)
-    saved, tables = {}, []
+    saved, tables, samples = {}, [], []
     if others:
         results = evaluate(others)
+        samples += sample_rows(results, None)
         saved = {k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}
         tables.append(make_table(results))
     if ruler:
@@ -252,16 +253,35 @@ def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include
         for n in lengths:
             results = evaluate(ruler, {"max_seq_lengths": [n],
                                        "tokenizer": tokenizer_dir or os.path.join(workdir, "tokenizer")})
+            samples += sample_rows(results, n)
             for t in ruler:
                 scores[t][n] = float(results["results"][t][f"{n},none"])
         saved["ruler"] = {t: {str(n): v for n, v in by_len.items()} for t, by_len in scores.items()}
         tables.append(ruler_table(scores, lengths, limit))
     with open(os.path.join(out_dir, name + ".json"), "w") as f:
         json.dump(saved, f, indent=1, default=str)
+    with open(os.path.join(out_dir, name + "_samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(row, default=str) + "\n" for row in samples)
     table = "\n\n".join(tables)
     with open(os.path.join(out_dir, name + ".md"), "w") as f:
         f.write(table + "\n")
     return table
+
+
+def sample_rows(results: dict, length, prompt_tail: int = 600) -> list[dict]:
+    """One row per scored example: task, RULER length, the reference, the model's answer (after the
+    task's filter), its scores and the prompt's last `prompt_tail` characters (RULER prompts run to
+    32K tokens; their question sits at the end)."""
+    rows = []
+    for task, logged in (results.get("samples") or {}).items():
+        for s in logged:
+            args = s.get("arguments") or [()]
+            prompt = args[0][0] if args[0] and isinstance(args[0][0], str) else ""
+            rows.append({"task": task, "length": length, "doc_id": s.get("doc_id"), "target": s.get("target"),
+                         "response": s.get("filtered_resps"),
+                         "scores": {m: s[m] for m in s.get("metrics", []) if m in s},
+                         "prompt_tail": prompt[-prompt_tail:]})
+    return rows
 
 
 def ruler_table(scores: dict, lengths, limit) -> str:
