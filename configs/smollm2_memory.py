@@ -22,7 +22,9 @@ facts from tens of thousands of tokens of memory with a 256-token window, in one
   `negatives` (r drawn from 3..15 per step, near-miss entities, longer lists of facts: up to 12
   other documents' chunks compete with the right one); then `lists` (the same negatives, with a
   third of the documents long lists of same-form facts, RULER's multi-key needles in other words,
-  and a third chains of names among up to two distractor chains, its variable tracking).
+  and a third chains of names among up to two distractor chains, its variable tracking; half of
+  these in list forms: registries keyed by word pairs, chains as assignments in repeated filler),
+  at 3x the learning rate the schedule gives those steps (0.34-0.1 of the peak).
 - Reading: `memory.logn_base = 4096`, the most keys a memory-layer query saw in training
   ((15 + 1) x 256): past that, its logits are scaled by ln n / ln 4096.
 
@@ -82,7 +84,7 @@ def get_config():
         dict(name="negatives", until_step=200, data=dict(near_miss=0.3, facts_per_doc=8),
              crossbatch=negatives),
         dict(name="lists", data=dict(near_miss=0.3, facts_per_doc=8, dense_share=0.35, chain_share=0.3,
-                                     chains_per_doc=3),
-             crossbatch=negatives),
+                                     chains_per_doc=3, list_forms=0.5),
+             crossbatch=negatives, train=dict(learning_rate=3 * t.learning_rate)),
     ]
     return c

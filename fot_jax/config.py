@@ -192,6 +192,8 @@ def _data_fields() -> ml_collections.ConfigDict:
     d.chain_share = 0.1               # documents with a chain of names ("B takes the value of A")
     d.chains_per_doc = 1              # most chains a chain document holds; one is asked, the others
                                       # (other values, other names) are distractors interleaved with it
+    d.list_forms = 0.0                # share of dense and chain documents in list forms: registries keyed
+                                      # by word pairs, chains as assignments in repeated filler
     d.text_loss_weight = 0.0          # loss weight of the text tokens (answers: 1; validation: answers only)
     # Real text (data.task text_files | stdlib | prose | jsonl | tfds; see fot_jax/data/text.py):
     d.source = ""  # folder (text_files), JSON-lines glob (jsonl), catalog name (tfds)
@@ -634,7 +636,8 @@ def validate(cfg) -> None:
 STAGE_FIELDS = {
     "data": ("doc_length", "query_length", "seq_len", "batch_size", "num_definitions", "key_length",
              "value_length", "near_miss", "num_train_docs", "facts_per_doc", "questions_per_doc",
-             "plain_share", "dense_share", "chain_share", "chains_per_doc", "text_loss_weight", "haystack"),
+             "plain_share", "dense_share", "chain_share", "chains_per_doc", "list_forms", "text_loss_weight",
+             "haystack"),
     "crossbatch": ("range", "range_min", "sample_range", "stepping", "doc_mask", "implementation"),
     "train": ("learning_rate", "temperature_lr_scale", "microbatches"),
 }

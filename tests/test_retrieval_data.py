@@ -62,6 +62,7 @@ def test_documents_answers_and_loss_weights(data_dir):
         near_miss=0.5,
         dense_share=0.2,
         chain_share=0.2,
+        list_forms=0.5,
     )
     tok = load_tokenizer(TOK)
     train = document_source(c, "train", 60)
@@ -105,6 +106,7 @@ def test_documents_answers_and_loss_weights(data_dir):
             near_miss=0.5,
             dense_share=0.2,
             chain_share=0.2,
+            list_forms=0.5,
         ),
         "train",
         60,
@@ -210,6 +212,92 @@ def test_distractor_chains_interleave_and_only_the_asked_chain_answers():
                            for j in range(len(chain_of) - 1))
     assert counts == {1, 2, 3}
     assert interleaved >= 5
+
+
+WORDS = ("amber basin cedar delta ember fable garnet harbor island jasper kettle lantern meadow nectar "
+         "orchard pebble quarry ribbon saddle timber umbra velvet willow yonder zephyr").split()
+WORDY = " ".join(f"The {WORDS[i % 25]} of the {WORDS[i * 7 % 25]} stood by the {WORDS[i * 3 % 25]}."
+                 for i in range(200))
+
+
+def _builder(**kw):
+    tok = _Tok()
+    hay = retrieval.Haystack("prose", [np.asarray(tok.encode(WORDY))], tok)
+    spec = _spec(facts=8, plain_share=0.1, dense_share=0.4, chain_share=0.3, chains=3, near_miss=0.3, **kw)
+    return tok, retrieval.DocumentBuilder(spec, {"prose": hay}, tok)
+
+
+def test_documents_without_list_forms_are_those_of_earlier_configs():
+    """list_forms = 0 draws nothing more: 60 documents hash as the code before list forms wrote them."""
+    import hashlib
+
+    _, builder = _builder(list_forms=0.0)
+    h = hashlib.sha256()
+    for split in ("train", "validation"):
+        for i in range(30):
+            d = builder.document(split, i)
+            h.update(d["tokens"].tobytes())
+            h.update(d["answer_mask"].tobytes())
+    assert h.hexdigest()[:16] == "c45820479ca6907f"
+
+
+def test_list_forms_registries_and_assignment_chains():
+    """list_forms = 1: a dense document is a registry whose entries all share one template, keyed by
+    two haystack words joined by a hyphen, each asked key stated once with the answered number; a
+    chain document is assignments of one form in one passage repeated, its answer prefix giving the
+    count of names and its answer the asked chain's names in order (read back with regexes)."""
+    import re
+
+    tok, builder = _builder(list_forms=1.0)
+    word = "|".join(WORDS)
+    kinds = {"registry": 0, "assign": 0}
+    for i in range(60):
+        doc = builder.document("train", i)
+        tokens, mask = doc["tokens"], doc["answer_mask"]
+        if not mask.any():
+            continue
+        body, questions = tok.decode(tokens).rsplit("\n\n", 1)
+        answer = tok.decode(tokens[mask == 1]).strip()
+        key_rx = f"(?:{word})-(?:{word})"
+        entries = {}
+        for t in retrieval.LIST_TEMPLATES:
+            rx = re.escape(t).replace(r"\{e\}", f"(?P<e>{key_rx})").replace(r"\{E\}", f"(?P<e>{key_rx})")
+            rx = rx.replace(r"\{a\}", r"[a-z ]+?").replace(r"\{v\}", r"(?P<v>\d{6,7})")
+            found = [(m.group("e").lower(), m.group("v")) for m in re.finditer(rx, body, flags=re.IGNORECASE)]
+            if len(found) >= 10:
+                entries[t] = found
+        if entries:
+            kinds["registry"] += 1
+            assert len(entries) == 1, (i, list(entries))       # one template for every entry
+            value_of = {}
+            for key, value in next(iter(entries.values())):
+                value_of.setdefault(key, []).append(value)
+            for q in questions.split("\n"):
+                key = re.search(key_rx, q, flags=re.IGNORECASE).group(0).lower()
+                stated = q.rsplit(" ", 1)[1].rstrip(".")
+                assert value_of[key] == [stated], (i, key, value_of.get(key), stated)
+            continue
+        links = re.findall(r"(?:let |set )?([A-Z]{5}) (?:=|:=|<-) ([A-Z]{5}|\d+);?", body)
+        if links:
+            kinds["assign"] += 1
+            value_of = {x: v for x, v in links if v.isdigit()}
+            parent = {y: x for y, x in links if not x.isdigit()}
+            count = re.search(r"(\d+) names hold \d+; they are:|There are (\d+):", questions).groups()
+            asked = re.search(r"holding (\d+)\?|set to (\d+),", questions)
+            asked = next(v for v in asked.groups() if v)
+            root = next(x for x, v in value_of.items() if v == asked)
+            names = [x for x, _ in links if x == root or _root(x, parent) == root]
+            assert answer == ", ".join(names), (i, answer, names)
+            assert int(next(c for c in count if c)) == len(names)
+            plain = re.sub(r" ?(?:let |set )?[A-Z]{5} (?:=|:=|<-) (?:[A-Z]{5}|\d+);?", "", body)
+            assert len(set(plain.split(". "))) <= 8, (i, plain[:300])          # one passage repeated
+    assert kinds["registry"] >= 10 and kinds["assign"] >= 8, kinds
+
+
+def _root(name, parent):
+    while name in parent:
+        name = parent[name]
+    return name
 
 
 def test_the_evaluations_own_prompts_are_recognised():

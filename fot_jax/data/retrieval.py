@@ -21,6 +21,10 @@ end, each answered after a prefix:
   4821? They are: QWERT, KLMNO." (a lookup of each name in turn).
 - Dense documents: the text between facts is other facts of the same attribute (a long list).
 - Fact and question sentences come in several wordings each.
+- List forms (`data.list_forms`, a share of the dense and chain documents): a registry whose
+  entries all share one sentence form, keyed by two words of the haystack joined by a hyphen
+  ("Entry ember-harbour has serial number 4821733."), and chains written as assignments
+  ("KLMNO = QWERT") in filler that is one short passage repeated, asked with the count of names.
 
 Where a document's facts sit is random; with `k_packing * seq_len = doc_length` its questions sit
 in the last chunk and most facts in earlier ones, so answering reads them through crossbatch
@@ -155,12 +159,21 @@ CHAIN_NEXT = ("{y} takes the value of {x}.", "Set {y} equal to {x}.", "{y} copie
               "{y} holds whatever {x} holds.")
 CHAIN_QUESTIONS = (("Which names hold the value {v}?", "They are:"),
                    ("List every name whose value is {v}.", "The names are:"))
+# list forms: one template for every entry of a registry document ({E}: the key capitalised)
+LIST_TEMPLATES = ("The {a} recorded for {e} is: {v}.", "Entry {e} has {a} {v}.", "{E}: {a} {v}.",
+                  "Under {e}, the {a} reads {v}.", "The {a} registered to {e} is {v}.")
+# (first link, next link) of an assignment chain: one pair per document
+ASSIGN_FORMS = (("{x} = {v}", "{y} = {x}"), ("let {x} = {v};", "let {y} = {x};"),
+                ("set {x} := {v}", "set {y} := {x}"), ("{x} <- {v}", "{y} <- {x}"))
+ASSIGN_QUESTIONS = (("Which names end up holding {v}?", "{n} names hold {v}; they are:"),
+                    ("List all names set to {v}, directly or through another name.", "There are {n}:"))
 INTROS = ("The text below hides a few facts; questions about them come at the end.",
           "Read the following carefully; some details will be asked about later.",
           "")
 
-for _t in (FACT_TEMPLATES + GLOBAL_FACT_TEMPLATES + CHAIN_FIRST + CHAIN_NEXT + INTROS
-           + tuple(q + " " + a for q, a in QUESTION_TEMPLATES + GLOBAL_QUESTION_TEMPLATES + CHAIN_QUESTIONS)):
+for _t in (FACT_TEMPLATES + GLOBAL_FACT_TEMPLATES + CHAIN_FIRST + CHAIN_NEXT + INTROS + LIST_TEMPLATES
+           + tuple(a + " " + b for a, b in QUESTION_TEMPLATES + GLOBAL_QUESTION_TEMPLATES + CHAIN_QUESTIONS
+                   + ASSIGN_FORMS + ASSIGN_QUESTIONS)):
     assert contains_eval_text(_t) is None, _t
 
 
@@ -180,6 +193,7 @@ class Spec:
     num_train: int
     num_eval: int
     corpora: str               # digest of the haystack corpora and the tokenizer
+    list_forms: float = 0.0    # share of dense and chain documents in list forms (registry, assignments)
 
 
 # -- entities and values ---------------------------------------------------------------------------
@@ -216,6 +230,10 @@ def _value(rng, attribute_words) -> str:
         digits = int(rng.choice([1, 2, 3, 4, 4, 5, 5, 5, 6, 7, 7]))
         return str(int(rng.integers(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits)))
     return str(rng.choice(attribute_words))
+
+
+def _number(rng, digits: int) -> str:
+    return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
 def _name(rng) -> str:
@@ -267,11 +285,42 @@ class DocumentBuilder:
     def __init__(self, spec: Spec, haystacks: dict, tok):
         self.spec, self.haystacks, self.tok = spec, haystacks, tok
         self.content = spec.doc_length - 2
+        self._words = None
+
+    def _word_keys(self, rng, n: int) -> list[str]:
+        """n distinct registry keys: two words of the haystacks (4-9 lowercase letters, sorted
+        vocabulary of this split's text) joined by a hyphen."""
+        if self._words is None:
+            vocab = set()
+            for hay in self.haystacks.values():
+                for doc in hay.docs:
+                    vocab.update(re.findall(r"\b[a-z]{4,9}\b", self.tok.decode(doc)))
+            self._words = sorted(vocab)
+            if len(self._words) < 20:
+                raise ValueError(f"the haystack text has {len(self._words)} distinct words of 4-9 letters; "
+                                 "list forms (data.list_forms) need at least 20 for their keys")
+        keys: list[str] = []
+        while len(keys) < n:
+            a, b = rng.integers(len(self._words), size=2)
+            key = f"{self._words[a]}-{self._words[b]}"
+            if a != b and key not in keys:
+                keys.append(key)
+        return keys
 
     # facts, questions and answers of one document, as text
-    def _facts(self, rng, n: int, dense: bool):
-        """(fact sentences, [(question, answer prefix, answer)], attribute, value words or None)."""
-        words = None
+    def _facts(self, rng, n: int, dense: bool, forms: bool = False):
+        """(fact sentences, [(question, answer prefix, answer)], attribute, value words or None,
+        the entry template of a dense document). With `forms`: a registry (word-pair keys, numbers
+        of 6-7 digits, one template for every entry)."""
+        words, template = None, FACT_TEMPLATES[0]
+        if forms:
+            attribute = str(rng.choice(NUMBER_ATTRIBUTES))
+            template = str(rng.choice(LIST_TEMPLATES))
+            entities = self._word_keys(rng, n)
+            values = [_number(rng, int(rng.integers(6, 8))) for _ in entities]
+            facts = [_cap(template.format(a=attribute, e=e, E=_cap(e), v=v))
+                     for e, v in zip(entities, values)]
+            return facts, self._questions(rng, attribute, entities, values), attribute, None, template
         if rng.random() < 0.35:
             attribute, words = WORD_ATTRIBUTES[int(rng.integers(len(WORD_ATTRIBUTES)))]
         else:
@@ -280,25 +329,32 @@ class DocumentBuilder:
             value = _value(rng, words)
             fact = str(rng.choice(GLOBAL_FACT_TEMPLATES)).format(a=attribute, v=value, V=_cap(value))
             q, a = GLOBAL_QUESTION_TEMPLATES[int(rng.integers(len(GLOBAL_QUESTION_TEMPLATES)))]
-            return [fact], [(q.format(a=attribute), a.format(a=attribute), value)], attribute, words
+            return [fact], [(q.format(a=attribute), a.format(a=attribute), value)], attribute, words, template
         entities = _entities(rng, n, self.spec.near_miss)
         values = [_value(rng, words) for _ in entities]
         facts = []
         for e, v in zip(entities, values):
             t = str(rng.choice(FACT_TEMPLATES[:1] if dense else FACT_TEMPLATES))
             facts.append(_cap(t.format(a=attribute, e=e, v=v, V=_cap(v))))
+        return facts, self._questions(rng, attribute, entities, values), attribute, words, template
+
+    def _questions(self, rng, attribute, entities, values):
+        """[(question, answer prefix, answer)] about 1..spec.questions of the facts."""
+        n = len(entities)
         asked = rng.choice(n, size=min(n, int(rng.integers(1, self.spec.questions + 1))), replace=False)
         qas = []
         for i in asked:
             q, a = QUESTION_TEMPLATES[int(rng.integers(len(QUESTION_TEMPLATES)))]
             e = entities[i]
             qas.append((_cap(q.format(a=attribute, e=e)), _cap(a.format(a=attribute, e=e)), values[i]))
-        return facts, qas, attribute, words
+        return qas
 
-    def _chain(self, rng):
+    def _chain(self, rng, forms: bool = False):
         """Chains of names, each from its own value ("Let A be 4821. B takes the value of A."): one
         is asked about, the others (up to `spec.chains - 1`, other values) are interleaved with it,
-        each in its own order, so following the asked chain means rejecting look-alike links."""
+        each in its own order, so following the asked chain means rejecting look-alike links. With
+        `forms`: assignments of one form ("B = A"), asked with the count of names."""
+        assign = ASSIGN_FORMS[int(rng.integers(len(ASSIGN_FORMS)))] if forms else None
         count = int(rng.integers(1, self.spec.chains + 1))
         used, values, chains = set(), set(), []
         for _ in range(count):
@@ -312,8 +368,12 @@ class DocumentBuilder:
             while value in values:
                 value = _value(rng, None)
             values.add(value)
-            links = [str(rng.choice(CHAIN_FIRST)).format(x=names[0], v=value)]
-            links += [str(rng.choice(CHAIN_NEXT)).format(x=a, y=b) for a, b in zip(names, names[1:])]
+            if assign:
+                links = [assign[0].format(x=names[0], v=value)]
+                links += [assign[1].format(x=a, y=b) for a, b in zip(names, names[1:])]
+            else:
+                links = [str(rng.choice(CHAIN_FIRST)).format(x=names[0], v=value)]
+                links += [str(rng.choice(CHAIN_NEXT)).format(x=a, y=b) for a, b in zip(names, names[1:])]
             chains.append((names, value, links))
         # interleave: each step takes the next link of a chain drawn in proportion to what it has left
         left = [list(links) for _, _, links in chains]
@@ -322,6 +382,9 @@ class DocumentBuilder:
             sizes = np.array([len(x) for x in left], float)
             facts.append(left[int(rng.choice(len(left), p=sizes / sizes.sum()))].pop(0))
         names, value, _ = chains[0]
+        if assign:
+            q, a = ASSIGN_QUESTIONS[int(rng.integers(len(ASSIGN_QUESTIONS)))]
+            return facts, [(q.format(v=value), a.format(n=len(names), v=value), ", ".join(names))]
         q, a = CHAIN_QUESTIONS[int(rng.integers(len(CHAIN_QUESTIONS)))]
         return facts, [(q.format(v=value), a, ", ".join(names))]
 
@@ -359,11 +422,15 @@ class DocumentBuilder:
         s = self.spec
         dense = rng.random() < s.dense_share
         attribute = words = None
-        if rng.random() < s.chain_share:
-            facts, qas = self._chain(rng)
+        chain = rng.random() < s.chain_share
+        # (drawn only when asked for: documents without list forms stay those of earlier configs)
+        forms = bool(s.list_forms) and (dense or chain) and rng.random() < s.list_forms
+        if chain:
+            facts, qas = self._chain(rng, forms)
             dense = False
         else:
-            facts, qas, attribute, words = self._facts(rng, int(rng.integers(1, s.facts + 1)), dense)
+            n = int(rng.integers(1, s.facts + 1))
+            facts, qas, attribute, words, template = self._facts(rng, n, dense, forms)
         intro = _encode(self.tok, str(rng.choice(INTROS)))
         q_tokens, q_answer = self._question_block(rng, qas)
         fact_tokens = [_encode(self.tok, hay.fact_text(f)) for f in facts]
@@ -373,7 +440,10 @@ class DocumentBuilder:
             raise ValueError(f"data.doc_length={s.doc_length} leaves no room for text beside "
                              f"{len(facts)} facts and their questions; raise it or lower data.facts_per_doc")
         if dense:
-            filler = self._dense_filler(rng, attribute, words, qas, text_len, hay)
+            filler = self._dense_filler(rng, attribute, words, qas, text_len, hay, template,
+                                        self._word_keys if forms else None)
+        elif forms:                                    # one short passage over and over
+            filler = np.resize(hay.take(rng, int(rng.integers(12, 41))), text_len)
         else:
             filler = hay.take(rng, text_len)
         # facts go after boundary tokens at random depths, in the order they were written (chains)
@@ -391,18 +461,21 @@ class DocumentBuilder:
         answer[len(tokens) - len(q_tokens):] = q_answer
         return tokens, answer
 
-    def _dense_filler(self, rng, attribute, words, qas, count, hay):
-        """Other facts of the same attribute (fresh entities, values other than the asked ones) as
-        the text between a document's facts: a long list in which the asked entries hide."""
+    def _dense_filler(self, rng, attribute, words, qas, count, hay, template, word_keys=None):
+        """Other facts of the same attribute and template (fresh entities, values other than the
+        asked ones) as the text between a document's facts: a long list in which the asked entries
+        hide. `word_keys`: entities and numbers of a registry (list forms)."""
         out: list[int] = []
         asked_values = {value for _, _, value in qas}
         asked_entities = {q for q, _, _ in qas}
         while len(out) < count:
-            entity = _entities(rng, 1, 0.0)[0]
-            value = _value(rng, words)
+            if word_keys is not None:
+                entity, value = word_keys(rng, 1)[0], _number(rng, int(rng.integers(6, 8)))
+            else:
+                entity, value = _entities(rng, 1, 0.0)[0], _value(rng, words)
             if value in asked_values or any(entity in q for q in asked_entities):
                 continue
-            sentence = _cap(FACT_TEMPLATES[0].format(a=attribute, e=entity, v=value, V=value))
+            sentence = _cap(template.format(a=attribute, e=entity, E=_cap(entity), v=value, V=value))
             out += _encode(self.tok, hay.fact_text(sentence))
         return np.asarray(out[:count], np.int32)
 
@@ -480,7 +553,7 @@ def spec_from_config(cfg, num_train: int, corpora: str) -> Spec:
     return Spec(doc_length=int(d.doc_length), facts=int(d.facts_per_doc), questions=int(d.questions_per_doc),
                 plain_share=float(d.plain_share), dense_share=float(d.dense_share),
                 chain_share=float(d.chain_share), chains=int(d.chains_per_doc), near_miss=float(d.near_miss),
-                haystack=d.haystack,
+                haystack=d.haystack, list_forms=float(d.list_forms),
                 seed=int(d.seed), num_train=int(num_train), num_eval=int(d.num_eval_docs), corpora=corpora)
 
 
@@ -525,7 +598,7 @@ def validate(cfg) -> None:
     d = cfg.data
     if d.haystack not in HAYSTACKS:
         raise ConfigError(f"config field 'data.haystack': {d.haystack!r} is not one of {HAYSTACKS}")
-    for name in ("plain_share", "dense_share", "chain_share", "near_miss"):
+    for name in ("plain_share", "dense_share", "chain_share", "near_miss", "list_forms"):
         if not 0 <= d[name] <= 1:
             raise ConfigError(f"config field 'data.{name}': must lie in [0, 1], got {d[name]}")
     if d.text_loss_weight < 0:
