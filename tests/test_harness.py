@@ -256,6 +256,7 @@ def test_ruler_tasks_run_offline_per_length(tmp_path, monkeypatch):
     for t in ("niah_single_1", "ruler_vt"):            # the kept answers carry the scores the table shows
         mine = [r for r in rows if r["task"] == t]
         assert all(r["target"] and isinstance(r["response"][0], str) and r["prompt_tail"] for r in mine)
+        assert all(list(r["scores"]) == ["4096"] for r in mine)
         assert np.mean([r["scores"]["4096"] for r in mine]) == pytest.approx(saved["ruler"][t]["4096"])
     with pytest.raises(harness.HarnessError, match="niah_single_2.*download"):
         harness.run(None, ["niah_single_2"], str(tmp_path / "out2"), lm=lm, lengths=[4096],

@@ -277,9 +277,11 @@ def sample_rows(results: dict, length, prompt_tail: int = 600) -> list[dict]:
         for s in logged:
             args = s.get("arguments") or [()]
             prompt = args[0][0] if args[0] and isinstance(args[0][0], str) else ""
+            scores = {m: s[m] for m in s.get("metrics", []) if m in s}
+            if length is not None:         # a RULER example is scored at its own length only
+                scores = {m: v for m, v in scores.items() if m == str(length)}
             rows.append({"task": task, "length": length, "doc_id": s.get("doc_id"), "target": s.get("target"),
-                         "response": s.get("filtered_resps"),
-                         "scores": {m: s[m] for m in s.get("metrics", []) if m in s},
+                         "response": s.get("filtered_resps"), "scores": scores,
                          "prompt_tail": prompt[-prompt_tail:]})
     return rows
 
