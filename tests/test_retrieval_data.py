@@ -292,6 +292,12 @@ def test_list_forms_registries_and_assignment_chains():
             plain = re.sub(r" ?(?:let |set )?[A-Z]{5} (?:=|:=|<-) (?:[A-Z]{5}|\d+);?", "", body)
             assert len(set(plain.split(". "))) <= 8, (i, plain[:300])          # one passage repeated
     assert kinds["registry"] >= 10 and kinds["assign"] >= 8, kinds
+    # a haystack too poor in words for registry keys: a data error naming the field
+    poor = "The bell rang. The river ran north. " * 40
+    few = retrieval.Haystack("prose", [np.asarray(tok.encode(poor))], tok)
+    spec = _spec(facts=8, dense_share=1.0, list_forms=1.0)
+    with pytest.raises(text.DataError, match="data.list_forms"):
+        retrieval.DocumentBuilder(spec, {"prose": few}, tok).document("train", 0)
 
 
 def _root(name, parent):
@@ -355,6 +361,8 @@ def test_bad_retrieval_configs_name_the_field(tmp_path):
         _cfg(str(tmp_path), facts_per_doc=0)
     with pytest.raises(config_lib.ConfigError, match="data.chains_per_doc"):
         _cfg(str(tmp_path), chains_per_doc=0)
+    with pytest.raises(config_lib.ConfigError, match="data.list_forms"):
+        _cfg(str(tmp_path), list_forms=-0.1)
 
 
 def test_prose_corpus_holds_out_whole_books(data_dir, monkeypatch):

@@ -48,6 +48,7 @@ import re
 
 import numpy as np
 
+from fot_jax.data.text import DataError
 from fot_jax.data.tfds_io import default_data_dir, import_tfds
 from fot_jax.errors import ConfigError
 
@@ -253,7 +254,7 @@ class Haystack:
     def __init__(self, kind: str, docs: list[np.ndarray], tokenizer):
         self.kind, self.docs, self.tok = kind, [d for d in docs if len(d) > 0], tokenizer
         if not self.docs:
-            raise ValueError(f"the {kind} haystack has no documents")
+            raise DataError(f"the {kind} haystack has no documents")
         ends = ("\n",) if kind == "code" else (".", "!", "?", "\n", ";")
         self.boundary = np.zeros(tokenizer.vocab_size, bool)
         for i in range(tokenizer.vocab_size):
@@ -297,7 +298,7 @@ class DocumentBuilder:
                     vocab.update(re.findall(r"\b[a-z]{4,9}\b", self.tok.decode(doc)))
             self._words = sorted(vocab)
             if len(self._words) < 20:
-                raise ValueError(f"the haystack text has {len(self._words)} distinct words of 4-9 letters; "
+                raise DataError(f"the haystack text has {len(self._words)} distinct words of 4-9 letters; "
                                  "list forms (data.list_forms) need at least 20 for their keys")
         keys: list[str] = []
         while len(keys) < n:
@@ -415,7 +416,7 @@ class DocumentBuilder:
                 tokens, answer = self._with_facts(rng, hay)
             if contains_eval_text(self.tok.decode(tokens)) is None:
                 return {"tokens": tokens.astype(np.int32), "answer_mask": answer.astype(np.uint8)}
-        raise ValueError("100 drafts of a retrieval document all held evaluation text; the haystack "
+        raise DataError("100 drafts of a retrieval document all held evaluation text; the haystack "
                          "corpus quotes the evaluation prompts")
 
     def _with_facts(self, rng, hay):
@@ -437,7 +438,7 @@ class DocumentBuilder:
         body_len = self.content - len(intro) - len(q_tokens)
         text_len = body_len - sum(len(f) for f in fact_tokens)
         if text_len < 16:
-            raise ValueError(f"data.doc_length={s.doc_length} leaves no room for text beside "
+            raise DataError(f"data.doc_length={s.doc_length} leaves no room for text beside "
                              f"{len(facts)} facts and their questions; raise it or lower data.facts_per_doc")
         if dense:
             filler = self._dense_filler(rng, attribute, words, qas, text_len, hay, template,
