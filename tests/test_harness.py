@@ -257,7 +257,20 @@ def test_ruler_tasks_run_offline_per_length(tmp_path, monkeypatch):
         mine = [r for r in rows if r["task"] == t]
         assert all(r["target"] and isinstance(r["response"][0], str) and r["prompt_tail"] for r in mine)
         assert all(list(r["scores"]) == ["4096"] for r in mine)
+
         assert np.mean([r["scores"]["4096"] for r in mine]) == pytest.approx(saved["ruler"][t]["4096"])
     with pytest.raises(harness.HarnessError, match="niah_single_2.*download"):
         harness.run(None, ["niah_single_2"], str(tmp_path / "out2"), lm=lm, lengths=[4096],
                     tokenizer_dir=str(tmp_path / "tok"))
+
+
+def test_kept_samples_say_whether_a_wrong_answer_was_copied_from_the_prompt():
+    prompt = "filler " * 200 + "The code of amber-basin is: 4821733. The code of cedar-delta is: 1234567.\nQ?"
+    logged = [{"doc_id": i, "target": ["4821733"], "arguments": [(prompt, {})], "filtered_resps": [resp],
+               "metrics": ["4096"], "4096": score}
+              for i, (resp, score) in enumerate([(": 1234567.", 0.0), (" 4821733.", 1.0), (" 9999999", 0.0),
+                                                 (" .", 0.0)])]
+    rows = harness.sample_rows({"samples": {"niah_multikey_2": logged}}, 4096, prompt_tail=50)
+    assert [r["answer_in_prompt"] for r in rows] == [True, True, False, None]
+    assert [r["scores"] for r in rows] == [{"4096": 0.0}, {"4096": 1.0}, {"4096": 0.0}, {"4096": 0.0}]
+    assert all(r["prompt_tail"] == prompt[-50:] and r["length"] == 4096 for r in rows)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import yaml
 from lm_eval.api.model import LM
@@ -270,8 +271,9 @@ def run(workdir: str, tasks, out_dir: str, limit=None, num_fewshot=None, include
 
 def sample_rows(results: dict, length, prompt_tail: int = 600) -> list[dict]:
     """One row per scored example: task, RULER length, the reference, the model's answer (after the
-    task's filter), its scores and the prompt's last `prompt_tail` characters (RULER prompts run to
-    32K tokens; their question sits at the end)."""
+    task's filter), its scores, whether the answer's first word (3+ letters or digits) occurs in
+    the prompt (a wrong answer copied from the context, or made up) and the prompt's last
+    `prompt_tail` characters (RULER prompts run to 32K tokens; their question sits at the end)."""
     rows = []
     for task, logged in (results.get("samples") or {}).items():
         for s in logged:
@@ -280,8 +282,12 @@ def sample_rows(results: dict, length, prompt_tail: int = 600) -> list[dict]:
             scores = {m: s[m] for m in s.get("metrics", []) if m in s}
             if length is not None:         # a RULER example is scored at its own length only
                 scores = {m: v for m, v in scores.items() if m == str(length)}
+            response = s.get("filtered_resps")
+            first = response[0] if isinstance(response, list) and response else response
+            word = re.search(r"[A-Za-z0-9]{3,}", first) if isinstance(first, str) else None
             rows.append({"task": task, "length": length, "doc_id": s.get("doc_id"), "target": s.get("target"),
-                         "response": s.get("filtered_resps"), "scores": scores,
+                         "response": response, "scores": scores,
+                         "answer_in_prompt": None if word is None else word.group(0) in prompt,
                          "prompt_tail": prompt[-prompt_tail:]})
     return rows
 
