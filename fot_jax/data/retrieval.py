@@ -233,7 +233,9 @@ def _value(rng, attribute_words) -> str:
     return str(rng.choice(attribute_words))
 
 
-def _number(rng, digits: int) -> str:
+def _registry_number(rng) -> str:
+    """A registry entry's value (list forms): a number of 6 or 7 digits."""
+    digits = int(rng.integers(6, 8))
     return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
 
 
@@ -318,7 +320,7 @@ class DocumentBuilder:
             attribute = str(rng.choice(NUMBER_ATTRIBUTES))
             template = str(rng.choice(LIST_TEMPLATES))
             entities = self._word_keys(rng, n)
-            values = [_number(rng, int(rng.integers(6, 8))) for _ in entities]
+            values = [_registry_number(rng) for _ in entities]
             facts = [_cap(template.format(a=attribute, e=e, E=_cap(e), v=v))
                      for e, v in zip(entities, values)]
             return facts, self._questions(rng, attribute, entities, values), attribute, None, template
@@ -422,7 +424,7 @@ class DocumentBuilder:
     def _with_facts(self, rng, hay):
         s = self.spec
         dense = rng.random() < s.dense_share
-        attribute = words = None
+        attribute = words = template = None
         chain = rng.random() < s.chain_share
         # (drawn only when asked for: documents without list forms stay those of earlier configs)
         forms = bool(s.list_forms) and (dense or chain) and rng.random() < s.list_forms
@@ -471,7 +473,7 @@ class DocumentBuilder:
         asked_entities = {q for q, _, _ in qas}
         while len(out) < count:
             if word_keys is not None:
-                entity, value = word_keys(rng, 1)[0], _number(rng, int(rng.integers(6, 8)))
+                entity, value = word_keys(rng, 1)[0], _registry_number(rng)
             else:
                 entity, value = _entities(rng, 1, 0.0)[0], _value(rng, words)
             if value in asked_values or any(entity in q for q in asked_entities):
