@@ -142,6 +142,24 @@ def test_exact_topk_ties_across_groups_and_query_blocks(chunk, monkeypatch):
     np.testing.assert_array_equal(np.asarray(i), ref_i)
 
 
+def test_selection_operands_do_not_change_the_result(monkeypatch):
+    """bfloat16 store: the selection matmul gets bfloat16 operands (matrix units) or float32 ones
+    (CPUs without them); bfloat16 values and their products are exact in float32, so the selected
+    entries and their scores are the same."""
+    rng = np.random.default_rng(19)
+    b, h, nq, n, d, k = 1, 3, 64, 8192, 64, 32
+    keys = jnp.asarray(rng.standard_normal((b, h, n, d)), jnp.bfloat16)
+    bits = jax.lax.bitcast_convert_type(keys, jnp.uint16)
+    q = jnp.asarray(rng.standard_normal((b, h, nq, d)), jnp.float32)
+    valid = jnp.asarray(rng.random((b, n)) < 0.8)
+    out = {}
+    for name, dtype in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
+        monkeypatch.setattr(knn, "_score_operand", lambda key_dtype, dtype=dtype: dtype)
+        out[name] = knn.topk(q, bits, valid, k, dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(out["bfloat16"][1]), np.asarray(out["float32"][1]))
+    np.testing.assert_array_equal(np.asarray(out["bfloat16"][0]), np.asarray(out["float32"][0]))
+
+
 @pytest.mark.parametrize("row_block", [8, 4096])
 def test_batched_topk_equals_each_sequence_alone(row_block, monkeypatch):
     """A batch too wide for a row block is scanned one sequence at a time (row_block 8); a narrow
