@@ -154,7 +154,7 @@ def test_selection_operands_do_not_change_the_result(monkeypatch):
     valid = jnp.asarray(rng.random((b, n)) < 0.8)
     out = {}
     for name, dtype in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
-        monkeypatch.setattr(knn, "_score_operand", lambda key_dtype, dtype=dtype: dtype)
+        monkeypatch.setattr(knn, "_score_operand", lambda key_dtype, queries, dtype=dtype: dtype)
         out[name] = knn.topk(q, bits, valid, k, dtype="bfloat16")
     np.testing.assert_array_equal(np.asarray(out["bfloat16"][1]), np.asarray(out["float32"][1]))
     np.testing.assert_array_equal(np.asarray(out["bfloat16"][0]), np.asarray(out["float32"][0]))

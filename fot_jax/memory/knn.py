@@ -38,8 +38,6 @@ GROUP = 16
 ROW_BLOCK = 256      # queries scanned together (kv-head rows x positions)
 MIN_POSITIONS = 64   # a block scores at least this many queries per (batch, kv-head) row
 TILE = 1 << 20       # float32 scores per chunk: a tile that stays in cache
-SEARCH_TILE = 1 << 22  # float32 scores (and upcast key elements) per chunk of a top-k search: fewer,
-                       # larger chunks take fewer merge iterations
 KV_TILE = 1 << 18    # float32 key (and value) elements a dense chunk converts: cached, not a store copy
 
 
@@ -181,14 +179,17 @@ def _rescore(q, keys, indices, scores, dtype):
     return v, jnp.take_along_axis(indices, sel, axis=-1)
 
 
-def _score_operand(key_dtype):
-    """The dtype the selection matmul's operands are given in. The selection scores are products
-    of the store-precision query and keys with float32 accumulation whatever this is: bfloat16
-    values are exact in float32 and so are their products. bfloat16 operands run on the CPU's
-    matrix units where it has them (AMX) and on accelerators; a CPU without them multiplies
-    float32 faster (a [192, 64] x [64, 4096] tile: 172 against 104 GFLOP/s on AVX-512 without
-    AMX), so there the operands are upcast."""
-    if key_dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and not _cpu_has_amx():
+def _score_operand(key_dtype, queries: int):
+    """The dtype the selection matmul's operands are given in, for `queries` queries per key. The
+    selection scores are products of the store-precision query and keys with float32
+    accumulation whatever this is: bfloat16 values are exact in float32 and so are their
+    products. bfloat16 operands run on the CPU's matrix units where it has them (AMX) and on
+    accelerators; a CPU without them multiplies float32 faster (a [192, 64] x [64, 4096] tile:
+    172 against 104 GFLOP/s on AVX-512 without AMX), so there the keys are upcast when enough
+    queries share each one (MIN_POSITIONS). A decode step's few queries read each key about once:
+    upcasting would double what it reads."""
+    if (key_dtype == jnp.bfloat16 and queries >= MIN_POSITIONS and jax.default_backend() == "cpu"
+            and not _cpu_has_amx()):
         return jnp.float32
     return key_dtype
 
@@ -209,7 +210,7 @@ def _scan_block(qs, keys, valid, top_k, chunk, search, recall_target, group, dty
     grp = group if chunk % group == 0 else 1
     n_chunks = -(-n // chunk)
 
-    op = _score_operand(qs.dtype)
+    op = _score_operand(qs.dtype, nq)
     qs = qs.astype(op)
 
     def scores(i, spec):
@@ -273,8 +274,7 @@ def topk(q, keys, valid, top_k: int, *, chunk: int = 0, search: str = "exact",
     n_blocks = -(-nq // qb)
     # auto: a tile of scores and a tile of keys upcast for scoring each stay in cache (few queries,
     # e.g. a decode step, would otherwise score the whole store at once from a float32 copy of it)
-    chunk = min(chunk or min(auto_chunk(b * hkv * qb, n, group, SEARCH_TILE),
-                             auto_chunk(b * hkv * d, n, group, SEARCH_TILE)), n)
+    chunk = min(chunk or min(auto_chunk(b * hkv * qb, n, group), auto_chunk(b * hkv * d, n, group)), n)
     qs = q.astype(key_dtype)
     args = (keys, valid, top_k, chunk, search, recall_target, group, dtype)
     if n_blocks == 1:
