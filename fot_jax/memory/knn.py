@@ -6,8 +6,9 @@ keys/values `[B, Hkv, N, D]`, valid `[B, N]`.
 
 Scoring is chunked over N and blocked over queries (a score tile of about TILE float32 values,
 which stays in cache), so no `[Q, N]` score matrix is ever held. Selection scores are computed in
-the keys' own precision (bfloat16 x bfloat16 with float32 accumulation for the default store: the
-fast matmul of CPUs and TPUs); the scores returned are the selected entries' float32 products.
+the keys' own precision (bfloat16 x bfloat16 with float32 accumulation for the default store; the
+matmul's operands per `_score_operand`); the scores returned are the selected entries' float32
+products.
 Exact top-k reads each tile once, for its group maxima, and merges into a running top-k by
 moving entries in best first while some group beats a row's k-th score (see `_merge_chunk`): the
 cost is the score matmul plus that read, not a top-k over each chunk. `search="approx"` uses
