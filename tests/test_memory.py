@@ -152,6 +152,9 @@ def test_selection_operands_do_not_change_the_result(monkeypatch):
     bits = jax.lax.bitcast_convert_type(keys, jnp.uint16)
     q = jnp.asarray(rng.standard_normal((b, h, nq, d)), jnp.float32)
     valid = jnp.asarray(rng.random((b, n)) < 0.8)
+    # a decode step's few queries keep the store's dtype whatever the platform; a float32 store stays float32
+    assert knn._score_operand(jnp.bfloat16, knn.MIN_POSITIONS - 1) == jnp.bfloat16
+    assert knn._score_operand(jnp.float32, 4 * knn.MIN_POSITIONS) == jnp.float32
     out = {}
     for name, dtype in (("bfloat16", jnp.bfloat16), ("float32", jnp.float32)):
         monkeypatch.setattr(knn, "_score_operand", lambda key_dtype, queries, dtype=dtype: dtype)
